@@ -1,0 +1,153 @@
+"""Who is on the other end of a socket: Firebase ID token extraction and verification.
+
+Identity comes only from a verified token. Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs
+
+import firebase_admin
+import google.auth.credentials
+from django.conf import settings
+from firebase_admin import auth as firebase_auth
+from firebase_admin import credentials, exceptions
+
+from chat.protocol import Close
+
+logger = logging.getLogger(__name__)
+
+EMULATOR_ENV = "FIREBASE_AUTH_EMULATOR_HOST"
+
+_app_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Identity:
+    user_id: str
+    username: str
+    expires_at: datetime
+
+
+class AuthFailure(Exception):
+    """Authentication refused: the socket is told why (error frame) and closed."""
+
+    def __init__(self, close: Close):
+        super().__init__(close.name)
+        self.close = close
+
+
+def emulator_mode() -> bool:
+    # The SDK decides from the process environment on every call; so do we, so the two
+    # can never disagree about whether unsigned tokens are acceptable.
+    return bool(os.environ.get(EMULATOR_ENV, "").strip())
+
+
+def token_from_scope(scope: dict[str, Any]) -> str | None:
+    """The `token` query parameter, else an `Authorization: Bearer` header; None if neither."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    token = (query.get("token") or [""])[0].strip()
+    if token:
+        return token
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"authorization":
+            scheme, _, credential = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credential.strip():
+                return credential.strip()
+    return None
+
+
+class _AnonymousCredential(credentials.Base):
+    """Verifying ID tokens needs only Google's public certificates, no service account."""
+
+    def get_credential(self) -> google.auth.credentials.Credentials:
+        return google.auth.credentials.AnonymousCredentials()
+
+
+def firebase_app() -> firebase_admin.App:
+    name = f"clarity-{settings.FIREBASE_PROJECT_ID}"
+    with _app_lock:
+        try:
+            return firebase_admin.get_app(name)
+        except ValueError:
+            pass
+        if settings.FIREBASE_CREDENTIALS:
+            credential: credentials.Base = credentials.Certificate(settings.FIREBASE_CREDENTIALS)
+        elif settings.FIREBASE_CHECK_REVOKED and not emulator_mode():
+            credential = credentials.ApplicationDefault()
+        else:
+            credential = _AnonymousCredential()
+        options = {
+            "projectId": settings.FIREBASE_PROJECT_ID,
+            "httpTimeout": settings.FIREBASE_HTTP_TIMEOUT,
+        }
+        return firebase_admin.initialize_app(credential, options, name=name)
+
+
+def identity_from_claims(claims: dict[str, Any]) -> Identity:
+    user_id = str(claims["sub"])
+    username = ""
+    for claim in ("name", "email"):
+        value = claims.get(claim)
+        if isinstance(value, str) and value.strip():
+            username = value.strip()
+            break
+    return Identity(
+        user_id=user_id,
+        username=username or f"User_{user_id[:8]}",
+        expires_at=datetime.fromtimestamp(int(claims["exp"]), UTC),
+    )
+
+
+def _check_times(claims: dict[str, Any], skew: int) -> None:
+    """exp/iat checks the SDK skips for emulator tokens."""
+    now = time.time()
+    exp, iat = claims.get("exp"), claims.get("iat")
+    if not isinstance(exp, int | float) or isinstance(exp, bool) or exp + skew <= now:
+        raise AuthFailure(Close.INVALID_TOKEN)
+    if not isinstance(iat, int | float) or isinstance(iat, bool) or iat - skew > now:
+        raise AuthFailure(Close.INVALID_TOKEN)
+
+
+def verify_token(token: str) -> Identity:
+    """Verify a Firebase ID token (blocking: certificate fetch, revocation lookup)."""
+    skew = settings.FIREBASE_CLOCK_SKEW_SECONDS
+    try:
+        claims = firebase_auth.verify_id_token(
+            token,
+            app=firebase_app(),
+            check_revoked=settings.FIREBASE_CHECK_REVOKED,
+            clock_skew_seconds=skew,
+        )
+    except firebase_auth.CertificateFetchError:
+        logger.warning("auth unavailable: could not fetch Google's token certificates")
+        raise AuthFailure(Close.AUTH_UNAVAILABLE) from None
+    except (
+        firebase_auth.InvalidIdTokenError,  # includes expired and revoked
+        firebase_auth.UserDisabledError,
+        firebase_auth.UserNotFoundError,
+        ValueError,
+    ) as exc:
+        logger.info("auth refused: %s", type(exc).__name__)
+        raise AuthFailure(Close.INVALID_TOKEN) from None
+    except exceptions.FirebaseError as exc:
+        logger.warning("auth unavailable: Firebase answered %s", type(exc).__name__)
+        raise AuthFailure(Close.AUTH_UNAVAILABLE) from None
+    if emulator_mode():
+        _check_times(claims, skew)
+    return identity_from_claims(claims)
+
+
+async def authenticate(token: str | None) -> Identity:
+    """Verify off the event loop; raises AuthFailure with the close to use."""
+    if not token:
+        raise AuthFailure(Close.NO_TOKEN)
+    return await asyncio.to_thread(verify_token, token)

@@ -1,0 +1,386 @@
+"""The chat socket (protocol §4, §5): authenticate, accept, join, dispatch, leave.
+
+Per-connection state lives on the consumer instance; rooms are channel-layer groups; sessions,
+presence, rate-limit counters and history live in the database and the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from datetime import UTC, datetime, timedelta
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from chat import worker
+from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
+from chat.history import message_create, message_frame, messages_page
+from chat.inbound import decode_frame, parse_message, well_formed_heartbeat
+from chat.models import Endpoint
+from chat.protocol import (
+    INBOUND_SCHEMAS,
+    AuthIn,
+    ChatIn,
+    Close,
+    ErrorCode,
+    FrameError,
+    HeartbeatIn,
+    HistoryIn,
+    MessageType,
+    TypingIn,
+    encode,
+    error_frame,
+    frame,
+    iso,
+    now_iso,
+)
+from chat.ratelimit import Rule, rate_limit_hit
+from chat.rooms import room_group, room_id_problem
+from chat.sessions import SessionRefused, room_presence, session_close, session_open, session_touch
+
+logger = logging.getLogger(__name__)
+
+
+def _seconds(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _echo_timestamp(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return value
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    endpoint = Endpoint.CHAT
+
+    # --- connection ---------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self.identity: Identity | None = None
+        self.session_id: str | None = None
+        self.room_id: str = self.scope["url_route"]["kwargs"]["room_id"]
+        self.closing: Close | None = None
+        self.typing_deadline: float | None = None
+        self.messages_sent = 0
+        self.loop = asyncio.get_running_loop()
+        self.last_inbound = self.loop.time()
+        self.watcher: asyncio.Task | None = None
+        self.wake = asyncio.Event()
+        # Accept first, so every refusal below reaches the client as an error frame and a
+        # typed close code (closing before accept would be a bare HTTP 403).
+        await self.accept()
+        try:
+            self.identity = await authenticate(token_from_scope(self.scope))
+            problem = room_id_problem(room_id=self.room_id, user_id=self.identity.user_id)
+            if problem is not None:
+                return await self.end(problem)
+            opened = await database_sync_to_async(session_open)(
+                identity=self.identity,
+                room_id=self.room_id,
+                endpoint=self.endpoint,
+                channel_name=self.channel_name,
+                worker_id=worker.WORKER_ID,
+                client_address=(self.scope.get("client") or ["", 0])[0] or "",
+                user_agent=self._header(b"user-agent"),
+                max_connections=settings.CHAT_MAX_CONNECTIONS_PER_USER,
+            )
+        except (AuthFailure, SessionRefused) as refusal:
+            return await self.end(refusal.close)
+        except Exception:
+            logger.exception("connect failed room=%s", self.room_id)
+            return await self.end(Close.SERVICE_UNAVAILABLE)
+        self.session_id = opened.session_id
+        await self.channel_layer.group_add(room_group(self.room_id), self.channel_name)
+        await self.send_frame(self._connection_ack())
+        await self.send_frame(
+            frame(
+                MessageType.PRESENCE,
+                room_id=self.room_id,
+                users=await database_sync_to_async(room_presence)(room_id=self.room_id),
+            )
+        )
+        await self.send_history(limit=settings.CHAT_HISTORY_ON_JOIN, request_id=None)
+        if opened.first_in_room:
+            await self.announce(joined=True)
+        self.watcher = asyncio.create_task(self.watch())
+        logger.info(
+            "session opened session=%s user=%s room=%s",
+            self.session_id,
+            self.identity.user_id,
+            self.room_id,
+        )
+
+    def _header(self, name: bytes) -> str:
+        for key, value in self.scope.get("headers", []):
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return ""
+
+    def _connection_ack(self) -> dict:
+        return frame(
+            MessageType.CONNECTION_ACK,
+            user_id=self.identity.user_id,
+            session_id=self.session_id,
+            server_info={
+                "server_time": now_iso(),
+                "heartbeat_interval": _seconds(settings.CHAT_HEARTBEAT_INTERVAL),
+                "connection_timeout": _seconds(settings.CHAT_CONNECTION_TIMEOUT),
+                "max_message_size": settings.CHAT_MAX_MESSAGE_SIZE,
+                "rate_limit": settings.CHAT_MESSAGE_RATE_LIMIT,
+                "room_id": self.room_id,
+            },
+        )
+
+    async def disconnect(self, code: int) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+        if self.session_id is None:
+            return
+        session_id, self.session_id = self.session_id, None
+        try:
+            if self.typing_deadline is not None:
+                self.typing_deadline = None
+                await self.broadcast(self._typing_frame(is_typing=False))
+            await self.channel_layer.group_discard(room_group(self.room_id), self.channel_name)
+            closed = await database_sync_to_async(session_close)(
+                session_id=session_id,
+                close_code=self.closing.value.code if self.closing else code,
+                close_reason=self.closing.value.reason if self.closing else "client",
+                last_seen=datetime.now(UTC),
+                messages_sent=self.messages_sent,
+            )
+        except Exception:
+            logger.exception("disconnect cleanup failed session=%s", session_id)
+            return
+        if closed is not None and closed.last_in_room:
+            await self.announce(joined=False)
+        logger.info(
+            "session closed session=%s user=%s code=%s", session_id, self.identity.user_id, code
+        )
+
+    async def end(self, close: Close) -> None:
+        """Tell the client why (one error frame), then close with the table's code."""
+        if self.closing is not None:
+            return
+        self.closing = close
+        await self.send_frame(error_frame(close.value.error))
+        await self.close(code=close.value.code, reason=close.value.reason)
+
+    # --- timers -------------------------------------------------------------------------
+
+    async def watch(self) -> None:
+        """Server heartbeats, idle timeout, token expiry, typing expiry, batched liveness."""
+        heartbeat_every = settings.CHAT_HEARTBEAT_INTERVAL
+        next_heartbeat = self.loop.time() + heartbeat_every
+        while self.closing is None:
+            now = self.loop.time()
+            idle_deadline = self.last_inbound + settings.CHAT_CONNECTION_TIMEOUT
+            token_deadline = now + (self.identity.expires_at - datetime.now(UTC)).total_seconds()
+            typing_deadline = self.typing_deadline if self.typing_deadline else math.inf
+            wake_at = min(next_heartbeat, idle_deadline, token_deadline, typing_deadline)
+            if wake_at > now:
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), wake_at - now)
+                continue
+            if now >= idle_deadline:
+                return await self.end(Close.CONNECTION_TIMEOUT)
+            if now >= token_deadline:
+                return await self.end(Close.TOKEN_EXPIRED)
+            if now >= typing_deadline:
+                self.typing_deadline = None
+                await self.broadcast(self._typing_frame(is_typing=False))
+            if now >= next_heartbeat:
+                next_heartbeat = now + heartbeat_every
+                await self.send_frame(frame(MessageType.HEARTBEAT, client_timestamp=None))
+                await self.touch()
+
+    async def touch(self) -> None:
+        sent, self.messages_sent = self.messages_sent, 0
+        await database_sync_to_async(session_touch)(
+            session_id=self.session_id,
+            last_seen=datetime.now(UTC) - timedelta(seconds=self.loop.time() - self.last_inbound),
+            messages_sent=sent,
+        )
+
+    # --- inbound ------------------------------------------------------------------------
+
+    schemas = INBOUND_SCHEMAS
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
+        if self.session_id is None or self.closing is not None:
+            return
+        self.last_inbound = self.loop.time()
+        try:
+            await self.receive_frame(text_data)
+        except FrameError as err:
+            await self.send_frame(error_frame(err.code, err.details, **err.fmt))
+        except Exception:
+            logger.exception("frame handling failed session=%s", self.session_id)
+            await self.send_frame(error_frame(ErrorCode.SERVICE_UNAVAILABLE))
+
+    async def receive_frame(self, text: str | None) -> None:
+        data = decode_frame(
+            text,
+            max_size=settings.CHAT_MAX_MESSAGE_SIZE,
+            max_large_size=settings.CHAT_MAX_HEALTH_PAYLOAD_SIZE,
+            large_types=frozenset(),
+        )
+        heartbeat = well_formed_heartbeat(data)
+        if heartbeat is not None:
+            return await self.on_heartbeat(heartbeat)
+        verdict = await asyncio.to_thread(
+            rate_limit_hit,
+            key=f"user:{self.identity.user_id}",
+            rule=Rule(
+                seconds=settings.CHAT_RATE_LIMIT_WINDOW,
+                max_requests=settings.CHAT_MESSAGE_RATE_LIMIT,
+                close_factor=settings.CHAT_RATE_LIMIT_CLOSE_FACTOR,
+            ),
+        )
+        if verdict.abusive:
+            return await self.end(Close.RATE_LIMITED)
+        if verdict.limited:
+            raise FrameError(ErrorCode.RATE_LIMIT_EXCEEDED, {"retry_after": verdict.retry_after})
+        message = parse_message(data, self.schemas)
+        claimed = getattr(message, "user_id", None)
+        if claimed is not None and claimed != self.identity.user_id:
+            raise FrameError(ErrorCode.USER_ID_MISMATCH)
+        await self.handlers[message.type](self, message)
+
+    async def on_message(self, message: ChatIn) -> None:
+        stored = await database_sync_to_async(message_create)(
+            room_id=self.room_id,
+            user_id=self.identity.user_id,
+            username=self.identity.username,
+            content=message.content,
+            metadata=message.metadata,
+            client_message_id=message.message_id,
+        )
+        self.messages_sent += 1
+        await self.broadcast(message_frame(stored))
+
+    async def on_typing(self, message: TypingIn) -> None:
+        if message.is_typing:
+            self.typing_deadline = self.loop.time() + settings.CHAT_TYPING_TIMEOUT
+            self.wake.set()
+        else:
+            self.typing_deadline = None
+        await self.broadcast(self._typing_frame(is_typing=message.is_typing))
+
+    async def on_heartbeat(self, message: HeartbeatIn) -> None:
+        await self.send_frame(
+            frame(
+                MessageType.HEARTBEAT_ACK,
+                client_timestamp=_echo_timestamp(message.client_timestamp),
+                server_timestamp=now_iso(),
+            )
+        )
+
+    async def on_history(self, message: HistoryIn) -> None:
+        await self.send_history(
+            limit=message.limit,
+            before=message.before,
+            after=message.after,
+            request_id=message.request_id,
+        )
+
+    async def on_auth(self, message: AuthIn) -> None:
+        try:
+            identity = await authenticate(message.token)
+        except AuthFailure as refusal:
+            if refusal.close is Close.AUTH_UNAVAILABLE:
+                # The current token is still good: keep the session, let the client retry.
+                raise FrameError(ErrorCode.AUTH_UNAVAILABLE) from None
+            return await self.end(Close.INVALID_TOKEN)
+        if identity.user_id != self.identity.user_id:
+            return await self.end(Close.INVALID_TOKEN)
+        self.identity = identity
+        self.wake.set()
+        await self.send_frame(
+            frame(
+                MessageType.AUTH_ACK, user_id=identity.user_id, expires_at=iso(identity.expires_at)
+            )
+        )
+
+    handlers = {
+        MessageType.MESSAGE: on_message,
+        MessageType.TYPING: on_typing,
+        MessageType.HEARTBEAT: on_heartbeat,
+        MessageType.HISTORY: on_history,
+        MessageType.AUTH: on_auth,
+    }
+
+    # --- outbound -----------------------------------------------------------------------
+
+    async def send_frame(self, payload: dict) -> None:
+        await self.send(text_data=encode(payload))
+
+    async def send_history(
+        self,
+        *,
+        limit: int,
+        request_id: str | None,
+        before: int | None = None,
+        after: int | None = None,
+    ) -> None:
+        messages, has_more = await database_sync_to_async(messages_page)(
+            room_id=self.room_id, limit=limit, before=before, after=after
+        )
+        await self.send_frame(
+            frame(
+                MessageType.HISTORY,
+                room_id=self.room_id,
+                messages=messages,
+                has_more=has_more,
+                request_id=request_id,
+            )
+        )
+
+    def _typing_frame(self, *, is_typing: bool) -> dict:
+        return frame(
+            MessageType.TYPING,
+            user_id=self.identity.user_id,
+            username=self.identity.username,
+            is_typing=is_typing,
+        )
+
+    async def broadcast(self, payload: dict, *, exclude_user: str | None = None) -> None:
+        """Send one frame to every socket in the room; encoded once, here."""
+        await self.channel_layer.group_send(
+            room_group(self.room_id),
+            {"type": "room.frame", "text": encode(payload), "exclude_user": exclude_user},
+        )
+
+    async def announce(self, *, joined: bool) -> None:
+        """Join/leave notices to the room's other members (first socket in, last out)."""
+        user_id, username = self.identity.user_id, self.identity.username
+        verb = "joined" if joined else "left"
+        await self.broadcast(
+            frame(MessageType.SYSTEM, content=f"{username} {verb} the chat", level="info"),
+            exclude_user=user_id,
+        )
+        await self.broadcast(
+            frame(
+                MessageType.USER_JOINED if joined else MessageType.USER_LEFT,
+                user_id=user_id,
+                username=username,
+                status="online" if joined else "offline",
+            ),
+            exclude_user=user_id,
+        )
+
+    async def room_frame(self, event: dict) -> None:
+        excluded = event.get("exclude_user")
+        if excluded is not None and excluded == self.identity.user_id:
+            return
+        await self.send(text_data=event["text"])

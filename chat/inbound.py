@@ -1,0 +1,72 @@
+"""The inbound pipeline's pure steps (protocol §5): size, JSON, schema, type.
+
+The consumer runs them in order, with the rate limit between decoding and validation:
+binary -> size -> JSON -> (rate limit) -> object/schema -> type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from chat.protocol import (
+    ErrorCode,
+    FrameError,
+    HeartbeatIn,
+    Inbound,
+    MessageType,
+    decode_json,
+    validate,
+)
+
+
+def utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def decode_frame(
+    text: str | None, *, max_size: int, max_large_size: int, large_types: frozenset[str]
+) -> Any:
+    """The frame's JSON value, or FrameError (binary, too large, not JSON).
+
+    Frames of `large_types` may be up to `max_large_size` bytes; others up to `max_size`.
+    """
+    if text is None:
+        raise FrameError(ErrorCode.UNSUPPORTED_FRAME)
+    size = utf8_size(text)
+    if size > max_large_size:
+        raise FrameError(ErrorCode.MESSAGE_TOO_LARGE, {"max_size": max_large_size})
+    data = decode_json(text)
+    if size > max_size and not (isinstance(data, dict) and _type_of(data) in large_types):
+        raise FrameError(ErrorCode.MESSAGE_TOO_LARGE, {"max_size": max_size})
+    return data
+
+
+def _type_of(data: dict[str, Any]) -> str | None:
+    type_ = data.get("type")
+    return type_ if isinstance(type_, str) else None
+
+
+def well_formed_heartbeat(data: Any) -> HeartbeatIn | None:
+    """A valid heartbeat (exempt from the rate limit), else None."""
+    if not isinstance(data, dict) or _type_of(data) != MessageType.HEARTBEAT:
+        return None
+    try:
+        return HeartbeatIn.model_validate(data)
+    except ValidationError:
+        return None
+
+
+def parse_message(data: Any, schemas: dict[str, type[Inbound]]) -> Inbound:
+    """Validate a decoded frame against the schema of its type."""
+    if not isinstance(data, dict):
+        raise FrameError(
+            ErrorCode.MESSAGE_PARSE_ERROR,
+            {"errors": [{"loc": [], "msg": "Frame must be a JSON object", "type": "dict_type"}]},
+        )
+    type_ = _type_of(data)
+    schema = schemas.get(type_) if type_ is not None else None
+    if schema is None:
+        raise FrameError(ErrorCode.UNKNOWN_MESSAGE_TYPE, type=str(data.get("type"))[:64])
+    return validate(schema, data)

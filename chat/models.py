@@ -1,0 +1,104 @@
+import uuid
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class AssistantMode(models.TextChoices):
+    DEFAULT = "", "Server default"
+    ALWAYS = "always", "Every message"
+    MENTION = "mention", "Messages starting with @ai"
+    OFF = "off", "Off"
+
+
+class Room(models.Model):
+    """A chat room, created on first join; operators edit it in the admin."""
+
+    name = models.CharField(primary_key=True, max_length=64, help_text="The room id of the URL.")
+    description = models.TextField(blank=True)
+    assistant_mode = models.CharField(
+        max_length=8, choices=AssistantMode.choices, blank=True, default=AssistantMode.DEFAULT
+    )
+    max_users = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Distinct users allowed at once; empty for no limit."
+    )
+    is_closed = models.BooleanField(default=False, help_text="Refuse new joins.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ChatUser(models.Model):
+    """A user as last seen in a verified token. Its row is the per-user lock that makes the
+    connection cap and join/leave detection exact across workers."""
+
+    user_id = models.CharField(primary_key=True, max_length=128)
+    username = models.CharField(max_length=255)
+    first_seen = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.username} ({self.user_id})"
+
+
+class ChatMessage(models.Model):
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="messages")
+    user_id = models.CharField(max_length=128, db_index=True)
+    username = models.CharField(max_length=255)
+    content = models.TextField()
+    metadata = models.JSONField(null=True, blank=True)
+    client_message_id = models.CharField(max_length=128, null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["room", "id"], name="chat_message_room_id")]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.username} in {self.room_id}"
+
+
+class Endpoint(models.TextChoices):
+    CHAT = "chat", "Chat"
+    HEALTH = "health", "Health analysis"
+
+
+class ChatSession(models.Model):
+    """One row per WebSocket connection, open until `disconnected_at` is set."""
+
+    session_id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(ChatUser, on_delete=models.CASCADE, related_name="sessions")
+    username = models.CharField(max_length=255)
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="sessions")
+    endpoint = models.CharField(max_length=8, choices=Endpoint.choices, default=Endpoint.CHAT)
+    channel_name = models.CharField(max_length=255)
+    worker_id = models.CharField(max_length=128, db_index=True)
+    client_address = models.CharField(max_length=64, blank=True)
+    user_agent = models.CharField(max_length=512, blank=True)
+    connected_at = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(default=timezone.now)
+    disconnected_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    close_code = models.PositiveIntegerField(null=True, blank=True)
+    close_reason = models.CharField(max_length=64, blank=True)
+    messages_sent = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["room", "user"],
+                condition=Q(disconnected_at__isnull=True),
+                name="chat_session_active_room",
+            ),
+            models.Index(
+                fields=["user"],
+                condition=Q(disconnected_at__isnull=True),
+                name="chat_session_active_user",
+            ),
+        ]
+
+    @property
+    def is_active(self) -> bool:
+        return self.disconnected_at is None
+
+    def __str__(self) -> str:
+        return f"{self.username} in {self.room_id} ({self.session_id})"

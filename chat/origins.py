@@ -1,0 +1,60 @@
+"""Browser origin policy for WebSocket handshakes (protocol §6).
+
+Runs before any consumer code: a refused handshake is closed before accept, which daphne
+turns into HTTP 403.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+
+def normalize_origin(origin: str) -> str | None:
+    """scheme://host[:port] in lower case with default ports dropped; None if malformed."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        return None
+    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
+        return None
+    default = {"http": 80, "https": 443}[parts.scheme]
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    suffix = f":{port}" if port is not None and port != default else ""
+    return f"{parts.scheme}://{host}{suffix}"
+
+
+def origin_allowed(origin: str | None) -> bool:
+    if origin is None:
+        return settings.CHAT_ALLOW_NO_ORIGIN
+    normalized = normalize_origin(origin)
+    if normalized is None:  # includes the opaque origin "null"
+        return False
+    allowed = {normalize_origin(item) for item in settings.CHAT_ALLOWED_ORIGINS}
+    return normalized in allowed
+
+
+class OriginPolicy:
+    """ASGI middleware: refuse WebSocket handshakes from origins not on the allow-list."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            origin = None
+            for name, value in scope.get("headers", []):
+                if name == b"origin":
+                    origin = value.decode("latin-1")
+                    break
+            if not origin_allowed(origin):
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})
+                return
+        return await self.app(scope, receive, send)

@@ -1,0 +1,293 @@
+"""The v1 wire protocol as data: message types, the error and close-code tables, inbound
+schemas and the outbound frame envelope. Shared by the consumer and the tests.
+
+See docs/protocol.md for the project's extensions of ../shared/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum, StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+ROOM_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+HEALTH_ROOM_PREFIX = "health_analysis_"
+HISTORY_MAX_LIMIT = 100
+CONTENT_MAX_CHARS = 2000
+CLIENT_ID_MAX_CHARS = 128
+
+
+class MessageType(StrEnum):
+    # client -> server
+    MESSAGE = "message"
+    TYPING = "typing"
+    HEARTBEAT = "heartbeat"
+    HEALTH_INSIGHT = "health_insight"
+    HISTORY = "history"
+    AUTH = "auth"
+    # server -> client (MESSAGE, TYPING, HEARTBEAT, HEALTH_INSIGHT and HISTORY go both ways)
+    CONNECTION_ACK = "connection_ack"
+    PRESENCE = "presence"
+    SYSTEM = "system"
+    USER_JOINED = "user_joined"
+    USER_LEFT = "user_left"
+    HEARTBEAT_ACK = "heartbeat_ack"
+    AUTH_ACK = "auth_ack"
+    ANALYSIS_UPDATE = "analysis_update"
+    ERROR = "error"
+
+
+class ErrorCode(StrEnum):
+    AUTH_REQUIRED = "AUTH_REQUIRED"
+    AUTH_INVALID = "AUTH_INVALID"
+    AUTH_EXPIRED = "AUTH_EXPIRED"
+    AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
+    USER_ID_MISMATCH = "USER_ID_MISMATCH"
+    INVALID_ROOM = "INVALID_ROOM"
+    ROOM_CLOSED = "ROOM_CLOSED"
+    ROOM_FULL = "ROOM_FULL"
+    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    UNSUPPORTED_FRAME = "UNSUPPORTED_FRAME"
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
+    RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
+    INVALID_JSON = "INVALID_JSON"
+    MESSAGE_PARSE_ERROR = "MESSAGE_PARSE_ERROR"
+    UNKNOWN_MESSAGE_TYPE = "UNKNOWN_MESSAGE_TYPE"
+    TOO_MANY_DATA_POINTS = "TOO_MANY_DATA_POINTS"
+    INVALID_HEALTH_INSIGHT_CONTENT = "INVALID_HEALTH_INSIGHT_CONTENT"
+    INVALID_HEALTH_DATA_PAYLOAD = "INVALID_HEALTH_DATA_PAYLOAD"
+    HEALTH_ANALYSIS_ERROR = "HEALTH_ANALYSIS_ERROR"
+    CONNECTION_TIMEOUT = "CONNECTION_TIMEOUT"
+    SESSION_TERMINATED = "SESSION_TERMINATED"
+    SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+
+
+# The human-readable text of each error; `{name}` placeholders are filled from the details
+# (or, for UNKNOWN_MESSAGE_TYPE, from the offending type).
+ERROR_MESSAGES: dict[ErrorCode, str] = {
+    ErrorCode.AUTH_REQUIRED: "Authentication token is required",
+    ErrorCode.AUTH_INVALID: "Invalid or expired token",
+    ErrorCode.AUTH_EXPIRED: "Token expired",
+    ErrorCode.AUTH_UNAVAILABLE: "Authentication unavailable",
+    ErrorCode.USER_ID_MISMATCH: "User ID mismatch",
+    ErrorCode.INVALID_ROOM: "Invalid room",
+    ErrorCode.ROOM_CLOSED: "Room is closed",
+    ErrorCode.ROOM_FULL: "Room is full",
+    ErrorCode.TOO_MANY_CONNECTIONS: "Too many connections",
+    ErrorCode.UNSUPPORTED_FRAME: "Binary frames are not supported",
+    ErrorCode.MESSAGE_TOO_LARGE: "Message size exceeds {max_size} bytes",
+    ErrorCode.RATE_LIMIT_EXCEEDED: "Too many messages, please slow down",
+    ErrorCode.INVALID_JSON: "Invalid JSON format",
+    ErrorCode.MESSAGE_PARSE_ERROR: "Failed to parse message",
+    ErrorCode.UNKNOWN_MESSAGE_TYPE: "Unknown message type: {type}",
+    ErrorCode.TOO_MANY_DATA_POINTS: "Exceeded maximum data points limit of {max_allowed}",
+    ErrorCode.INVALID_HEALTH_INSIGHT_CONTENT: "Health insight content validation failed.",
+    ErrorCode.INVALID_HEALTH_DATA_PAYLOAD: "Health data payload validation failed.",
+    ErrorCode.HEALTH_ANALYSIS_ERROR: "Failed to perform health analysis",
+    ErrorCode.CONNECTION_TIMEOUT: "Connection timeout",
+    ErrorCode.SESSION_TERMINATED: "Session terminated by an operator",
+    ErrorCode.SERVICE_UNAVAILABLE: "Service unavailable",
+}
+
+
+@dataclass(frozen=True)
+class CloseSpec:
+    code: int
+    reason: str
+    error: ErrorCode  # the error frame sent just before closing
+
+
+class Close(Enum):
+    """Every way the server ends a socket: the error frame it sends first, then the close.
+
+    Application codes are 4000 + the standard code they stand for (protocol §10); 1011 is
+    never sent.
+    """
+
+    CONNECTION_TIMEOUT = CloseSpec(1000, "Connection timeout", ErrorCode.CONNECTION_TIMEOUT)
+    NO_TOKEN = CloseSpec(4001, "Authentication token is required", ErrorCode.AUTH_REQUIRED)
+    INVALID_TOKEN = CloseSpec(4003, "Invalid or expired token", ErrorCode.AUTH_INVALID)
+    TOKEN_EXPIRED = CloseSpec(4003, "Token expired", ErrorCode.AUTH_EXPIRED)
+    USER_ID_MISMATCH = CloseSpec(4003, "User ID mismatch", ErrorCode.USER_ID_MISMATCH)
+    INVALID_ROOM = CloseSpec(4004, "Invalid room", ErrorCode.INVALID_ROOM)
+    ROOM_CLOSED = CloseSpec(4004, "Room closed", ErrorCode.ROOM_CLOSED)
+    ROOM_FULL = CloseSpec(4004, "Room full", ErrorCode.ROOM_FULL)
+    TOO_MANY_CONNECTIONS = CloseSpec(4008, "Too many connections", ErrorCode.TOO_MANY_CONNECTIONS)
+    SESSION_TERMINATED = CloseSpec(4010, "Session terminated", ErrorCode.SESSION_TERMINATED)
+    SHUTDOWN = CloseSpec(4012, "Server shutdown", ErrorCode.SERVICE_UNAVAILABLE)
+    AUTH_UNAVAILABLE = CloseSpec(4013, "Authentication unavailable", ErrorCode.AUTH_UNAVAILABLE)
+    SERVICE_UNAVAILABLE = CloseSpec(4013, "Service unavailable", ErrorCode.SERVICE_UNAVAILABLE)
+    RATE_LIMITED = CloseSpec(4029, "Rate limit exceeded", ErrorCode.RATE_LIMIT_EXCEEDED)
+
+
+# --- Inbound schemas ------------------------------------------------------------------------
+
+
+def _storable_text(value: str) -> str:
+    """Reject what no database or UTF-8 encoder takes: NUL and lone surrogates."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must not contain unpaired surrogates") from None
+    return value
+
+
+def _storable_json(value: Any) -> Any:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _storable_text(item)
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                _storable_text(key)
+                stack.append(inner)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable_text)]
+ClientId = Annotated[
+    str, Field(min_length=1, max_length=CLIENT_ID_MAX_CHARS), AfterValidator(_storable_text)
+]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json)]
+
+
+def _message_id(value: Any) -> Any:
+    # Stored ids travel as strings (`message_id`); accept them back as strings or integers.
+    if isinstance(value, str) and value.strip().isdecimal():
+        return int(value)
+    return value
+
+
+MessageId = Annotated[int, BeforeValidator(_message_id), Field(ge=1)]
+
+
+class Inbound(BaseModel):
+    """Base of every client frame: strings stripped, unknown keys ignored, no type coercion."""
+
+    model_config = ConfigDict(str_strip_whitespace=True, extra="ignore", strict=True, frozen=True)
+
+    type: str
+
+
+class ChatIn(Inbound):
+    content: Annotated[Text, Field(min_length=1, max_length=CONTENT_MAX_CHARS)]
+    message_id: ClientId | None = None
+    metadata: JsonObject | None = None
+    user_id: ClientId | None = None
+
+
+class TypingIn(Inbound):
+    is_typing: bool
+    user_id: ClientId | None = None
+    username: Text | None = None
+
+
+class HeartbeatIn(Inbound):
+    client_timestamp: Text | None = None
+
+
+class HistoryIn(Inbound):
+    before: MessageId | None = None
+    after: MessageId | None = None
+    limit: Annotated[int, Field(ge=1, le=HISTORY_MAX_LIMIT)] = 50
+    request_id: ClientId | None = None
+
+
+class AuthIn(Inbound):
+    token: Annotated[str, Field(min_length=1)]
+
+
+INBOUND_SCHEMAS: dict[str, type[Inbound]] = {
+    MessageType.MESSAGE: ChatIn,
+    MessageType.TYPING: TypingIn,
+    MessageType.HEARTBEAT: HeartbeatIn,
+    MessageType.HISTORY: HistoryIn,
+    MessageType.AUTH: AuthIn,
+}
+
+# Types whose frames may be as large as CHAT_MAX_HEALTH_PAYLOAD_SIZE.
+HEALTH_PAYLOAD_TYPES = frozenset({"health_insight", "health_data"})
+
+
+class FrameError(Exception):
+    """A bad inbound frame: answered with one error frame; the socket stays open."""
+
+    def __init__(self, code: ErrorCode, details: dict[str, Any] | None = None, **fmt: Any):
+        super().__init__(code)
+        self.code = code
+        self.details = details
+        self.fmt = fmt
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def decode_json(text: str) -> Any:
+    """Strict JSON: no NaN/Infinity, no overflowing numbers; too deep or too long is invalid."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        raise FrameError(ErrorCode.INVALID_JSON) from None
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic's errors reduced to JSON-safe {loc, msg, type} (no echo of the input)."""
+    return [
+        {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+def validate(schema: type[Inbound], data: dict[str, Any]) -> Inbound:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise FrameError(
+            ErrorCode.MESSAGE_PARSE_ERROR, {"errors": validation_errors(exc)}
+        ) from None
+
+
+# --- Outbound frames ------------------------------------------------------------------------
+
+
+def iso(moment: datetime) -> str:
+    """UTC ISO-8601 with a `Z` suffix, as every server timestamp."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def now_iso() -> str:
+    return iso(datetime.now(UTC))
+
+
+def frame(type_: MessageType, *, message_id: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A server frame: the envelope (type, timestamp, message_id) first, then the fields."""
+    return {"type": str(type_), "timestamp": now_iso(), "message_id": message_id, **fields}
+
+
+def error_frame(code: ErrorCode, details: dict[str, Any] | None = None, **fmt: Any) -> dict:
+    message = ERROR_MESSAGES[code].format(**{**(details or {}), **fmt})
+    return frame(MessageType.ERROR, error_code=str(code), message=message, details=details)
+
+
+def encode(payload: dict[str, Any]) -> str:
+    # ensure_ascii keeps every frame valid UTF-8 on the wire, whatever the client sent.
+    return json.dumps(payload, separators=(",", ":"))

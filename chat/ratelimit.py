@@ -1,0 +1,88 @@
+"""Per-user frame rate limiting shared by every socket and worker, through the Django cache.
+
+In the manner of Zulip's rate limiter: the rule is data, the answer is `(limited,
+retry_after)`. The window is rolling, estimated from two fixed windows (the current count
+plus the previous window's count weighted by how much of it still overlaps), so each frame
+costs one atomic increment. Frames refused by the limit are not counted against it (as the
+original), but they are counted towards the abuse threshold that closes the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from django.core.cache import caches
+from django.core.cache.backends.redis import RedisCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rule:
+    seconds: int
+    max_requests: int
+    # More than max_requests * close_factor frames in one window is abuse: close the socket.
+    close_factor: int = 3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    limited: bool
+    retry_after: int = 0
+    abusive: bool = False
+
+
+def _incr(key: str, delta: int, ttl: int) -> int:
+    """Atomically add delta to a counter that expires ttl seconds after its creation."""
+    cache = caches["default"]
+    if isinstance(cache, RedisCache):
+        # One round trip instead of Django's exists+incr (which can also resurrect an
+        # expiring key without a TTL).
+        full_key = cache.make_and_validate_key(key)
+        client = cache._cache.get_client(full_key, write=True)
+        pipe = client.pipeline(transaction=True)
+        pipe.incrby(full_key, delta)
+        pipe.expire(full_key, ttl, nx=True)
+        return int(pipe.execute()[0])
+    cache.add(key, 0, ttl)
+    try:
+        return cache.incr(key, delta)
+    except ValueError:  # expired between add and incr
+        cache.add(key, 0, ttl)
+        return cache.incr(key, delta)
+
+
+def _retry_after(*, rule: Rule, previous: int, current: int, elapsed: float) -> int:
+    """Seconds until one more frame would fit under the rolling estimate."""
+    seconds, limit = rule.seconds, rule.max_requests
+    if current + 1 <= limit and previous > 0:
+        wait = seconds * (1 - (limit - current - 1) / previous) - elapsed
+    else:
+        # Only once this window is over, and its own weight has decayed enough.
+        decay = seconds * (1 - (limit - 1) / current) if current > 0 else 0.0
+        wait = (seconds - elapsed) + max(decay, 0.0)
+    return max(1, math.ceil(wait))
+
+
+def rate_limit_hit(*, key: str, rule: Rule, now: float | None = None) -> Verdict:
+    """Count one frame for `key` and say whether it is over the rule."""
+    now = time.time() if now is None else now
+    window = int(now // rule.seconds)
+    elapsed = now - window * rule.seconds
+    ttl = rule.seconds * 2 + 1
+    accepted_key = f"rl:{key}:{window}"
+    previous = caches["default"].get(f"rl:{key}:{window - 1}") or 0
+    current = _incr(accepted_key, 1, ttl)
+    estimate = previous * (1 - elapsed / rule.seconds) + current
+    if estimate <= rule.max_requests:
+        return Verdict(limited=False)
+    current = _incr(accepted_key, -1, ttl)
+    refused = _incr(f"rl:{key}:{window}:refused", 1, ttl)
+    return Verdict(
+        limited=True,
+        retry_after=_retry_after(rule=rule, previous=previous, current=current, elapsed=elapsed),
+        abusive=current + refused > rule.max_requests * rule.close_factor,
+    )

@@ -1,0 +1,163 @@
+"""Sessions and presence, kept in the database so every worker sees the same state.
+
+One `ChatSession` row per socket. The user's `ChatUser` row is locked while a session opens
+or closes, which makes the per-user connection cap and "first socket in / last socket out"
+exact even when a user's sockets are on different workers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import transaction
+from django.db.models import Count, F, Max, Min
+from django.utils import timezone
+
+from chat.auth import Identity
+from chat.models import ChatSession, ChatUser, Endpoint, Room
+from chat.protocol import Close, iso
+
+
+class SessionRefused(Exception):
+    def __init__(self, close: Close):
+        super().__init__(close.name)
+        self.close = close
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    session_id: str
+    connected_at: datetime
+    first_in_room: bool
+
+
+@dataclass(frozen=True)
+class SessionClosed:
+    user_id: str
+    username: str
+    room_id: str
+    last_in_room: bool
+
+
+def _lock_user(*, identity: Identity) -> ChatUser:
+    ChatUser.objects.bulk_create(
+        [ChatUser(user_id=identity.user_id, username=identity.username)], ignore_conflicts=True
+    )
+    return ChatUser.objects.select_for_update().get(pk=identity.user_id)
+
+
+def session_open(
+    *,
+    identity: Identity,
+    room_id: str,
+    endpoint: Endpoint,
+    channel_name: str,
+    worker_id: str,
+    client_address: str,
+    user_agent: str,
+    max_connections: int,
+) -> SessionOpened:
+    """Record a new socket, or raise SessionRefused (room closed/full, too many sockets)."""
+    with transaction.atomic():
+        user = _lock_user(identity=identity)
+        if user.username != identity.username:
+            user.username = identity.username
+            user.save(update_fields=["username"])
+        room, _ = Room.objects.get_or_create(name=room_id)
+        if room.is_closed:
+            raise SessionRefused(Close.ROOM_CLOSED)
+        active = ChatSession.objects.filter(disconnected_at__isnull=True)
+        if active.filter(user=user).count() >= max_connections:
+            raise SessionRefused(Close.TOO_MANY_CONNECTIONS)
+        first_in_room = not active.filter(user=user, room=room).exists()
+        if first_in_room and room.max_users is not None:
+            room = Room.objects.select_for_update().get(pk=room.pk)
+            users = active.filter(room=room).values("user").distinct().count()
+            if users >= room.max_users:
+                raise SessionRefused(Close.ROOM_FULL)
+        session = ChatSession.objects.create(
+            session_id=uuid.uuid4(),
+            user=user,
+            username=identity.username,
+            room=room,
+            endpoint=endpoint,
+            channel_name=channel_name,
+            worker_id=worker_id,
+            client_address=client_address[:64],
+            user_agent=user_agent[:512],
+        )
+    return SessionOpened(
+        session_id=str(session.session_id),
+        connected_at=session.connected_at,
+        first_in_room=first_in_room,
+    )
+
+
+def session_touch(*, session_id: str, last_seen: datetime, messages_sent: int) -> None:
+    """Batched liveness: last_seen and the messages counted since the previous touch."""
+    ChatSession.objects.filter(session_id=session_id, disconnected_at__isnull=True).update(
+        last_seen=last_seen, messages_sent=F("messages_sent") + messages_sent
+    )
+
+
+def session_close(
+    *,
+    session_id: str,
+    close_code: int | None,
+    close_reason: str,
+    last_seen: datetime,
+    messages_sent: int,
+) -> SessionClosed | None:
+    """End a session; None if it was already ended (e.g. by the reaper)."""
+    with transaction.atomic():
+        session = ChatSession.objects.select_related("user").filter(session_id=session_id).first()
+        if session is None:
+            return None
+        ChatUser.objects.select_for_update().get(pk=session.user_id)
+        ended = ChatSession.objects.filter(
+            session_id=session_id, disconnected_at__isnull=True
+        ).update(
+            disconnected_at=timezone.now(),
+            last_seen=last_seen,
+            close_code=close_code,
+            close_reason=close_reason[:64],
+            messages_sent=F("messages_sent") + messages_sent,
+        )
+        if not ended:
+            return None
+        still_here = ChatSession.objects.filter(
+            user_id=session.user_id, room_id=session.room_id, disconnected_at__isnull=True
+        ).exists()
+    return SessionClosed(
+        user_id=session.user_id,
+        username=session.username,
+        room_id=session.room_id,
+        last_in_room=not still_here,
+    )
+
+
+def room_presence(*, room_id: str) -> list[dict]:
+    """Everyone in the room now, one entry per user, across all workers."""
+    rows = (
+        ChatSession.objects.filter(room_id=room_id, disconnected_at__isnull=True)
+        .values("user_id")
+        .annotate(
+            username=Max("username"),
+            connection_count=Count("session_id"),
+            connected_at=Min("connected_at"),
+            last_seen=Max("last_seen"),
+        )
+        .order_by("connected_at", "user_id")
+    )
+    return [
+        {
+            "user_id": row["user_id"],
+            "username": row["username"],
+            "connection_count": row["connection_count"],
+            "connected_at": iso(row["connected_at"]),
+            "last_seen": iso(row["last_seen"]),
+        }
+        for row in rows
+    ]

@@ -1,0 +1,266 @@
+"""Clarity Chat settings.
+
+Every knob is read from the environment here and documented once, next to its default.
+Production differs from the embedded default (SQLite, in-memory channel layer, local-memory
+cache) only by environment variables. The README's configuration table lists the same names.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be a number, got {raw!r}") from exc
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+# --- Django core ---------------------------------------------------------------------------
+
+# DEBUG: development mode. Off by default; the README's run command turns it on.
+DEBUG = env_bool("DEBUG", False)
+
+# SECRET_KEY: Django's signing key. Required when DEBUG is off.
+SECRET_KEY = env_str("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+    SECRET_KEY = "dev-only-insecure-key-clarity-chat"
+
+# ALLOWED_HOSTS: comma-separated host names this server answers for.
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+
+INSTALLED_APPS = [
+    "daphne",  # first, so `runserver` serves ASGI (WebSockets included)
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "chat",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "clarity_project.urls"
+ASGI_APPLICATION = "clarity_project.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# DATABASE_URL: e.g. postgres://user:pass@127.0.0.1:5432/clarity. Unset: SQLite in db.sqlite3.
+DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+# SQLITE_BUSY_TIMEOUT: seconds a SQLite writer waits for the lock held by another worker.
+SQLITE_BUSY_TIMEOUT = env_float("SQLITE_BUSY_TIMEOUT", 20.0)
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["OPTIONS"] = {
+        # Several local workers may share one SQLite file: write transactions take the lock
+        # up front (no deadlock-prone upgrades), readers never block the writer (WAL).
+        "transaction_mode": "IMMEDIATE",
+        "timeout": SQLITE_BUSY_TIMEOUT,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# --- Redis: channel layer and cache ---------------------------------------------------------
+
+# REDIS_URL: e.g. redis://127.0.0.1:6379/0. Unset: in-memory channel layer and local-memory
+# cache (one process only). Set: channels-redis layer and Django's Redis cache (many workers).
+REDIS_URL = env_str("REDIS_URL")
+# REDIS_PREFIX: prefix of every Redis key this deployment writes (layer and cache), so several
+# deployments or test runs can share one Redis.
+REDIS_PREFIX = env_str("REDIS_PREFIX", "clarity")
+# CHANNEL_LAYER_CAPACITY: messages a channel may queue before the layer drops them.
+CHANNEL_LAYER_CAPACITY = env_int("CHANNEL_LAYER_CAPACITY", 1000)
+# CHANNEL_LAYER_EXPIRY: seconds an undelivered layer message lives.
+CHANNEL_LAYER_EXPIRY = env_int("CHANNEL_LAYER_EXPIRY", 60)
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                # redis-py's asyncio pool defaults (100 connections, raise when exhausted; a
+                # 5 s socket timeout equal to the layer's blocking read) crash consumers under
+                # load, so both are set explicitly.
+                "hosts": [{"address": REDIS_URL, "max_connections": 1000, "socket_timeout": 30}],
+                "prefix": f"{REDIS_PREFIX}:layer",
+                "capacity": CHANNEL_LAYER_CAPACITY,
+                "expiry": CHANNEL_LAYER_EXPIRY,
+            },
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": f"{REDIS_PREFIX}:cache",
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": CHANNEL_LAYER_CAPACITY, "expiry": CHANNEL_LAYER_EXPIRY},
+        }
+    }
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# --- Firebase authentication ----------------------------------------------------------------
+
+# FIREBASE_PROJECT_ID: the Firebase project whose ID tokens are accepted (their aud/iss).
+FIREBASE_PROJECT_ID = env_str("FIREBASE_PROJECT_ID", "clarity-dev")
+# FIREBASE_CREDENTIALS: path of a service-account JSON file. Optional: token verification
+# needs only Google's public certificates; revocation checks need credentials (this file or
+# the machine's application-default credentials).
+FIREBASE_CREDENTIALS = env_str("FIREBASE_CREDENTIALS")
+# FIREBASE_AUTH_EMULATOR_HOST: host:port of the Firebase Auth Emulator. When set, unsigned
+# emulator tokens are accepted (the SDK reads this variable itself). Development only: a
+# system check refuses to start with it set and DEBUG off.
+FIREBASE_AUTH_EMULATOR_HOST = env_str("FIREBASE_AUTH_EMULATOR_HOST")
+# FIREBASE_CHECK_REVOKED: also ask Firebase whether the token was revoked or the user
+# disabled. Default: on with real Firebase, off in emulator mode.
+FIREBASE_CHECK_REVOKED = env_bool("FIREBASE_CHECK_REVOKED", not FIREBASE_AUTH_EMULATOR_HOST)
+# FIREBASE_CLOCK_SKEW_SECONDS: tolerance for exp/iat against this server's clock (0-60).
+FIREBASE_CLOCK_SKEW_SECONDS = env_int("FIREBASE_CLOCK_SKEW_SECONDS", 10)
+# FIREBASE_HTTP_TIMEOUT: seconds for the SDK's HTTP calls (certificates, revocation).
+FIREBASE_HTTP_TIMEOUT = env_float("FIREBASE_HTTP_TIMEOUT", 5.0)
+
+# --- Chat limits (protocol §6) ---------------------------------------------------------------
+
+# CHAT_MAX_CONNECTIONS_PER_USER: sockets one user may hold, across workers and endpoints.
+CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 3)
+# CHAT_MAX_MESSAGE_SIZE: UTF-8 bytes of one inbound frame.
+CHAT_MAX_MESSAGE_SIZE = env_int("CHAT_MAX_MESSAGE_SIZE", 65536)
+# CHAT_MAX_HEALTH_PAYLOAD_SIZE: UTF-8 bytes of one health_insight / health_data frame.
+CHAT_MAX_HEALTH_PAYLOAD_SIZE = env_int("CHAT_MAX_HEALTH_PAYLOAD_SIZE", 1_000_000)
+# CHAT_MAX_DATA_POINTS: data points in one health analysis request.
+CHAT_MAX_DATA_POINTS = env_int("CHAT_MAX_DATA_POINTS", 10080)
+# CHAT_MESSAGE_RATE_LIMIT: frames per user per rolling window (heartbeats exempt).
+CHAT_MESSAGE_RATE_LIMIT = env_int("CHAT_MESSAGE_RATE_LIMIT", 60)
+# CHAT_RATE_LIMIT_WINDOW: seconds of the rolling rate-limit window.
+CHAT_RATE_LIMIT_WINDOW = env_int("CHAT_RATE_LIMIT_WINDOW", 60)
+# CHAT_RATE_LIMIT_CLOSE_FACTOR: frames beyond limit x this factor in one window close 4029.
+CHAT_RATE_LIMIT_CLOSE_FACTOR = env_int("CHAT_RATE_LIMIT_CLOSE_FACTOR", 3)
+# CHAT_HEARTBEAT_INTERVAL: seconds between server heartbeats.
+CHAT_HEARTBEAT_INTERVAL = env_float("CHAT_HEARTBEAT_INTERVAL", 30)
+# CHAT_CONNECTION_TIMEOUT: seconds of inbound silence before the server closes (1000).
+CHAT_CONNECTION_TIMEOUT = env_float("CHAT_CONNECTION_TIMEOUT", 300)
+# CHAT_TYPING_TIMEOUT: seconds after which an unrefreshed is_typing:true is withdrawn.
+CHAT_TYPING_TIMEOUT = env_float("CHAT_TYPING_TIMEOUT", 10)
+# CHAT_HISTORY_ON_JOIN: stored messages sent in the join `history` frame.
+CHAT_HISTORY_ON_JOIN = env_int("CHAT_HISTORY_ON_JOIN", 50)
+# CHAT_HISTORY_MAX_PAGE: the largest `limit` a history request may ask for.
+CHAT_HISTORY_MAX_PAGE = env_int("CHAT_HISTORY_MAX_PAGE", 100)
+# CHAT_WORKER_TTL: seconds a worker's liveness key lives; a dead worker's users are shown as
+# left within this plus the reaper's interval.
+CHAT_WORKER_TTL = env_int("CHAT_WORKER_TTL", 15)
+
+# --- Origins (protocol §6) ------------------------------------------------------------------
+
+# CHAT_ALLOWED_ORIGINS: full browser origins (scheme://host[:port]) allowed to open sockets.
+CHAT_ALLOWED_ORIGINS = env_list(
+    "CHAT_ALLOWED_ORIGINS",
+    ["http://localhost:8000", "http://127.0.0.1:8000"] if DEBUG else [],
+)
+# CHAT_ALLOW_NO_ORIGIN: accept handshakes without an Origin header (native apps).
+CHAT_ALLOW_NO_ORIGIN = env_bool("CHAT_ALLOW_NO_ORIGIN", True)
+
+# --- Logging --------------------------------------------------------------------------------
+
+# LOG_LEVEL: level of the application's own loggers.
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "chat": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+    },
+}

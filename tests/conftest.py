@@ -1,0 +1,140 @@
+"""Fixtures: a fresh in-memory channel layer and cache per test, emulator tokens, and a small
+client that drives the real ASGI application through Channels' WebsocketCommunicator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from channels.layers import channel_layers
+from channels.testing import WebsocketCommunicator
+from django.core.cache import caches
+
+from chat.devtokens import emulator_token
+
+
+@pytest.fixture(autouse=True)
+def fresh_shared_state():
+    channel_layers.backends.clear()
+    caches["default"].clear()
+    yield
+    channel_layers.backends.clear()
+    caches["default"].clear()
+
+
+def token_for(uid: str, name: str | None = None, **kwargs: Any) -> str:
+    return emulator_token(uid=uid, name=name if name is not None else uid.title(), **kwargs)
+
+
+class ChatClient:
+    """A test-side WebSocket client speaking the v1 protocol."""
+
+    def __init__(self, communicator: WebsocketCommunicator):
+        self.communicator = communicator
+        self.closed = False
+        self.ack: dict | None = None
+        self.presence: dict | None = None
+        self.history: dict | None = None
+
+    async def recv(self, timeout: float = 2) -> dict:
+        return json.loads(await self.communicator.receive_from(timeout))
+
+    async def recv_type(self, type_: str, timeout: float = 2) -> dict:
+        """The next frame of this type; frames of other types before it are skipped."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            frame = await self.recv(max(remaining, 0.01))
+            if frame["type"] == type_:
+                return frame
+
+    async def send(self, payload: Any) -> None:
+        await self.communicator.send_to(text_data=json.dumps(payload))
+
+    async def send_text(self, text: str) -> None:
+        await self.communicator.send_input({"type": "websocket.receive", "text": text})
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self.communicator.send_input({"type": "websocket.receive", "bytes": data})
+
+    async def expect_error(self, code: str, timeout: float = 2) -> dict:
+        frame = await self.recv(timeout)
+        assert frame["type"] == "error", frame
+        assert frame["error_code"] == code, frame
+        return frame
+
+    async def expect_close(self, code: int, timeout: float = 2) -> dict:
+        output = await self.communicator.receive_output(timeout)
+        assert output["type"] == "websocket.close", output
+        assert output.get("code") == code, output
+        await self.close()
+        return output
+
+    async def expect_refusal(self, error_code: str, close_code: int) -> dict:
+        error = await self.expect_error(error_code)
+        await self.expect_close(close_code)
+        return error
+
+    async def expect_silence(self, timeout: float = 0.2) -> None:
+        assert await self.communicator.receive_nothing(timeout), "unexpected frame"
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.communicator.disconnect()
+
+
+async def open_socket(
+    room: str = "lobby",
+    *,
+    token: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    path: str | None = None,
+) -> ChatClient:
+    """Open a socket; returns the client once the server accepted the handshake."""
+    from clarity_project.asgi import application
+
+    url = path or f"/api/v1/ws/{room}"
+    if token is not None:
+        url += f"?token={token}"
+    communicator = WebsocketCommunicator(application, url, headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected, "handshake refused"
+    return ChatClient(communicator)
+
+
+async def join(
+    room: str = "lobby", uid: str = "alice", name: str | None = None, **kw
+) -> ChatClient:
+    """Open a socket with a valid token and read the join frames (ack, presence, history)."""
+    client = await open_socket(room, token=token_for(uid, name), **kw)
+    client.ack = await client.recv()
+    assert client.ack["type"] == "connection_ack", client.ack
+    client.presence = await client.recv()
+    assert client.presence["type"] == "presence", client.presence
+    client.history = await client.recv()
+    assert client.history["type"] == "history", client.history
+    return client
+
+
+@pytest.fixture
+async def clients():
+    """Collects clients and closes them all at the end of the test."""
+    opened: list[ChatClient] = []
+
+    class Opener:
+        async def join(self, *args, **kwargs) -> ChatClient:
+            client = await join(*args, **kwargs)
+            opened.append(client)
+            return client
+
+        async def open(self, *args, **kwargs) -> ChatClient:
+            client = await open_socket(*args, **kwargs)
+            opened.append(client)
+            return client
+
+    yield Opener()
+    for client in opened:
+        await client.close()
