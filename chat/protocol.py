@@ -14,7 +14,15 @@ from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 ROOM_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 HEALTH_ROOM_PREFIX = "health_analysis_"
@@ -202,6 +210,12 @@ class HistoryIn(Inbound):
     after: MessageId | None = None
     limit: Annotated[int, Field(ge=1, le=HISTORY_MAX_LIMIT)] = 50
     request_id: ClientId | None = None
+
+    @model_validator(mode="after")
+    def _one_direction(self) -> HistoryIn:
+        if self.before is not None and self.after is not None:
+            raise ValueError("give either before or after, not both")
+        return self
 
 
 class AuthIn(Inbound):
