@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 
 import firebase_admin
 import google.auth.credentials
+import google.auth.exceptions
 from django.conf import settings
 from firebase_admin import auth as firebase_auth
 from firebase_admin import credentials, exceptions
@@ -47,8 +48,10 @@ class AuthFailure(Exception):
 
 def emulator_mode() -> bool:
     # The SDK decides from the process environment on every call; so do we, so the two
-    # can never disagree about whether unsigned tokens are acceptable.
-    return bool(os.environ.get(EMULATOR_ENV, "").strip())
+    # can never disagree about whether unsigned tokens are acceptable. Exactly the SDK's test
+    # (any non-empty value, whitespace included): stripping here would let a blank-looking
+    # value switch the SDK to accepting unsigned tokens while we skip exp/iat and E001.
+    return os.environ.get(EMULATOR_ENV, "") != ""
 
 
 def token_from_scope(scope: dict[str, Any]) -> str | None:
@@ -138,8 +141,9 @@ def verify_token(token: str) -> Identity:
     ) as exc:
         logger.info("auth refused: %s", type(exc).__name__)
         raise AuthFailure(Close.INVALID_TOKEN) from None
-    except exceptions.FirebaseError as exc:
-        logger.warning("auth unavailable: Firebase answered %s", type(exc).__name__)
+    except (exceptions.FirebaseError, google.auth.exceptions.GoogleAuthError) as exc:
+        # Firebase down, or no usable credentials for the revocation lookup.
+        logger.warning("auth unavailable: %s", type(exc).__name__)
         raise AuthFailure(Close.AUTH_UNAVAILABLE) from None
     if emulator_mode():
         _check_times(claims, skew)

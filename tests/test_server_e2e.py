@@ -1,0 +1,154 @@
+"""End to end: one real daphne worker (embedded default: SQLite file, in-memory layer,
+local-memory cache) driven over loopback by real WebSocket clients.
+
+No pytest-django database: the server has its own SQLite file. Each test uses its own room,
+so the tests do not depend on each other's leftovers in the shared server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from tests.servers import ChatSocket, Worker, run_workers
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory) -> Iterator[Worker]:
+    with run_workers(tmp_path_factory.mktemp("e2e-server"), count=1) as workers:
+        yield workers[0]
+
+
+@pytest.fixture
+async def sockets(worker: Worker):
+    """Opens sockets on the worker; closes them all after the test. The worker's logs are
+    printed at teardown: pytest shows them with the report of a failed test only."""
+    opened: list[ChatSocket] = []
+
+    class Opener:
+        async def join(self, room: str, uid: str, name: str | None = None, **kw) -> ChatSocket:
+            client = await ChatSocket.join(worker.url, room, uid, name, **kw)
+            opened.append(client)
+            return client
+
+        async def open(self, path: str, **kw) -> ChatSocket:
+            client = await ChatSocket.open(worker.url, path, **kw)
+            opened.append(client)
+            return client
+
+    yield Opener()
+    await asyncio.gather(*(client.close() for client in opened))
+    print(worker.logs())
+    assert worker.alive(), f"the server died\n{worker.logs()}"
+
+
+def user_ids(presence: dict) -> list[str]:
+    return [user["user_id"] for user in presence["users"]]
+
+
+async def test_two_users_chat_type_heartbeat_and_leave(sockets):
+    room = "e2e"
+    alice = await sockets.join(room, "alice")
+    assert alice.ack["user_id"] == "alice"
+    assert alice.ack["server_info"]["room_id"] == room
+    assert isinstance(alice.ack["session_id"], str)
+    assert user_ids(alice.presence) == ["alice"]
+    assert alice.history["messages"] == [] and alice.history["request_id"] is None
+
+    bob = await sockets.join(room, "bob")
+    assert bob.ack["user_id"] == "bob"
+    assert sorted(user_ids(bob.presence)) == ["alice", "bob"]
+    assert bob.history["room_id"] == room
+
+    joined = await alice.expect("system")
+    assert joined["content"] == "Bob joined the chat" and joined["level"] == "info"
+    user_joined = await alice.expect("user_joined")
+    assert user_joined["user_id"] == "bob" and user_joined["username"] == "Bob"
+    assert user_joined["status"] == "online"
+    await bob.expect_silence(0.1)  # no join notice about oneself
+
+    await alice.send({"type": "message", "content": "  hello bob  ", "message_id": "c-1"})
+    to_alice = await alice.expect("message")
+    to_bob = await bob.expect("message")
+    assert to_alice == to_bob
+    assert isinstance(to_alice["message_id"], str) and to_alice["message_id"].isdecimal()
+    assert to_alice["content"] == "hello bob"
+    assert to_alice["user_id"] == "alice" and to_alice["username"] == "Alice"
+    assert to_alice["client_message_id"] == "c-1" and to_alice["room_id"] == room
+
+    await bob.send({"type": "typing", "is_typing": True})
+    for client in (alice, bob):
+        typing = await client.expect("typing")
+        assert typing["user_id"] == "bob" and typing["is_typing"] is True
+        assert typing["message_id"] is None
+
+    stamp = "2025-06-01T12:00:00.123Z"
+    await alice.send({"type": "heartbeat", "client_timestamp": stamp})
+    ack = await alice.expect("heartbeat_ack")
+    assert ack["client_timestamp"] == stamp
+    assert ack["server_timestamp"].endswith("Z")
+    await bob.expect_silence(0.1)  # the ack goes to the sender only
+
+    # Bob leaves while still "typing": the room sees the typing withdrawn, then the notices.
+    await bob.close()
+    withdrawn = await alice.expect("typing")
+    assert withdrawn["user_id"] == "bob" and withdrawn["is_typing"] is False
+    left = await alice.expect("system")
+    assert left["content"] == "Bob left the chat"
+    user_left = await alice.expect("user_left")
+    assert user_left["user_id"] == "bob" and user_left["status"] == "offline"
+
+
+async def test_history_page_before_newest(sockets):
+    room = "e2e-history"
+    carol = await sockets.join(room, "carol")
+    ids = []
+    for n in range(5):
+        await carol.send({"type": "message", "content": f"m{n}"})
+        ids.append((await carol.expect("message"))["message_id"])
+    assert ids == sorted(ids, key=int)
+
+    await carol.send({"type": "history", "before": ids[-1], "limit": 2, "request_id": "page-1"})
+    page = await carol.expect("history")
+    assert page["request_id"] == "page-1" and page["room_id"] == room
+    assert [m["message_id"] for m in page["messages"]] == ids[2:4]  # oldest first
+    assert [m["content"] for m in page["messages"]] == ["m2", "m3"]
+    assert page["has_more"] is True
+
+    # A newcomer's join history holds them all, oldest first, with the same frames.
+    dave = await sockets.join(room, "dave")
+    assert [m["message_id"] for m in dave.history["messages"]] == ids
+    assert dave.history["has_more"] is False
+
+
+async def test_older_chat_path_alias(sockets):
+    room = "e2e-alias"
+    erin = await sockets.join(room, "erin", path=f"/api/v1/chat/{room}")
+    assert erin.ack["server_info"]["room_id"] == room
+    frank = await sockets.join(room, "frank")  # the current path: same room
+    assert sorted(user_ids(frank.presence)) == ["erin", "frank"]
+    await erin.recv_type("user_joined")
+    await erin.send({"type": "message", "content": "via the old path"})
+    assert (await frank.expect("message"))["content"] == "via the old path"
+    assert (await erin.expect("message"))["content"] == "via the old path"
+
+
+async def test_no_token_error_then_close_4001(sockets):
+    anonymous = await sockets.open("/api/v1/ws/e2e-auth")
+    error = await anonymous.expect_error("AUTH_REQUIRED")  # arrives before the close
+    assert error["message"] == "Authentication token is required"
+    closed = await anonymous.expect_close(4001)
+    assert isinstance(closed, ConnectionClosed)
+
+
+async def test_binary_frame_refused_socket_stays_usable(sockets):
+    grace = await sockets.join("e2e-binary", "grace")
+    await grace.send_raw(b"\x00\x01binary")
+    await grace.expect_error("UNSUPPORTED_FRAME")
+    await grace.send({"type": "heartbeat"})
+    assert (await grace.expect("heartbeat_ack"))["client_timestamp"] is None
+    await grace.send({"type": "message", "content": "still here"})
+    assert (await grace.expect("message"))["content"] == "still here"
