@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.db.models import Count, Q
 
 from chat.models import ChatMessage, ChatSession, ChatUser, Room
+from chat.sessions import sessions_terminate
 
 
 @admin.register(Room)
@@ -63,12 +64,22 @@ class ChatSessionAdmin(admin.ModelAdmin):
     list_filter = [("disconnected_at", admin.EmptyFieldListFilter), "endpoint", "room", "worker_id"]
     search_fields = ["session_id", "user__user_id", "username", "room__name", "client_address"]
     date_hierarchy = "connected_at"
+    actions = ["terminate_sessions"]
 
     def has_add_permission(self, request):
         return False
 
     def has_change_permission(self, request, obj=None):
         return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # sessions are the audit trail of connections
+
+    @admin.action(description="Terminate selected sessions")
+    def terminate_sessions(self, request, queryset):
+        session_ids = [str(pk) for pk in queryset.values_list("session_id", flat=True)]
+        count = sessions_terminate(session_ids=session_ids)
+        self.message_user(request, f"Asked the workers to close {count} open session(s).")
 
 
 @admin.register(ChatMessage)

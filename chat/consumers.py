@@ -39,7 +39,7 @@ from chat.protocol import (
     now_iso,
 )
 from chat.ratelimit import Rule, rate_limit_hit
-from chat.rooms import room_group, room_id_problem
+from chat.rooms import membership_notices, room_event, room_group, room_id_problem
 from chat.sessions import SessionRefused, room_presence, session_close, session_open, session_touch
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return await self.end(Close.SERVICE_UNAVAILABLE)
         self.session_id = opened.session_id
         await self.channel_layer.group_add(room_group(self.room_id), self.channel_name)
+        await self.channel_layer.group_add(worker.worker_group(), self.channel_name)
         await self.send_frame(self._connection_ack())
         await self.send_frame(
             frame(
@@ -151,10 +152,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 self.typing_deadline = None
                 await self.broadcast(self._typing_frame(is_typing=False))
             await self.channel_layer.group_discard(room_group(self.room_id), self.channel_name)
+            await self.channel_layer.group_discard(worker.worker_group(), self.channel_name)
             closed = await database_sync_to_async(session_close)(
                 session_id=session_id,
                 close_code=self.closing.value.code if self.closing else code,
-                close_reason=self.closing.value.reason if self.closing else "client",
+                close_reason=self.closing.name.lower() if self.closing else "client",
                 last_seen=datetime.now(UTC),
                 messages_sent=self.messages_sent,
             )
@@ -181,12 +183,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """Server heartbeats, idle timeout, token expiry, typing expiry, batched liveness."""
         heartbeat_every = settings.CHAT_HEARTBEAT_INTERVAL
         next_heartbeat = self.loop.time() + heartbeat_every
+        renew_every = settings.CHANNEL_LAYER_GROUP_EXPIRY / 2
+        next_renewal = self.loop.time() + renew_every
         while self.closing is None:
             now = self.loop.time()
             idle_deadline = self.last_inbound + settings.CHAT_CONNECTION_TIMEOUT
             token_deadline = now + (self.identity.expires_at - datetime.now(UTC)).total_seconds()
             typing_deadline = self.typing_deadline if self.typing_deadline else math.inf
-            wake_at = min(next_heartbeat, idle_deadline, token_deadline, typing_deadline)
+            wake_at = min(
+                next_heartbeat, idle_deadline, token_deadline, typing_deadline, next_renewal
+            )
             if wake_at > now:
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -203,6 +209,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 next_heartbeat = now + heartbeat_every
                 await self.send_frame(frame(MessageType.HEARTBEAT, client_timestamp=None))
                 await self.touch()
+            if now >= next_renewal:
+                next_renewal = now + renew_every
+                await self.channel_layer.group_add(room_group(self.room_id), self.channel_name)
 
     async def touch(self) -> None:
         sent, self.messages_sent = self.messages_sent, 0
@@ -354,30 +363,23 @@ class ChatConsumer(AsyncWebsocketConsumer):
             is_typing=is_typing,
         )
 
-    async def broadcast(self, payload: dict, *, exclude_user: str | None = None) -> None:
-        """Send one frame to every socket in the room; encoded once, here."""
-        await self.channel_layer.group_send(
-            room_group(self.room_id),
-            {"type": "room.frame", "text": encode(payload), "exclude_user": exclude_user},
-        )
+    async def broadcast(self, payload: dict) -> None:
+        """Send one frame to every socket in the room (sender included)."""
+        await self.channel_layer.group_send(room_group(self.room_id), room_event(payload))
 
     async def announce(self, *, joined: bool) -> None:
-        """Join/leave notices to the room's other members (first socket in, last out)."""
-        user_id, username = self.identity.user_id, self.identity.username
-        verb = "joined" if joined else "left"
-        await self.broadcast(
-            frame(MessageType.SYSTEM, content=f"{username} {verb} the chat", level="info"),
-            exclude_user=user_id,
-        )
-        await self.broadcast(
-            frame(
-                MessageType.USER_JOINED if joined else MessageType.USER_LEFT,
-                user_id=user_id,
-                username=username,
-                status="online" if joined else "offline",
-            ),
-            exclude_user=user_id,
-        )
+        for event in membership_notices(
+            user_id=self.identity.user_id, username=self.identity.username, joined=joined
+        ):
+            await self.channel_layer.group_send(room_group(self.room_id), event)
+
+    async def worker_shutdown(self, event: dict) -> None:
+        """This worker is stopping (SIGTERM/SIGINT): the client should reconnect elsewhere."""
+        await self.end(Close.SHUTDOWN)
+
+    async def session_terminate(self, event: dict) -> None:
+        """An operator ended this session (admin action), from whichever worker."""
+        await self.end(Close.SESSION_TERMINATED)
 
     async def room_frame(self, event: dict) -> None:
         excluded = event.get("exclude_user")

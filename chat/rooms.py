@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from chat.protocol import HEALTH_ROOM_PREFIX, ROOM_ID_RE, Close
+from typing import Any
+
+from chat.protocol import HEALTH_ROOM_PREFIX, ROOM_ID_RE, Close, MessageType, encode, frame
 
 
 def room_group(room_id: str) -> str:
@@ -17,3 +19,28 @@ def room_id_problem(*, room_id: str, user_id: str) -> Close | None:
     if room_id.startswith(HEALTH_ROOM_PREFIX) and room_id != f"{HEALTH_ROOM_PREFIX}{user_id}":
         return Close.INVALID_ROOM
     return None
+
+
+def room_event(payload: dict[str, Any], *, exclude_user: str | None = None) -> dict[str, Any]:
+    """A channel-layer message delivering one frame to a room: encoded once, by the sender."""
+    return {"type": "room.frame", "text": encode(payload), "exclude_user": exclude_user}
+
+
+def membership_notices(*, user_id: str, username: str, joined: bool) -> list[dict[str, Any]]:
+    """What the room's other members get on a user's first socket in / last socket out."""
+    verb = "joined" if joined else "left"
+    return [
+        room_event(
+            frame(MessageType.SYSTEM, content=f"{username} {verb} the chat", level="info"),
+            exclude_user=user_id,
+        ),
+        room_event(
+            frame(
+                MessageType.USER_JOINED if joined else MessageType.USER_LEFT,
+                user_id=user_id,
+                username=username,
+                status="online" if joined else "offline",
+            ),
+            exclude_user=user_id,
+        ),
+    ]

@@ -11,6 +11,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.db import transaction
 from django.db.models import Count, F, Max, Min
 from django.utils import timezone
@@ -161,3 +163,95 @@ def room_presence(*, room_id: str) -> list[dict]:
         }
         for row in rows
     ]
+
+
+@dataclass(frozen=True)
+class SessionReaped:
+    user_id: str
+    username: str
+    room_id: str
+    channel_name: str
+    last_in_room: bool
+
+
+def session_workers() -> set[str]:
+    """Workers that own at least one open session."""
+    return set(
+        ChatSession.objects.filter(disconnected_at__isnull=True)
+        .values_list("worker_id", flat=True)
+        .distinct()
+    )
+
+
+def sessions_reap(*, worker_id: str) -> list[SessionReaped]:
+    """End every open session of a dead worker (reason `worker_lost`).
+
+    Each user's sessions are ended under that user's lock, so when several live workers reap
+    the same dead one at once, each session is ended (and each departure reported) once.
+    """
+    reaped: list[SessionReaped] = []
+    open_sessions = ChatSession.objects.filter(worker_id=worker_id, disconnected_at__isnull=True)
+    for user_id in set(open_sessions.values_list("user_id", flat=True)):
+        with transaction.atomic():
+            ChatUser.objects.select_for_update().get(pk=user_id)
+            sessions = list(open_sessions.filter(user_id=user_id))
+            ChatSession.objects.filter(pk__in=[s.pk for s in sessions]).update(
+                disconnected_at=timezone.now(), close_reason="worker_lost"
+            )
+            still_in = set(
+                ChatSession.objects.filter(
+                    user_id=user_id, disconnected_at__isnull=True
+                ).values_list("room_id", flat=True)
+            )
+            announced: set[str] = set()
+            for session in sessions:
+                last = session.room_id not in still_in and session.room_id not in announced
+                announced.add(session.room_id)
+                reaped.append(
+                    SessionReaped(
+                        user_id=user_id,
+                        username=session.username,
+                        room_id=session.room_id,
+                        channel_name=session.channel_name,
+                        last_in_room=last,
+                    )
+                )
+    return reaped
+
+
+def session_channels(*, session_ids: list[str]) -> list[str]:
+    """Channel names of the given sessions that are still open."""
+    return list(
+        ChatSession.objects.filter(
+            session_id__in=session_ids, disconnected_at__isnull=True
+        ).values_list("channel_name", flat=True)
+    )
+
+
+def chat_stats() -> dict:
+    """Users, sockets and members per room, across all workers."""
+    active = ChatSession.objects.filter(disconnected_at__isnull=True)
+    rooms = (
+        active.values("room_id").annotate(members=Count("user", distinct=True)).order_by("room_id")
+    )
+    return {
+        "total_users": active.values("user").distinct().count(),
+        "total_connections": active.count(),
+        "rooms": {row["room_id"]: row["members"] for row in rooms},
+    }
+
+
+def sessions_terminate(*, session_ids: list[str]) -> int:
+    """Ask the workers holding these sessions to close them (SESSION_TERMINATED, 4010).
+
+    The message goes to each socket's own channel, so it reaches whichever worker holds it.
+    """
+    layer = get_channel_layer()
+    channels = session_channels(session_ids=session_ids)
+    for channel in channels:
+        async_to_sync(layer.send)(channel, {"type": "session.terminate"})
+    return len(channels)
+
+
+def sessions_open_on(*, worker_id: str) -> bool:
+    return ChatSession.objects.filter(worker_id=worker_id, disconnected_at__isnull=True).exists()

@@ -1,9 +1,152 @@
-"""This process's identity among the workers sharing the database and Redis."""
+"""This process among the workers: its identity, its liveness key, and the reaping of
+workers that died without closing their sessions (SIGKILL, OOM, a lost machine).
 
+Each worker refreshes `worker:<id>` in the shared cache every CHAT_REAP_INTERVAL seconds
+with a CHAT_WORKER_TTL lifetime. Any live worker that finds open sessions owned by a worker
+without that key ends them (reason `worker_lost`), removes their channels from the room
+groups and tells the rooms those users left. `manage.py reapsessions` does the same on
+demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
 import os
+import re
+import signal
 import socket
+import time
 import uuid
 
-# Fixed for the life of the process: sessions record it, so the sessions of a worker that
-# died without cleaning up can be found and ended by the others.
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.core.cache import caches
+from django.core.cache.backends.locmem import LocMemCache
+
+from chat.rooms import membership_notices, room_group
+from chat.sessions import session_workers, sessions_open_on, sessions_reap
+
+logger = logging.getLogger(__name__)
+
+# Fixed for the life of the process and recorded on every session it opens.
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def worker_group() -> str:
+    """The channel-layer group of this worker's sockets (told to close on shutdown)."""
+    return "worker." + re.sub(r"[^A-Za-z0-9_.-]", "-", WORKER_ID)
+
+
+def liveness_key(worker_id: str) -> str:
+    return f"worker:{worker_id}"
+
+
+def liveness_is_shared() -> bool:
+    """Whether other processes can see this process's liveness key (not a local cache)."""
+    return not isinstance(caches["default"], LocMemCache)
+
+
+def worker_mark_alive() -> None:
+    caches["default"].set(liveness_key(WORKER_ID), time.time(), timeout=settings.CHAT_WORKER_TTL)
+
+
+def workers_dead(*, worker_ids: set[str]) -> set[str]:
+    found = caches["default"].get_many([liveness_key(worker_id) for worker_id in worker_ids])
+    return {worker_id for worker_id in worker_ids if liveness_key(worker_id) not in found}
+
+
+async def reap_dead_workers(
+    *, exclude: set[str] | None = None, assume_all_dead: bool = False
+) -> int:
+    """End the sessions of workers whose liveness key is gone (or of every worker, when no
+    server is running); returns how many sessions were ended."""
+    layer = get_channel_layer()
+    owners = await database_sync_to_async(session_workers)() - (exclude or set())
+    if not owners:
+        return 0
+    if assume_all_dead:
+        dead = owners
+    else:
+        dead = await asyncio.to_thread(workers_dead, worker_ids=owners)
+    total = 0
+    for worker_id in sorted(dead):
+        reaped = await database_sync_to_async(sessions_reap)(worker_id=worker_id)
+        for session in reaped:
+            group = room_group(session.room_id)
+            await layer.group_discard(group, session.channel_name)
+            if session.last_in_room:
+                for event in membership_notices(
+                    user_id=session.user_id, username=session.username, joined=False
+                ):
+                    await layer.group_send(group, event)
+        total += len(reaped)
+        logger.warning("reaped %d sessions of dead worker %s", len(reaped), worker_id)
+    return total
+
+
+class WorkerLifecycle:
+    """ASGI wrapper for the life of this worker process.
+
+    On the first request on an event loop: mark the worker alive (before any session can be
+    recorded under its id), start its housekeeping loop, and chain a graceful shutdown onto
+    the server's SIGTERM/SIGINT handlers: every socket of this worker is closed with 4012 and
+    its session ended (reason `shutdown`), within CHAT_SHUTDOWN_GRACE seconds, before the
+    server's own handler stops it. (daphne 4.2's own shutdown cannot do this: it fails with a
+    KeyError while WebSockets are open and leaves the consumers pending.)
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.task: asyncio.Task | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in {"websocket", "http"}:
+            loop = asyncio.get_running_loop()
+            if self.task is None or self.task.get_loop() is not loop or self.task.done():
+                await asyncio.to_thread(worker_mark_alive)
+                if self.task is None or self.task.get_loop() is not loop or self.task.done():
+                    self.task = loop.create_task(self.housekeeping())
+                    self.chain_signal_handlers(loop)
+        return await self.app(scope, receive, send)
+
+    def chain_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Only where a server installed handlers to chain to (not in tests)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            server_handler = signal.getsignal(signum)
+            if not callable(server_handler) or server_handler is signal.default_int_handler:
+                continue
+
+            def on_signal(number, frame, server_handler=server_handler):
+                loop.call_soon_threadsafe(
+                    loop.create_task, self.shutdown(server_handler, number, frame)
+                )
+
+            signal.signal(signum, on_signal)
+
+    async def shutdown(self, server_handler, number, frame) -> None:
+        logger.info("shutting down: closing this worker's sockets")
+        try:
+            await get_channel_layer().group_send(worker_group(), {"type": "worker.shutdown"})
+            deadline = time.monotonic() + settings.CHAT_SHUTDOWN_GRACE
+            while time.monotonic() < deadline:
+                if not await database_sync_to_async(sessions_open_on)(worker_id=WORKER_ID):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                logger.warning("shutdown grace over with sessions still open")
+        except Exception:
+            logger.exception("graceful shutdown failed; the reaper will end the sessions")
+        if self.task is not None:
+            self.task.cancel()
+        server_handler(number, frame)
+
+    async def housekeeping(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(worker_mark_alive)
+                await reap_dead_workers(exclude={WORKER_ID})
+            except Exception:
+                logger.exception("worker housekeeping failed")
+            await asyncio.sleep(settings.CHAT_REAP_INTERVAL)

@@ -13,12 +13,15 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from chat.checks import enforce_checks  # noqa: E402
 from chat.origins import OriginPolicy  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.worker import WorkerLifecycle  # noqa: E402
 
 enforce_checks()
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": OriginPolicy(URLRouter(websocket_urlpatterns)),
-    }
+application = WorkerLifecycle(
+    ProtocolTypeRouter(
+        {
+            "http": django_asgi_app,
+            "websocket": OriginPolicy(URLRouter(websocket_urlpatterns)),
+        }
+    )
 )

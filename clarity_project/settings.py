@@ -156,6 +156,10 @@ REDIS_PREFIX = env_str("REDIS_PREFIX", "clarity")
 CHANNEL_LAYER_CAPACITY = env_int("CHANNEL_LAYER_CAPACITY", 1000)
 # CHANNEL_LAYER_EXPIRY: seconds an undelivered layer message lives.
 CHANNEL_LAYER_EXPIRY = env_int("CHANNEL_LAYER_EXPIRY", 60)
+# CHANNEL_LAYER_GROUP_EXPIRY: seconds a group membership lives in Redis unless renewed. Live
+# sockets renew theirs every half of it; the reaper removes a dead worker's channels at once,
+# so this only bounds what a failed reap could leave behind.
+CHANNEL_LAYER_GROUP_EXPIRY = env_int("CHANNEL_LAYER_GROUP_EXPIRY", 3600)
 
 if REDIS_URL:
     CHANNEL_LAYERS = {
@@ -169,6 +173,7 @@ if REDIS_URL:
                 "prefix": f"{REDIS_PREFIX}:layer",
                 "capacity": CHANNEL_LAYER_CAPACITY,
                 "expiry": CHANNEL_LAYER_EXPIRY,
+                "group_expiry": CHANNEL_LAYER_GROUP_EXPIRY,
             },
         }
     }
@@ -177,6 +182,8 @@ if REDIS_URL:
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": f"{REDIS_PREFIX}:cache",
+            # Fail fast rather than stall a worker when Redis is unreachable.
+            "OPTIONS": {"socket_timeout": 5, "socket_connect_timeout": 2},
         }
     }
 else:
@@ -199,7 +206,7 @@ FIREBASE_CREDENTIALS = env_str("FIREBASE_CREDENTIALS")
 # FIREBASE_AUTH_EMULATOR_HOST: host:port of the Firebase Auth Emulator. When set, unsigned
 # emulator tokens are accepted (the SDK reads this variable itself). Development only: a
 # system check refuses to start with it set and DEBUG off.
-FIREBASE_AUTH_EMULATOR_HOST = env_str("FIREBASE_AUTH_EMULATOR_HOST")
+FIREBASE_AUTH_EMULATOR_HOST = os.environ.get("FIREBASE_AUTH_EMULATOR_HOST", "")  # as the SDK reads it
 # FIREBASE_CHECK_REVOKED: also ask Firebase whether the token was revoked or the user
 # disabled. Default: on with real Firebase, off in emulator mode.
 FIREBASE_CHECK_REVOKED = env_bool("FIREBASE_CHECK_REVOKED", not FIREBASE_AUTH_EMULATOR_HOST)
@@ -235,8 +242,17 @@ CHAT_HISTORY_ON_JOIN = env_int("CHAT_HISTORY_ON_JOIN", 50)
 # CHAT_HISTORY_MAX_PAGE: the largest `limit` a history request may ask for.
 CHAT_HISTORY_MAX_PAGE = env_int("CHAT_HISTORY_MAX_PAGE", 100)
 # CHAT_WORKER_TTL: seconds a worker's liveness key lives; a dead worker's users are shown as
-# left within this plus the reaper's interval.
-CHAT_WORKER_TTL = env_int("CHAT_WORKER_TTL", 15)
+# left within this plus CHAT_REAP_INTERVAL.
+CHAT_WORKER_TTL = env_float("CHAT_WORKER_TTL", 15)
+# CHAT_REAP_INTERVAL: seconds between a worker's liveness refreshes and its search for the
+# sessions of dead workers. Must be well below CHAT_WORKER_TTL.
+CHAT_REAP_INTERVAL = env_float("CHAT_REAP_INTERVAL", 5)
+if CHAT_REAP_INTERVAL * 2 > CHAT_WORKER_TTL:
+    raise ImproperlyConfigured("CHAT_REAP_INTERVAL must be at most half of CHAT_WORKER_TTL")
+
+# CHAT_SHUTDOWN_GRACE: seconds a stopping worker (SIGTERM/SIGINT) waits for its sockets to
+# close with 4012 and their sessions to end before it exits.
+CHAT_SHUTDOWN_GRACE = env_float("CHAT_SHUTDOWN_GRACE", 10)
 
 # --- Origins (protocol §6) ------------------------------------------------------------------
 

@@ -338,7 +338,7 @@ async def test_idle_socket_is_closed_after_the_timeout(clients, settings):
     session = await database_sync_to_async(ChatSession.objects.get)(
         session_id=alice.ack["session_id"]
     )
-    assert session.close_code == 1000 and session.close_reason == "Connection timeout"
+    assert session.close_code == 1000 and session.close_reason == "connection_timeout"
 
 
 async def test_inbound_frames_keep_the_socket_alive(clients, settings):

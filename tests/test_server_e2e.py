@@ -152,3 +152,26 @@ async def test_binary_frame_refused_socket_stays_usable(sockets):
     assert (await grace.expect("heartbeat_ack"))["client_timestamp"] is None
     await grace.send({"type": "message", "content": "still here"})
     assert (await grace.expect("message"))["content"] == "still here"
+
+
+async def test_sigterm_closes_sockets_4012_and_ends_sessions(tmp_path):
+    """Shutdown (protocol §4.7): every socket gets SERVICE_UNAVAILABLE then 4012, every
+    session is recorded as ended with reason `shutdown`, and the worker exits cleanly."""
+    import signal
+    import sqlite3
+
+    with run_workers(tmp_path, count=1) as (worker,):
+        alice = await ChatSocket.join(worker.url, "shutdown", "alice")
+        bob = await ChatSocket.join(worker.url, "shutdown", "bob")
+        await alice.recv_type("user_joined")
+        worker.send_signal(signal.SIGTERM)
+        for client in (alice, bob):
+            await client.expect_error("SERVICE_UNAVAILABLE", timeout=10)
+            await client.expect_close(4012, timeout=10)
+        assert worker.reap(timeout=15) == 0, worker.logs()
+    with sqlite3.connect(tmp_path / "e2e.sqlite3") as db:
+        rows = db.execute("select close_code, close_reason, disconnected_at from chat_chatsession")
+        assert [(code, reason) for code, reason, ended in rows if ended] == [
+            (4012, "shutdown"),
+            (4012, "shutdown"),
+        ]
