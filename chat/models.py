@@ -79,7 +79,12 @@ class ChatSession(models.Model):
     last_seen = models.DateTimeField(default=timezone.now)
     disconnected_at = models.DateTimeField(null=True, blank=True, db_index=True)
     close_code = models.PositiveIntegerField(null=True, blank=True)
-    close_reason = models.CharField(max_length=64, blank=True)
+    close_reason = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="client, worker_lost, or the server's close (shutdown, connection_timeout, "
+        "session_terminated, invalid_token, ...)",
+    )
     messages_sent = models.PositiveIntegerField(default=0)
 
     class Meta:

@@ -206,7 +206,8 @@ FIREBASE_CREDENTIALS = env_str("FIREBASE_CREDENTIALS")
 # FIREBASE_AUTH_EMULATOR_HOST: host:port of the Firebase Auth Emulator. When set, unsigned
 # emulator tokens are accepted (the SDK reads this variable itself). Development only: a
 # system check refuses to start with it set and DEBUG off.
-FIREBASE_AUTH_EMULATOR_HOST = os.environ.get("FIREBASE_AUTH_EMULATOR_HOST", "")  # as the SDK reads it
+# Read unstripped, exactly as the SDK reads it.
+FIREBASE_AUTH_EMULATOR_HOST = os.environ.get("FIREBASE_AUTH_EMULATOR_HOST", "")
 # FIREBASE_CHECK_REVOKED: also ask Firebase whether the token was revoked or the user
 # disabled. Default: on with real Firebase, off in emulator mode.
 FIREBASE_CHECK_REVOKED = env_bool("FIREBASE_CHECK_REVOKED", not FIREBASE_AUTH_EMULATOR_HOST)
