@@ -61,7 +61,13 @@ class ChatSessionAdmin(admin.ModelAdmin):
         "close_code",
         "messages_sent",
     ]
-    list_filter = [("disconnected_at", admin.EmptyFieldListFilter), "endpoint", "room", "worker_id"]
+    list_filter = [
+        ("disconnected_at", admin.EmptyFieldListFilter),  # active = empty
+        "endpoint",
+        "room",
+        "user",
+        "worker_id",
+    ]
     search_fields = ["session_id", "user__user_id", "username", "room__name", "client_address"]
     date_hierarchy = "connected_at"
     actions = ["terminate_sessions"]
@@ -85,7 +91,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
 @admin.register(ChatMessage)
 class ChatMessageAdmin(admin.ModelAdmin):
     list_display = ["id", "room", "username", "user_id", "short_content", "created_at"]
-    list_filter = ["room"]
+    list_filter = ["room", "user_id"]
     search_fields = ["content", "user_id", "username"]
     date_hierarchy = "created_at"
     raw_id_fields = ["room"]
