@@ -1,4 +1,4 @@
-"""The chat socket (protocol §4, §5): authenticate, accept, join, dispatch, leave.
+"""The sockets (protocol §4, §5, §7): authenticate, accept, join, dispatch, leave.
 
 Per-connection state lives on the consumer instance; rooms are channel-layer groups; sessions,
 presence, rate-limit counters and history live in the database and the cache.
@@ -17,29 +17,40 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import worker
+from chat.analysis import health_analysis
 from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
-from chat.history import message_create, message_frame, messages_page
+from chat.history import messages_page
 from chat.inbound import decode_frame, parse_message, well_formed_heartbeat
 from chat.models import Endpoint
 from chat.protocol import (
-    INBOUND_SCHEMAS,
+    CHAT_LARGE_TYPES,
+    CHAT_SCHEMAS,
+    HEALTH_LARGE_TYPES,
+    HEALTH_ROOM_PREFIX,
+    HEALTH_SCHEMAS,
     AuthIn,
     ChatIn,
     Close,
     ErrorCode,
     FrameError,
+    HealthDataIn,
+    HealthInsightIn,
+    HealthPayload,
     HeartbeatIn,
     HistoryIn,
+    Inbound,
     MessageType,
     TypingIn,
     encode,
     error_frame,
     frame,
+    health_payload,
     iso,
     now_iso,
 )
 from chat.ratelimit import Rule, rate_limit_hit
-from chat.rooms import membership_notices, room_event, room_group, room_id_problem
+from chat.replies import assistant_reply, message_store
+from chat.rooms import membership_notices, room_event, room_group, room_id_problem, user_group
 from chat.sessions import SessionRefused, room_presence, session_close, session_open, session_touch
 
 logger = logging.getLogger(__name__)
@@ -59,16 +70,34 @@ def _echo_timestamp(value: str | None) -> str | None:
     return value
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
-    endpoint = Endpoint.CHAT
+class SessionConsumer(AsyncWebsocketConsumer):
+    """What both endpoints share: authenticate, accept, open a session, the inbound pipeline,
+    timers, and the session's end. Subclasses name their room, schemas and handlers."""
+
+    endpoint: Endpoint
+    schemas: dict[str, type[Inbound]]
+    large_types: frozenset[str]
+    handlers: dict
+
+    def target_room(self) -> tuple[str, Close | None]:
+        """The room this socket is for, and why the user may not have it (or None)."""
+        raise NotImplementedError
+
+    async def joined(self, *, first_in_room: bool) -> None:
+        """The endpoint's frames after connection_ack."""
+        raise NotImplementedError
+
+    async def leaving(self, *, last_in_room: bool) -> None:
+        """What the endpoint tells others when this session has ended."""
 
     # --- connection ---------------------------------------------------------------------
 
     async def connect(self) -> None:
         self.identity: Identity | None = None
         self.session_id: str | None = None
-        self.room_id: str = self.scope["url_route"]["kwargs"]["room_id"]
+        self.room_id: str = ""
         self.closing: Close | None = None
+        self.tasks: set[asyncio.Task] = set()
         self.typing_deadline: float | None = None
         self.messages_sent = 0
         self.loop = asyncio.get_running_loop()
@@ -80,7 +109,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.accept()
         try:
             self.identity = await authenticate(token_from_scope(self.scope))
-            problem = room_id_problem(room_id=self.room_id, user_id=self.identity.user_id)
+            self.room_id, problem = self.target_room()
             if problem is not None:
                 return await self.end(problem)
             opened = await database_sync_to_async(session_open)(
@@ -99,19 +128,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("connect failed room=%s", self.room_id)
             return await self.end(Close.SERVICE_UNAVAILABLE)
         self.session_id = opened.session_id
-        await self.channel_layer.group_add(room_group(self.room_id), self.channel_name)
-        await self.channel_layer.group_add(worker.worker_group(), self.channel_name)
+        for group in self.groups_joined():
+            await self.channel_layer.group_add(group, self.channel_name)
         await self.send_frame(self._connection_ack())
-        await self.send_frame(
-            frame(
-                MessageType.PRESENCE,
-                room_id=self.room_id,
-                users=await database_sync_to_async(room_presence)(room_id=self.room_id),
-            )
-        )
-        await self.send_history(limit=settings.CHAT_HISTORY_ON_JOIN, request_id=None)
-        if opened.first_in_room:
-            await self.announce(joined=True)
+        await self.joined(first_in_room=opened.first_in_room)
         self.watcher = asyncio.create_task(self.watch())
         logger.info(
             "session opened session=%s user=%s room=%s",
@@ -119,6 +139,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.identity.user_id,
             self.room_id,
         )
+
+    def groups_joined(self) -> list[str]:
+        """The room, this user's sockets (private results), this worker's sockets (shutdown)."""
+        return [room_group(self.room_id), user_group(self.identity.user_id), worker.worker_group()]
 
     def _header(self, name: bytes) -> str:
         for key, value in self.scope.get("headers", []):
@@ -151,8 +175,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if self.typing_deadline is not None:
                 self.typing_deadline = None
                 await self.broadcast(self._typing_frame(is_typing=False))
-            await self.channel_layer.group_discard(room_group(self.room_id), self.channel_name)
-            await self.channel_layer.group_discard(worker.worker_group(), self.channel_name)
+            for group in self.groups_joined():
+                await self.channel_layer.group_discard(group, self.channel_name)
             closed = await database_sync_to_async(session_close)(
                 session_id=session_id,
                 close_code=self.closing.value.code if self.closing else code,
@@ -163,8 +187,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except Exception:
             logger.exception("disconnect cleanup failed session=%s", session_id)
             return
-        if closed is not None and closed.last_in_room:
-            await self.announce(joined=False)
+        if closed is not None:
+            await self.leaving(last_in_room=closed.last_in_room)
         logger.info(
             "session closed session=%s user=%s code=%s", session_id, self.identity.user_id, code
         )
@@ -223,8 +247,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # --- inbound ------------------------------------------------------------------------
 
-    schemas = INBOUND_SCHEMAS
-
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
         if self.session_id is None or self.closing is not None:
             return
@@ -242,7 +264,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             text,
             max_size=settings.CHAT_MAX_MESSAGE_SIZE,
             max_large_size=settings.CHAT_MAX_HEALTH_PAYLOAD_SIZE,
-            large_types=frozenset(),
+            large_types=self.large_types,
         )
         heartbeat = well_formed_heartbeat(data)
         if heartbeat is not None:
@@ -266,26 +288,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise FrameError(ErrorCode.USER_ID_MISMATCH)
         await self.handlers[message.type](self, message)
 
-    async def on_message(self, message: ChatIn) -> None:
-        stored = await database_sync_to_async(message_create)(
-            room_id=self.room_id,
-            user_id=self.identity.user_id,
-            username=self.identity.username,
-            content=message.content,
-            metadata=message.metadata,
-            client_message_id=message.message_id,
-        )
-        self.messages_sent += 1
-        await self.broadcast(message_frame(stored))
-
-    async def on_typing(self, message: TypingIn) -> None:
-        if message.is_typing:
-            self.typing_deadline = self.loop.time() + settings.CHAT_TYPING_TIMEOUT
-            self.wake.set()
-        else:
-            self.typing_deadline = None
-        await self.broadcast(self._typing_frame(is_typing=message.is_typing))
-
     async def on_heartbeat(self, message: HeartbeatIn) -> None:
         await self.send_frame(
             frame(
@@ -293,14 +295,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 client_timestamp=_echo_timestamp(message.client_timestamp),
                 server_timestamp=now_iso(),
             )
-        )
-
-    async def on_history(self, message: HistoryIn) -> None:
-        await self.send_history(
-            limit=message.limit,
-            before=message.before,
-            after=message.after,
-            request_id=message.request_id,
         )
 
     async def on_auth(self, message: AuthIn) -> None:
@@ -321,18 +315,125 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
         )
 
-    handlers = {
-        MessageType.MESSAGE: on_message,
-        MessageType.TYPING: on_typing,
-        MessageType.HEARTBEAT: on_heartbeat,
-        MessageType.HISTORY: on_history,
-        MessageType.AUTH: on_auth,
-    }
-
     # --- outbound -----------------------------------------------------------------------
 
     async def send_frame(self, payload: dict) -> None:
         await self.send(text_data=encode(payload))
+
+    def _typing_frame(self, *, is_typing: bool) -> dict:
+        return frame(
+            MessageType.TYPING,
+            user_id=self.identity.user_id,
+            username=self.identity.username,
+            is_typing=is_typing,
+        )
+
+    async def broadcast(self, payload: dict) -> None:
+        """Send one frame to every socket in the room (sender included)."""
+        await self.channel_layer.group_send(room_group(self.room_id), room_event(payload))
+
+    async def worker_shutdown(self, event: dict) -> None:
+        """This worker is stopping (SIGTERM/SIGINT): the client should reconnect elsewhere."""
+        await self.end(Close.SHUTDOWN)
+
+    async def session_terminate(self, event: dict) -> None:
+        """An operator ended this session (admin action), from whichever worker."""
+        await self.end(Close.SESSION_TERMINATED)
+
+    async def chat_frame(self, event: dict) -> None:
+        excluded = event.get("exclude_user")
+        if excluded is not None and excluded == self.identity.user_id:
+            return
+        await self.send(text_data=event["text"])
+
+    # --- background work off the receive path ---------------------------------------------
+
+    def spawn(self, coroutine) -> None:
+        """Run slow work (assistant, analysis) as its own task, so this socket's frames keep
+        flowing; at most ASSISTANT_MAX_CONCURRENCY per worker at once."""
+        task = asyncio.create_task(self._bounded(coroutine))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _bounded(self, coroutine) -> None:
+        try:
+            async with self.scope["clarity.worker"].assistant_slots:
+                await coroutine
+        except Exception:
+            logger.exception("background work failed session=%s", self.session_id)
+
+    async def analyse(self, payload: HealthPayload) -> None:
+        """Health analysis for this user; results go to this user's sockets only."""
+        group = user_group(self.identity.user_id)
+
+        async def emit(payload_frame: dict) -> None:
+            await self.channel_layer.group_send(group, room_event(payload_frame))
+
+        await health_analysis(
+            provider=self.scope["clarity.worker"].assistant,
+            user_id=self.identity.user_id,
+            username=self.identity.username,
+            payload=payload,
+            emit=emit,
+        )
+
+
+class ChatConsumer(SessionConsumer):
+    """`/api/v1/ws/{room_id}` and `/api/v1/chat/{room_id}` (protocol §4, §5)."""
+
+    endpoint = Endpoint.CHAT
+    schemas = CHAT_SCHEMAS
+    large_types = CHAT_LARGE_TYPES
+
+    def target_room(self) -> tuple[str, Close | None]:
+        room_id = self.scope["url_route"]["kwargs"]["room_id"]
+        return room_id, room_id_problem(room_id=room_id, user_id=self.identity.user_id)
+
+    async def joined(self, *, first_in_room: bool) -> None:
+        await self.send_frame(
+            frame(
+                MessageType.PRESENCE,
+                room_id=self.room_id,
+                users=await database_sync_to_async(room_presence)(room_id=self.room_id),
+            )
+        )
+        await self.send_history(limit=settings.CHAT_HISTORY_ON_JOIN, request_id=None)
+        if first_in_room:
+            await self.announce(joined=True)
+
+    async def leaving(self, *, last_in_room: bool) -> None:
+        if last_in_room:
+            await self.announce(joined=False)
+
+    async def on_message(self, message: ChatIn) -> None:
+        stored, wants_reply = await database_sync_to_async(message_store)(
+            room_id=self.room_id,
+            user_id=self.identity.user_id,
+            username=self.identity.username,
+            content=message.content,
+            metadata=message.metadata,
+            client_message_id=message.message_id,
+        )
+        self.messages_sent += 1
+        await self.broadcast(stored)
+        if wants_reply:
+            self.spawn(self.answer(stored))
+
+    async def on_typing(self, message: TypingIn) -> None:
+        if message.is_typing:
+            self.typing_deadline = self.loop.time() + settings.CHAT_TYPING_TIMEOUT
+            self.wake.set()
+        else:
+            self.typing_deadline = None
+        await self.broadcast(self._typing_frame(is_typing=message.is_typing))
+
+    async def on_history(self, message: HistoryIn) -> None:
+        await self.send_history(
+            limit=message.limit,
+            before=message.before,
+            after=message.after,
+            request_id=message.request_id,
+        )
 
     async def send_history(
         self,
@@ -355,34 +456,74 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
         )
 
-    def _typing_frame(self, *, is_typing: bool) -> dict:
-        return frame(
-            MessageType.TYPING,
-            user_id=self.identity.user_id,
-            username=self.identity.username,
-            is_typing=is_typing,
-        )
-
-    async def broadcast(self, payload: dict) -> None:
-        """Send one frame to every socket in the room (sender included)."""
-        await self.channel_layer.group_send(room_group(self.room_id), room_event(payload))
-
     async def announce(self, *, joined: bool) -> None:
         for event in membership_notices(
             user_id=self.identity.user_id, username=self.identity.username, joined=joined
         ):
             await self.channel_layer.group_send(room_group(self.room_id), event)
 
-    async def worker_shutdown(self, event: dict) -> None:
-        """This worker is stopping (SIGTERM/SIGINT): the client should reconnect elsewhere."""
-        await self.end(Close.SHUTDOWN)
+    async def on_health_insight(self, message: HealthInsightIn) -> None:
+        self.spawn(
+            self.analyse(
+                health_payload(
+                    message.content,
+                    max_points=settings.CHAT_MAX_DATA_POINTS,
+                    invalid=ErrorCode.INVALID_HEALTH_INSIGHT_CONTENT,
+                )
+            )
+        )
 
-    async def session_terminate(self, event: dict) -> None:
-        """An operator ended this session (admin action), from whichever worker."""
-        await self.end(Close.SESSION_TERMINATED)
+    async def answer(self, question: dict) -> None:
+        reply = await assistant_reply(
+            provider=self.scope["clarity.worker"].assistant,
+            question=question,
+            user_id=self.identity.user_id,
+            username=self.identity.username,
+        )
+        await self.channel_layer.group_send(room_group(question["room_id"]), room_event(reply))
 
-    async def room_frame(self, event: dict) -> None:
-        excluded = event.get("exclude_user")
-        if excluded is not None and excluded == self.identity.user_id:
-            return
-        await self.send(text_data=event["text"])
+    handlers = {
+        MessageType.MESSAGE: on_message,
+        MessageType.TYPING: on_typing,
+        MessageType.HEARTBEAT: SessionConsumer.on_heartbeat,
+        MessageType.HISTORY: on_history,
+        MessageType.AUTH: SessionConsumer.on_auth,
+        MessageType.HEALTH_INSIGHT: on_health_insight,
+    }
+
+
+class HealthAnalysisConsumer(SessionConsumer):
+    """`/api/v1/ws/health-analysis/{user_id}` (and its /chat alias): one user's private
+    analysis socket, in the reserved room `health_analysis_{user_id}` (protocol §7)."""
+
+    endpoint = Endpoint.HEALTH
+    schemas = HEALTH_SCHEMAS
+    large_types = HEALTH_LARGE_TYPES
+    WELCOME = "Connected to health analysis service. Send health data to start analysis."
+
+    def target_room(self) -> tuple[str, Close | None]:
+        path_user = self.scope["url_route"]["kwargs"]["user_id"]
+        if path_user != self.identity.user_id:
+            return "", Close.USER_ID_MISMATCH
+        room_id = f"{HEALTH_ROOM_PREFIX}{self.identity.user_id}"
+        return room_id, room_id_problem(room_id=room_id, user_id=self.identity.user_id)
+
+    async def joined(self, *, first_in_room: bool) -> None:
+        await self.send_frame(frame(MessageType.SYSTEM, content=self.WELCOME, level="info"))
+
+    async def on_health_data(self, message: HealthDataIn) -> None:
+        self.spawn(
+            self.analyse(
+                health_payload(
+                    message.data,
+                    max_points=settings.CHAT_MAX_DATA_POINTS,
+                    invalid=ErrorCode.INVALID_HEALTH_DATA_PAYLOAD,
+                )
+            )
+        )
+
+    handlers = {
+        MessageType.HEALTH_DATA: on_health_data,
+        MessageType.HEARTBEAT: SessionConsumer.on_heartbeat,
+        MessageType.AUTH: SessionConsumer.on_auth,
+    }

@@ -37,6 +37,7 @@ class MessageType(StrEnum):
     TYPING = "typing"
     HEARTBEAT = "heartbeat"
     HEALTH_INSIGHT = "health_insight"
+    HEALTH_DATA = "health_data"
     HISTORY = "history"
     AUTH = "auth"
     # server -> client (MESSAGE, TYPING, HEARTBEAT, HEALTH_INSIGHT and HISTORY go both ways)
@@ -222,16 +223,61 @@ class AuthIn(Inbound):
     token: Annotated[str, Field(min_length=1)]
 
 
-INBOUND_SCHEMAS: dict[str, type[Inbound]] = {
+class HealthInsightIn(Inbound):
+    content: JsonObject  # a HealthPayload, validated with its own error code
+    user_id: ClientId | None = None
+
+
+class HealthDataIn(Inbound):
+    data: JsonObject  # a HealthPayload, validated with its own error code
+
+
+class DataPointIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    timestamp: datetime
+    value: Annotated[float, Field(allow_inf_nan=False)]
+
+
+class HealthPayload(BaseModel):
+    """Minute-level activity counts (protocol §7); ISO-8601 timestamps, numeric values."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    data_points: list[DataPointIn] = []
+    steps: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
+def health_payload(data: dict[str, Any], *, max_points: int, invalid: ErrorCode) -> HealthPayload:
+    """The validated payload, or FrameError: TOO_MANY_DATA_POINTS, or `invalid` with
+    structured `validation_errors`."""
+    points = data.get("data_points")
+    if isinstance(points, list) and len(points) > max_points:
+        raise FrameError(
+            ErrorCode.TOO_MANY_DATA_POINTS, {"received": len(points), "max_allowed": max_points}
+        )
+    try:
+        return HealthPayload.model_validate(data)
+    except ValidationError as exc:
+        raise FrameError(invalid, {"validation_errors": validation_errors(exc)}) from None
+
+
+# What each endpoint accepts, by type; and which of its types may be health-payload sized.
+CHAT_SCHEMAS: dict[str, type[Inbound]] = {
     MessageType.MESSAGE: ChatIn,
     MessageType.TYPING: TypingIn,
     MessageType.HEARTBEAT: HeartbeatIn,
     MessageType.HISTORY: HistoryIn,
     MessageType.AUTH: AuthIn,
+    MessageType.HEALTH_INSIGHT: HealthInsightIn,
 }
-
-# Types whose frames may be as large as CHAT_MAX_HEALTH_PAYLOAD_SIZE.
-HEALTH_PAYLOAD_TYPES = frozenset({"health_insight", "health_data"})
+HEALTH_SCHEMAS: dict[str, type[Inbound]] = {
+    MessageType.HEALTH_DATA: HealthDataIn,
+    MessageType.HEARTBEAT: HeartbeatIn,
+    MessageType.AUTH: AuthIn,
+}
+CHAT_LARGE_TYPES = frozenset({MessageType.HEALTH_INSIGHT})
+HEALTH_LARGE_TYPES = frozenset({MessageType.HEALTH_DATA})
 
 
 class FrameError(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from chat.protocol import HEALTH_ROOM_PREFIX, ROOM_ID_RE, Close, MessageType, encode, frame
@@ -10,6 +11,11 @@ from chat.protocol import HEALTH_ROOM_PREFIX, ROOM_ID_RE, Close, MessageType, en
 def room_group(room_id: str) -> str:
     """The channel-layer group of a room (room ids are valid group-name characters)."""
     return f"room.{room_id}"
+
+
+def user_group(user_id: str) -> str:
+    """The group of all of one user's sockets (uids may hold characters group names can't)."""
+    return "user." + hashlib.sha256(user_id.encode()).hexdigest()[:40]
 
 
 def room_id_problem(*, room_id: str, user_id: str) -> Close | None:
@@ -23,7 +29,7 @@ def room_id_problem(*, room_id: str, user_id: str) -> Close | None:
 
 def room_event(payload: dict[str, Any], *, exclude_user: str | None = None) -> dict[str, Any]:
     """A channel-layer message delivering one frame to a room: encoded once, by the sender."""
-    return {"type": "room.frame", "text": encode(payload), "exclude_user": exclude_user}
+    return {"type": "chat.frame", "text": encode(payload), "exclude_user": exclude_user}
 
 
 def membership_notices(*, user_id: str, username: str, joined: bool) -> list[dict[str, Any]]:

@@ -1,9 +1,14 @@
 from django.urls import re_path
 
-from chat.consumers import ChatConsumer
+from chat.consumers import ChatConsumer, HealthAnalysisConsumer
 
-# Both chat paths of the original (protocol §1). The room id is validated by the consumer,
-# after accept, so a bad one is answered with INVALID_ROOM / 4004 rather than a bare 403.
+# Both paths of the original for each consumer (protocol §1). Any other path under them is a
+# chat room id, validated by the consumer after accept, so a bad one is answered with
+# INVALID_ROOM / 4004 rather than a bare 403.
 websocket_urlpatterns = [
+    re_path(
+        r"^api/v1/(?:ws|chat)/health-analysis/(?P<user_id>[^/]+)$",
+        HealthAnalysisConsumer.as_asgi(),
+    ),
     re_path(r"^api/v1/(?:ws|chat)/(?P<room_id>.*)$", ChatConsumer.as_asgi()),
 ]

@@ -25,6 +25,7 @@ from django.conf import settings
 from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
 
+from chat.assistant.base import AssistantProvider, get_provider
 from chat.rooms import membership_notices, room_group
 from chat.sessions import session_workers, sessions_open_on, sessions_reap
 
@@ -95,11 +96,23 @@ class WorkerLifecycle:
     its session ended (reason `shutdown`), within CHAT_SHUTDOWN_GRACE seconds, before the
     server's own handler stops it. (daphne 4.2's own shutdown cannot do this: it fails with a
     KeyError while WebSockets are open and leaves the consumers pending.)
+
+    It is also the process context consumers find in `scope["clarity.worker"]`: the
+    assistant provider (one per process: it holds an HTTP connection pool) and the bound on
+    concurrent assistant/analysis work.
     """
 
     def __init__(self, app):
         self.app = app
         self.task: asyncio.Task | None = None
+        self.assistant_slots: asyncio.Semaphore | None = None
+        self._assistant: AssistantProvider | None = None
+
+    @property
+    def assistant(self) -> AssistantProvider:
+        if self._assistant is None:
+            self._assistant = get_provider()
+        return self._assistant
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in {"websocket", "http"}:
@@ -107,8 +120,10 @@ class WorkerLifecycle:
             if self.task is None or self.task.get_loop() is not loop or self.task.done():
                 await asyncio.to_thread(worker_mark_alive)
                 if self.task is None or self.task.get_loop() is not loop or self.task.done():
+                    self.assistant_slots = asyncio.Semaphore(settings.ASSISTANT_MAX_CONCURRENCY)
                     self.task = loop.create_task(self.housekeeping())
                     self.chain_signal_handlers(loop)
+            scope = {**scope, "clarity.worker": self}
         return await self.app(scope, receive, send)
 
     def chain_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -143,10 +158,24 @@ class WorkerLifecycle:
         server_handler(number, frame)
 
     async def housekeeping(self) -> None:
+        # The liveness key is refreshed by a task of its own: the reap's database calls wait
+        # for this process's single database thread, and a stall there (a lock, a slow query)
+        # must not let the key expire while this worker's event loop and sockets are fine.
+        keep_alive = asyncio.create_task(self.keep_alive())
+        try:
+            while True:
+                try:
+                    await reap_dead_workers(exclude={WORKER_ID})
+                except Exception:
+                    logger.exception("worker housekeeping failed")
+                await asyncio.sleep(settings.CHAT_REAP_INTERVAL)
+        finally:
+            keep_alive.cancel()
+
+    async def keep_alive(self) -> None:
         while True:
             try:
                 await asyncio.to_thread(worker_mark_alive)
-                await reap_dead_workers(exclude={WORKER_ID})
             except Exception:
-                logger.exception("worker housekeeping failed")
+                logger.exception("worker liveness refresh failed")
             await asyncio.sleep(settings.CHAT_REAP_INTERVAL)

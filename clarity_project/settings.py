@@ -253,6 +253,35 @@ if CHAT_REAP_INTERVAL * 2 > CHAT_WORKER_TTL:
 # close with 4012 and their sessions to end before it exits.
 CHAT_SHUTDOWN_GRACE = env_float("CHAT_SHUTDOWN_GRACE", 10)
 
+# --- Assistant and health analysis (protocol §7) ---------------------------------------------
+
+# ASSISTANT_PROVIDER: `builtin` (deterministic, no network; the embedded default) or `gemini`.
+ASSISTANT_PROVIDER = env_str("ASSISTANT_PROVIDER", "builtin")
+# ASSISTANT_MODE: rooms' default assistant mode (`always`, `mention` = messages starting
+# with @ai, `off`); each room may override it in the admin.
+ASSISTANT_MODE = env_str("ASSISTANT_MODE", "always")
+# ASSISTANT_TIMEOUT: seconds one assistant reply may take before the apology is sent.
+ASSISTANT_TIMEOUT = env_float("ASSISTANT_TIMEOUT", 30)
+# ASSISTANT_MAX_CONCURRENCY: assistant requests in flight at once per worker.
+ASSISTANT_MAX_CONCURRENCY = env_int("ASSISTANT_MAX_CONCURRENCY", 8)
+# ASSISTANT_CONTEXT_MESSAGES: recent room messages given to the model as context.
+ASSISTANT_CONTEXT_MESSAGES = env_int("ASSISTANT_CONTEXT_MESSAGES", 20)
+# ASSISTANT_BREAKER_FAILURES / ASSISTANT_BREAKER_RESET: consecutive provider failures that
+# open the circuit breaker (shared by all workers, in the cache), and seconds before retrying.
+ASSISTANT_BREAKER_FAILURES = env_int("ASSISTANT_BREAKER_FAILURES", 5)
+ASSISTANT_BREAKER_RESET = env_float("ASSISTANT_BREAKER_RESET", 60)
+# GEMINI_API_KEY: Gemini Developer API key. Unset with ASSISTANT_PROVIDER=gemini: Vertex AI
+# with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION (application-default credentials).
+GEMINI_API_KEY = env_str("GEMINI_API_KEY")
+GOOGLE_CLOUD_PROJECT = env_str("GOOGLE_CLOUD_PROJECT")
+GOOGLE_CLOUD_LOCATION = env_str("GOOGLE_CLOUD_LOCATION", "us-central1")
+# GEMINI_MODEL and its generation parameters (the original's values).
+GEMINI_MODEL = env_str("GEMINI_MODEL", "gemini-2.5-pro")
+GEMINI_TEMPERATURE = env_float("GEMINI_TEMPERATURE", 0.3)
+GEMINI_TOP_P = env_float("GEMINI_TOP_P", 0.8)
+GEMINI_TOP_K = env_int("GEMINI_TOP_K", 40)
+GEMINI_MAX_OUTPUT_TOKENS = env_int("GEMINI_MAX_OUTPUT_TOKENS", 2048)
+
 # --- Origins (protocol §6) ------------------------------------------------------------------
 
 # CHAT_ALLOWED_ORIGINS: full browser origins (scheme://host[:port]) allowed to open sockets.

@@ -1,0 +1,1 @@
+"""The chat assistant: providers behind one small API (see `base`)."""

@@ -1,0 +1,106 @@
+"""The assistant in a room (protocol §7): whether a message gets a reply, and the reply as a
+stored `message` from "AI" answering it (`metadata.in_reply_to`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from chat.assistant.base import APOLOGY, AssistantError, AssistantProvider, AssistantRequest, ask
+from chat.history import message_create, message_frame
+from chat.models import AssistantMode, ChatMessage, Room
+
+logger = logging.getLogger(__name__)
+
+AI_USER_ID = "AI"
+AI_USERNAME = "AI"
+MENTION = "@ai"
+
+
+def room_assistant_mode(*, room_id: str) -> str:
+    mode = Room.objects.filter(pk=room_id).values_list("assistant_mode", flat=True).first()
+    return mode or settings.ASSISTANT_MODE
+
+
+def wants_reply(*, mode: str, content: str) -> bool:
+    if mode == AssistantMode.ALWAYS:
+        return True
+    if mode == AssistantMode.MENTION:
+        return content[: len(MENTION)].lower() == MENTION
+    return False
+
+
+def message_store(
+    *,
+    room_id: str,
+    user_id: str,
+    username: str,
+    content: str,
+    metadata: dict[str, Any] | None,
+    client_message_id: str | None,
+) -> tuple[dict[str, Any], bool]:
+    """Store a user's chat message; its frame, and whether the room's assistant answers it."""
+    stored = message_create(
+        room_id=room_id,
+        user_id=user_id,
+        username=username,
+        content=content,
+        metadata=metadata,
+        client_message_id=client_message_id,
+    )
+    mode = room_assistant_mode(room_id=room_id)
+    return message_frame(stored), wants_reply(mode=mode, content=content)
+
+
+def room_context(*, room_id: str, before_id: int, limit: int) -> list[tuple[str, str]]:
+    """The room's messages before the question, oldest first, as (username, content)."""
+    rows = (
+        ChatMessage.objects.filter(room_id=room_id, id__lt=before_id)
+        .order_by("-id")
+        .values_list("username", "content")[:limit]
+    )
+    return list(rows)[::-1]
+
+
+async def assistant_reply(
+    *,
+    provider: AssistantProvider,
+    question: dict[str, Any],
+    user_id: str,
+    username: str,
+) -> dict[str, Any]:
+    """Ask the provider about a stored chat message; store and return the reply's frame.
+
+    Any failure or timeout becomes the apology text: the room always gets an answer.
+    """
+    room_id = question["room_id"]
+    context = await database_sync_to_async(room_context)(
+        room_id=room_id,
+        before_id=int(question["message_id"]),
+        limit=settings.ASSISTANT_CONTEXT_MESSAGES,
+    )
+    request = AssistantRequest(
+        user_id=user_id,
+        username=username,
+        question=question["content"],
+        context=context,
+        metrics=None,
+        kind="chat",
+    )
+    try:
+        content = (await ask(provider, request)).narrative
+    except AssistantError as exc:
+        logger.warning("assistant failed in room=%s: %s", room_id, type(exc).__name__)
+        content = APOLOGY
+    stored = await database_sync_to_async(message_create)(
+        room_id=room_id,
+        user_id=AI_USER_ID,
+        username=AI_USERNAME,
+        content=content,
+        metadata={"in_reply_to": question["message_id"]},
+        client_message_id=None,
+    )
+    return message_frame(stored)
