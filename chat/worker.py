@@ -106,13 +106,16 @@ class WorkerLifecycle:
         self.app = app
         self.task: asyncio.Task | None = None
         self.assistant_slots: asyncio.Semaphore | None = None
-        self._assistant: AssistantProvider | None = None
+        self._assistant: tuple[asyncio.AbstractEventLoop, AssistantProvider] | None = None
 
     @property
     def assistant(self) -> AssistantProvider:
-        if self._assistant is None:
-            self._assistant = get_provider()
-        return self._assistant
+        """One provider per event loop (its HTTP client belongs to the loop): in a server,
+        one per process."""
+        loop = asyncio.get_running_loop()
+        if self._assistant is None or self._assistant[0] is not loop:
+            self._assistant = (loop, get_provider())
+        return self._assistant[1]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in {"websocket", "http"}:

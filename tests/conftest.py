@@ -8,11 +8,13 @@ import json
 from typing import Any
 
 import pytest
+import respx
 from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 from django.core.cache import caches
 
 from chat.devtokens import emulator_token
+from tests.gemini_api import GENERATE_URL
 
 
 @pytest.fixture(autouse=True)
@@ -138,3 +140,35 @@ async def clients():
     yield Opener()
     for client in opened:
         await client.close()
+
+
+@pytest.fixture
+def gemini(settings, monkeypatch):
+    """Gemini Developer API settings; environment that would steer the SDK is removed."""
+    for name in (
+        "GOOGLE_GENAI_HTTP_CLIENT",
+        "GOOGLE_GENAI_USE_VERTEXAI",
+        "GOOGLE_GENAI_USE_ENTERPRISE",
+        "GOOGLE_GENAI_API_VERSION",
+        "GOOGLE_API_KEY",
+        "GEMINI_API_KEY",
+        "GOOGLE_CLOUD_PROJECT",
+        "GOOGLE_CLOUD_LOCATION",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    settings.ASSISTANT_PROVIDER = "gemini"
+    settings.GEMINI_API_KEY = "test-key"
+    settings.GEMINI_MODEL = "gemini-2.5-pro"
+    settings.ASSISTANT_TIMEOUT = 5
+    settings.ASSISTANT_BREAKER_FAILURES = 5
+    settings.ASSISTANT_BREAKER_RESET = 60
+    return settings
+
+
+@pytest.fixture
+def api():
+    """The mocked Gemini API (tests/gemini_api.py); `api.generate` is generateContent."""
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
+        router.generate = router.post(url__regex=GENERATE_URL.pattern)
+        yield router

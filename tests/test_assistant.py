@@ -15,13 +15,11 @@ import json
 import re
 import time
 
-import httpcore2
 import httpx
 import pytest
 import responses
 import respx
 from django.core.exceptions import ImproperlyConfigured
-from respx.mocks import HTTPCoreMocker
 
 from chat.assistant.base import (
     REPLY_MAX_CHARS,
@@ -48,35 +46,8 @@ from chat.assistant.prompts import (
     parse_reply,
     sanitize_text,
 )
+from tests.gemini_api import VERTEX_URL, model_says
 
-
-class HTTPCore2Mocker(HTTPCoreMocker):
-    """respx's httpcore mocker, aimed at httpcore2 (used as `respx.mock(using="httpcore2")`)."""
-
-    name = "httpcore2"
-    targets = [
-        "httpcore2._async.connection.AsyncHTTPConnection",
-        "httpcore2._async.connection_pool.AsyncConnectionPool",
-        "httpcore2._async.http_proxy.AsyncHTTPProxy",
-    ]
-
-    @classmethod
-    def from_sync_httpx_response(cls, httpx_response, target, **kwargs):
-        return httpcore2.Response(
-            status=httpx_response.status_code,
-            headers=httpx_response.headers.raw,
-            content=httpx_response.stream,
-            extensions=httpx_response.extensions,
-        )
-
-
-GENERATE_URL = re.compile(
-    r"https://generativelanguage\.googleapis\.com/v1\w*/models/gemini-2\.5-pro:generateContent"
-)
-VERTEX_URL = re.compile(
-    r"https://us-central1-aiplatform\.googleapis\.com/v1\w*/projects/clarity-test/"
-    r"locations/us-central1/publishers/google/models/gemini-2\.5-pro:generateContent"
-)
 GOOD_REPLY = {
     "narrative": "Your sleep looks steady.",
     "key_insights": ["Regular bedtime"],
@@ -116,54 +87,10 @@ def analysis_request(**metrics) -> AssistantRequest:
     )
 
 
-def model_says(text: str) -> httpx.Response:
-    """A generateContent response whose only candidate says `text`."""
-    return httpx.Response(
-        200,
-        json={
-            "candidates": [
-                {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}
-            ]
-        },
-    )
-
-
 def data_block(user_text: str) -> dict:
     match = re.fullmatch(r"<untrusted_data>\n(.*)\n</untrusted_data>", user_text, re.DOTALL)
     assert match, user_text
     return json.loads(match.group(1))
-
-
-@pytest.fixture
-def gemini(settings, monkeypatch):
-    """Gemini Developer API settings; environment that would steer the SDK is removed."""
-    for name in (
-        "GOOGLE_GENAI_HTTP_CLIENT",
-        "GOOGLE_GENAI_USE_VERTEXAI",
-        "GOOGLE_GENAI_USE_ENTERPRISE",
-        "GOOGLE_GENAI_API_VERSION",
-        "GOOGLE_API_KEY",
-        "GEMINI_API_KEY",
-        "GOOGLE_CLOUD_PROJECT",
-        "GOOGLE_CLOUD_LOCATION",
-        "GOOGLE_APPLICATION_CREDENTIALS",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    settings.ASSISTANT_PROVIDER = "gemini"
-    settings.GEMINI_API_KEY = "test-key"
-    settings.GEMINI_MODEL = "gemini-2.5-pro"
-    settings.ASSISTANT_TIMEOUT = 5
-    settings.ASSISTANT_BREAKER_FAILURES = 5
-    settings.ASSISTANT_BREAKER_RESET = 60
-    return settings
-
-
-@pytest.fixture
-def api():
-    """The mocked Gemini API; `api.generate` is the generateContent route."""
-    with respx.mock(using="httpcore2", assert_all_called=False) as router:
-        router.generate = router.post(url__regex=GENERATE_URL.pattern)
-        yield router
 
 
 # --- get_provider ----------------------------------------------------------------------------

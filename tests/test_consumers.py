@@ -502,8 +502,12 @@ class TestOriginalSuite:
         user = await clients.join("test-user-123", "test-user-123", "Test User")
         for state in (True, False):
             await user.send(
-                {"type": "typing", "is_typing": state, "user_id": "test-user-123",
-                 "username": "Test User"}
+                {
+                    "type": "typing",
+                    "is_typing": state,
+                    "user_id": "test-user-123",
+                    "username": "Test User",
+                }
             )
             echo = await user.recv()
             assert echo["type"] == "typing"

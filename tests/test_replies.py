@@ -1,0 +1,145 @@
+"""The assistant in rooms (protocol §7), through the consumer: room modes, stored replies with
+`in_reply_to`, the apology, context, and a slow provider not blocking the socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from channels.db import database_sync_to_async
+
+from chat.assistant.base import APOLOGY
+from chat.assistant.builtin import LABEL
+from chat.models import ChatMessage, Room
+from tests.gemini_api import model_says
+from tests.test_analysis import day_of_minutes, read_analysis
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def ask(client, content: str) -> dict:
+    """Send a chat message; return its broadcast frame (as the sender sees it)."""
+    await client.send({"type": "message", "content": content})
+    question = await client.recv_type("message")
+    assert question["content"] == content
+    return question
+
+
+async def test_always_mode_answers_every_message_in_the_room(clients, settings):
+    settings.ASSISTANT_MODE = "always"
+    alice = await clients.join("lobby", "alice")
+    bob = await clients.join("lobby", "bob")
+    await alice.recv_type("user_joined")
+    question = await ask(alice, "How can I sleep better?")
+    assert (await bob.recv())["message_id"] == question["message_id"]
+
+    for client in (alice, bob):
+        reply = await client.recv(timeout=5)
+        assert reply["type"] == "message" and reply["user_id"] == "AI"
+        assert reply["metadata"] == {"in_reply_to": question["message_id"]}
+        assert reply["content"].startswith(LABEL)
+        assert reply["room_id"] == "lobby"
+    stored = await database_sync_to_async(ChatMessage.objects.get)(pk=int(reply["message_id"]))
+    assert stored.user_id == "AI" and stored.metadata == {"in_reply_to": question["message_id"]}
+
+
+async def test_mention_mode_answers_only_messages_starting_with_at_ai(clients, settings):
+    settings.ASSISTANT_MODE = "always"
+    await database_sync_to_async(Room.objects.create)(name="quiet", assistant_mode="mention")
+    alice = await clients.join("quiet", "alice")
+    await ask(alice, "just chatting")
+    await alice.expect_silence(0.3)
+    question = await ask(alice, "@AI what is sleep efficiency?")
+    reply = await alice.recv(timeout=5)
+    assert reply["user_id"] == "AI"
+    assert reply["metadata"]["in_reply_to"] == question["message_id"]
+
+
+async def test_off_mode_never_answers(clients, settings):
+    settings.ASSISTANT_MODE = "always"
+    await database_sync_to_async(Room.objects.create)(name="humans", assistant_mode="off")
+    alice = await clients.join("humans", "alice")
+    await ask(alice, "@ai are you there?")
+    await alice.expect_silence(0.3)
+
+
+async def test_provider_failure_gives_the_apology(clients, settings, gemini, api):
+    settings.ASSISTANT_MODE = "always"
+    api.generate.mock(return_value=httpx.Response(503, json={"error": {"code": 503}}))
+    alice = await clients.join("lobby", "alice")
+    question = await ask(alice, "Hello AI")
+    reply = await alice.recv(timeout=5)
+    assert reply["content"] == APOLOGY
+    assert reply["metadata"] == {"in_reply_to": question["message_id"]}
+
+
+async def test_the_model_gets_the_question_and_recent_room_messages(clients, settings, gemini, api):
+    api.generate.mock(return_value=model_says(json.dumps({"narrative": "Try a wind-down."})))
+    alice = await clients.join("lobby", "alice")
+    await ask(alice, "I had coffee at 9pm")
+    settings.ASSISTANT_MODE = "always"
+    await ask(alice, "Why can't I sleep?")
+    reply = await alice.recv(timeout=5)
+    assert reply["content"] == "Try a wind-down."
+    body = json.loads(api.generate.calls.last.request.content)
+    prompt = json.dumps(body)
+    assert "Why can't I sleep?" in prompt and "I had coffee at 9pm" in prompt
+
+
+async def test_a_slow_provider_does_not_block_the_socket(clients, settings, gemini, api):
+    settings.ASSISTANT_MODE = "always"
+    thinking, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_model(request):
+        thinking.set()
+        await release.wait()
+        return model_says(json.dumps({"narrative": "Finally, an answer."}))
+
+    api.generate.mock(side_effect=slow_model)
+    alice = await clients.join("lobby", "alice")
+    await ask(alice, "A slow question")
+    await asyncio.wait_for(thinking.wait(), 5)  # the model is thinking now
+    for _ in range(3):  # heartbeats and chat keep flowing on the same socket meanwhile
+        await alice.send({"type": "heartbeat"})
+        assert (await alice.recv(timeout=0.5))["type"] == "heartbeat_ack"
+    settings.ASSISTANT_MODE = "off"
+    await alice.send({"type": "message", "content": "still chatting"})
+    assert (await alice.recv(timeout=0.5))["content"] == "still chatting"
+    release.set()
+    reply = await alice.recv(timeout=5)
+    assert reply["user_id"] == "AI" and reply["content"] == "Finally, an answer."
+
+
+async def test_analysis_falls_back_to_the_builtin_narrative(clients, gemini, api):
+    api.generate.mock(return_value=httpx.Response(500))
+    alice = await clients.join("lobby", "alice")
+    await alice.send({"type": "health_insight", "content": {"data_points": day_of_minutes()}})
+    result = await read_analysis(alice)
+    assert result["progress"][-1] == ("completed", 100)
+    assert result["health_insight"]["insight"].startswith(LABEL)
+    assert api.generate.called
+
+
+async def test_analysis_narrative_from_gemini(clients, gemini, api):
+    api.generate.mock(
+        return_value=model_says(
+            json.dumps(
+                {
+                    "narrative": "You slept about eight hours.",
+                    "recommendations": ["Keep your schedule"],
+                    "confidence_score": 0.9,
+                }
+            )
+        )
+    )
+    alice = await clients.join("lobby", "alice")
+    await alice.send({"type": "health_insight", "content": {"data_points": day_of_minutes()}})
+    result = await read_analysis(alice)
+    insight = result["health_insight"]
+    assert insight["insight"] == "You slept about eight hours."
+    assert insight["recommendations"] == ["Keep your schedule"] and insight["confidence"] == 0.9
+    sent = json.dumps(json.loads(api.generate.calls.last.request.content))
+    assert "total_sleep_time" in sent  # the metrics, not the raw data points, go to the model
+    assert day_of_minutes()[0]["timestamp"] not in sent
