@@ -27,3 +27,36 @@ def enforce_checks() -> None:
     serious = [error for error in run_checks(tags=[TAG]) if error.is_serious()]
     if serious:
         raise SystemExit("\n".join(str(error) for error in serious))
+
+
+@register(TAG)
+def assistant_configured(app_configs, **kwargs):
+    from chat.assistant.base import PROVIDERS
+
+    if settings.ASSISTANT_PROVIDER not in PROVIDERS:
+        return [
+            Error(
+                f"ASSISTANT_PROVIDER={settings.ASSISTANT_PROVIDER!r} is not a provider.",
+                hint=f"Use one of {', '.join(sorted(PROVIDERS))}.",
+                id="chat.E002",
+            )
+        ]
+    if settings.ASSISTANT_PROVIDER == "gemini" and not (
+        settings.GEMINI_API_KEY or settings.GOOGLE_CLOUD_PROJECT
+    ):
+        return [
+            Error(
+                "ASSISTANT_PROVIDER=gemini needs GEMINI_API_KEY or GOOGLE_CLOUD_PROJECT.",
+                hint="Set an API key (Gemini Developer API) or a project (Vertex AI).",
+                id="chat.E003",
+            )
+        ]
+    if settings.ASSISTANT_MODE not in {"always", "mention", "off"}:
+        return [
+            Error(
+                f"ASSISTANT_MODE={settings.ASSISTANT_MODE!r} is not a mode.",
+                hint="Use always, mention or off.",
+                id="chat.E004",
+            )
+        ]
+    return []

@@ -143,3 +143,24 @@ async def test_analysis_narrative_from_gemini(clients, gemini, api):
     sent = json.dumps(json.loads(api.generate.calls.last.request.content))
     assert "total_sleep_time" in sent  # the metrics, not the raw data points, go to the model
     assert day_of_minutes()[0]["timestamp"] not in sent
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error_id"),
+    [
+        ({"ASSISTANT_PROVIDER": "oracle"}, "chat.E002"),
+        (
+            {"ASSISTANT_PROVIDER": "gemini", "GEMINI_API_KEY": "", "GOOGLE_CLOUD_PROJECT": ""},
+            "chat.E003",
+        ),
+        ({"ASSISTANT_MODE": "sometimes"}, "chat.E004"),
+        ({}, None),
+    ],
+)
+def test_assistant_configuration_is_checked_at_start(settings, overrides, error_id):
+    from django.core.checks import run_checks
+
+    for name, value in overrides.items():
+        setattr(settings, name, value)
+    ids = [error.id for error in run_checks(tags=["clarity"])]
+    assert ids == ([error_id] if error_id else [])
