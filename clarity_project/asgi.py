@@ -1,4 +1,8 @@
-"""ASGI entry point: HTTP goes to Django, WebSockets through the origin policy to the chat."""
+"""ASGI entry point: HTTP goes to Django, WebSockets through the origin policy to the chat.
+
+daphne serves no static files itself: with DEBUG on, the browser client's files are served
+here as `runserver` serves them; in production a proxy serves `collectstatic`'s STATIC_ROOT.
+"""
 
 import os
 
@@ -9,6 +13,8 @@ from django.core.asgi import get_asgi_application
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from chat.checks import enforce_checks  # noqa: E402
 from chat.origins import OriginPolicy  # noqa: E402
@@ -20,7 +26,7 @@ enforce_checks()
 application = WorkerLifecycle(
     ProtocolTypeRouter(
         {
-            "http": django_asgi_app,
+            "http": ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app,
             "websocket": OriginPolicy(URLRouter(websocket_urlpatterns)),
         }
     )

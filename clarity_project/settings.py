@@ -214,6 +214,19 @@ FIREBASE_CLOCK_SKEW_SECONDS = env_int("FIREBASE_CLOCK_SKEW_SECONDS", 10)
 # FIREBASE_HTTP_TIMEOUT: seconds for the SDK's HTTP calls (certificates, revocation).
 FIREBASE_HTTP_TIMEOUT = env_float("FIREBASE_HTTP_TIMEOUT", 5.0)
 
+# --- Browser client sign-in (the page at /) -------------------------------------------------
+
+# FIREBASE_WEB_API_KEY: the Firebase web app's API key (public: it names the project to the
+# Firebase JS SDK, it grants nothing). Set, outside emulator mode: the page signs in with
+# Google through the Firebase JS SDK. In emulator mode with DEBUG the page has a dev sign-in
+# form instead; with neither, it says sign-in is not configured.
+FIREBASE_WEB_API_KEY = env_str("FIREBASE_WEB_API_KEY")
+# FIREBASE_AUTH_DOMAIN: the web app's auth domain, which hosts the Google sign-in popup.
+FIREBASE_AUTH_DOMAIN = env_str("FIREBASE_AUTH_DOMAIN", f"{FIREBASE_PROJECT_ID}.firebaseapp.com")
+# FIREBASE_JS_SDK_URL: where browsers load the Firebase JS SDK's ES modules from (the folder
+# holding firebase-app.js and firebase-auth.js): Google's CDN, or a copy you host.
+FIREBASE_JS_SDK_URL = env_str("FIREBASE_JS_SDK_URL", "https://www.gstatic.com/firebasejs/13.2.0")
+
 # --- Chat limits (protocol §6) ---------------------------------------------------------------
 
 # CHAT_MAX_CONNECTIONS_PER_USER: sockets one user may hold, across workers and endpoints.

@@ -6,6 +6,9 @@ until each accepts TCP connections, yields them, and always stops them (SIGTERM,
 SIGKILL). Each worker's stdout/stderr go to files under `tmp_path`; `Worker.logs()` reads
 them back for failure messages.
 
+`Worker.env` is the exact environment the workers run with; `manage(...)` runs any
+`manage.py` command with it (e.g. `createsuperuser` in the workers' database).
+
 `ChatSocket` is a thin v1-protocol client over `websockets` (asyncio API) with bounded
 timeouts on every wait.
 """
@@ -92,6 +95,8 @@ class Worker:
     stdout_path: Path
     stderr_path: Path
     _files: list = field(default_factory=list, repr=False)
+    # The worker's full environment (the one `migrate` ran with): for `manage(...)`.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def url(self) -> str:
@@ -159,12 +164,19 @@ class Worker:
         return self.process.wait(10)
 
 
-def migrate(env: Mapping[str, str], log_dir: Path, timeout: float = 120.0) -> None:
-    log = log_dir / "migrate.log"
-    with log.open("wb") as out:
+def manage(
+    args: list[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    timeout: float = 120.0,
+) -> str:
+    """Run `manage.py <args>` with this environment; its output goes to `log_path` and is
+    returned. ServerError (with the output) if it fails or outlives `timeout`."""
+    name = args[0] if args else "manage.py"
+    with log_path.open("wb") as out:
         try:
             result = subprocess.run(
-                [sys.executable, "manage.py", "migrate", "--noinput"],
+                [sys.executable, "manage.py", *args],
                 cwd=ROOT,
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
@@ -174,9 +186,14 @@ def migrate(env: Mapping[str, str], log_dir: Path, timeout: float = 120.0) -> No
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            raise ServerError(f"migrate timed out after {timeout} s\n{_tail(log)}") from None
+            raise ServerError(f"{name} timed out after {timeout} s\n{_tail(log_path)}") from None
     if result.returncode != 0:
-        raise ServerError(f"migrate failed ({result.returncode})\n{_tail(log)}")
+        raise ServerError(f"{name} failed ({result.returncode})\n{_tail(log_path)}")
+    return log_path.read_text(errors="replace")
+
+
+def migrate(env: Mapping[str, str], log_dir: Path, timeout: float = 120.0) -> None:
+    manage(["migrate", "--noinput"], env, log_dir / "migrate.log", timeout)
 
 
 def start_worker(index: int, port: int, env: Mapping[str, str], log_dir: Path) -> Worker:
@@ -205,7 +222,7 @@ def start_worker(index: int, port: int, env: Mapping[str, str], log_dir: Path) -
         stdout.close()
         stderr.close()
         raise
-    return Worker(index, port, process, stdout_path, stderr_path, [stdout, stderr])
+    return Worker(index, port, process, stdout_path, stderr_path, [stdout, stderr], dict(env))
 
 
 @contextlib.contextmanager
@@ -214,13 +231,15 @@ def run_workers(
     *,
     count: int = 1,
     env: Mapping[str, str | None] | None = None,
+    ports: list[int] | None = None,
     startup_timeout: float = 20.0,
     stop_timeout: float = 10.0,
 ) -> Iterator[list[Worker]]:
     """Migrate once, start `count` daphne workers sharing the configuration, yield them.
 
     Default database: a fresh SQLite file in `tmp_path`. Pass `REDIS_URL` (and a unique
-    `REDIS_PREFIX`) in `env` for workers that share a channel layer and cache.
+    `REDIS_PREFIX`) in `env` for workers that share a channel layer and cache. Pass `ports`
+    (from `free_ports`) when the environment must name them, e.g. in CHAT_ALLOWED_ORIGINS.
     """
     log_dir = Path(tmp_path)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +249,7 @@ def run_workers(
     migrate(full_env, log_dir)
     workers: list[Worker] = []
     try:
-        for index, port in enumerate(free_ports(count)):
+        for index, port in enumerate(ports or free_ports(count)):
             workers.append(start_worker(index, port, full_env, log_dir))
         deadline = time.monotonic() + startup_timeout
         for worker in workers:

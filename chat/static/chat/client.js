@@ -1,0 +1,517 @@
+// Clarity Chat in the browser: sign in, pick a room, chat, see who is online and typing, ask
+// the assistant, run a health analysis on sample data. Speaks the wire protocol v1.
+//
+// User content is only ever put on the page as text (textContent), never parsed as HTML.
+
+import { RoomConnection } from "./connection.js";
+import { DevSignIn } from "./signin.js";
+
+const config = JSON.parse(document.getElementById("clarity-config").textContent);
+const $ = (id) => document.getElementById(id);
+
+const ROOM_ID = /^[A-Za-z0-9_.-]{1,64}$/;
+const AI_USER_ID = "AI";
+const AI_MENTION = "@ai";
+// The server withdraws an unrefreshed is_typing:true after 10 s; this client expires it
+// itself a little later, in case the withdrawal never arrives (e.g. the socket dropped).
+const OTHERS_TYPING_EXPIRY_MS = 11000;
+// While the user keeps typing, is_typing:true is repeated this often (well inside the
+// server's 10 s), and withdrawn after this long without a keystroke.
+const TYPING_REFRESH_MS = 5000;
+const TYPING_IDLE_MS = 4000;
+const ALERT_MS = 8000;
+const METRICS = [
+  ["total_sleep_time", "Total sleep", (v) => `${v.toFixed(1)} h`],
+  ["sleep_efficiency", "Sleep efficiency", (v) => `${Math.round(v * 100)}%`],
+  ["sleep_onset_latency", "Time to fall asleep", (v) => `${Math.round(v)} min`],
+  ["wake_after_sleep_onset", "Awake after sleep onset", (v) => `${Math.round(v)} min`],
+  ["interdaily_stability", "Day-to-day regularity", (v) => v.toFixed(2)],
+  ["relative_amplitude", "Day/night contrast", (v) => v.toFixed(2)],
+];
+
+const state = {
+  signIn: null,
+  me: null,
+  connection: null,
+  messages: new Map(), // stored message id → its <li>
+  newestId: 0,
+  presence: new Map(), // user id → presence entry
+  typing: new Map(), // user id → {username, timer}
+  typingSentAt: 0,
+  typingIdleTimer: null,
+  lastSent: null, // {clientId, content} until the server echoes it
+  sendBlockedUntil: 0,
+  clientSeq: 0,
+};
+
+// --- small DOM helpers --------------------------------------------------------------------
+
+function el(tag, { className, text, data } = {}, ...children) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [key, value] of Object.entries(data || {})) node.dataset[key] = value;
+  node.append(...children);
+  return node;
+}
+
+function clockTime(timestamp) {
+  const moment = new Date(timestamp);
+  if (Number.isNaN(moment.getTime())) return "";
+  return moment.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function initial(name) {
+  const [first] = (name || "").trim();
+  return first ? first.toUpperCase() : "?";
+}
+
+function hue(text) {
+  let hash = 0;
+  for (const char of text) hash = (hash * 31 + char.codePointAt(0)) % 360;
+  return hash;
+}
+
+function showAlert(text, kind = "error", { key, timeout = ALERT_MS } = {}) {
+  const alerts = $("alerts");
+  if (key) alerts.querySelector(`[data-key="${key}"]`)?.remove();
+  const close = el("button", { className: "link", text: "Dismiss" });
+  const alert = el("div", { className: `alert alert-${kind}`, data: { key: key || "" } });
+  alert.setAttribute("role", kind === "error" ? "alert" : "status");
+  alert.append(el("span", { text }), close);
+  close.addEventListener("click", () => alert.remove());
+  alerts.append(alert);
+  if (timeout) setTimeout(() => alert.remove(), timeout);
+  return alert;
+}
+
+// --- sign-in ------------------------------------------------------------------------------
+
+async function createSignIn() {
+  const options = config.signIn;
+  if (options.method === "dev") {
+    const csrf = document.querySelector("#dev-sign-in [name=csrfmiddlewaretoken]").value;
+    return new DevSignIn({ tokenUrl: options.tokenUrl, csrfToken: csrf });
+  }
+  if (options.method === "firebase") {
+    const { FirebaseSignIn } = await import("./firebase.js");
+    return new FirebaseSignIn(options);
+  }
+  return null;
+}
+
+function roomInAddress() {
+  return new URLSearchParams(location.hash.slice(1)).get("room");
+}
+
+function signedIn(user) {
+  state.me = user;
+  $("account-name").textContent = user.name;
+  $("account").hidden = false;
+  $("sign-in").hidden = true;
+  $("chat").hidden = false;
+  joinRoom(roomInAddress() || $("room-input").value);
+  $("message-input").focus();
+}
+
+async function signOut() {
+  leaveRoom();
+  await state.signIn.signOut();
+  state.me = null;
+  $("account").hidden = true;
+  $("chat").hidden = true;
+  $("sign-in").hidden = false;
+  setStatus("offline", "Not connected");
+}
+
+function wireSignIn() {
+  const devForm = $("dev-sign-in");
+  devForm?.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const name = $("dev-name").value.trim();
+    if (!name) return;
+    try {
+      signedIn(await state.signIn.signIn(name));
+    } catch (error) {
+      showAlert(`Sign-in failed: ${error.message}`);
+    }
+  });
+  $("google-sign-in")?.addEventListener("click", async () => {
+    try {
+      signedIn(await state.signIn.signIn());
+    } catch (error) {
+      showAlert(`Sign-in failed: ${error.message}`);
+    }
+  });
+  $("sign-out").addEventListener("click", signOut);
+}
+
+// --- rooms and the connection -------------------------------------------------------------
+
+function socketUrl(room, token) {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const path = config.socketPath + encodeURIComponent(room);
+  return `${scheme}//${location.host}${path}?token=${encodeURIComponent(token)}`;
+}
+
+function leaveRoom() {
+  const connection = state.connection;
+  state.connection = null;
+  connection?.close();
+  stopTyping();
+  for (const { timer } of state.typing.values()) clearTimeout(timer);
+  state.typing.clear();
+  state.presence.clear();
+  state.messages.clear();
+  state.newestId = 0;
+  state.lastSent = null;
+  $("messages").replaceChildren();
+  renderPresence();
+  renderTyping();
+}
+
+function joinRoom(room) {
+  if (!ROOM_ID.test(room)) {
+    showAlert("A room name has 1-64 letters, digits, dots, dashes or underscores.");
+    return;
+  }
+  leaveRoom();
+  $("room-input").value = room;
+  history.replaceState(null, "", `#room=${encodeURIComponent(room)}`);
+  $("room-title").textContent = `#${room}`;
+  const connection = new RoomConnection({ room, tokens: state.signIn, socketUrl });
+  state.connection = connection;
+  connection.addEventListener("state", (event) => {
+    if (state.connection === connection) connectionState(event.detail);
+  });
+  connection.addEventListener("frame", (event) => {
+    if (state.connection === connection) handleFrame(event.detail);
+  });
+  connection.open();
+}
+
+function setStatus(kind, text) {
+  const status = $("connection-status");
+  status.dataset.state = kind;
+  status.textContent = text;
+}
+
+function connectionState({ state: kind, code, reason, delay }) {
+  const room = state.connection?.room ?? "";
+  if (kind === "connecting") setStatus("connecting", "Connecting…");
+  else if (kind === "open") {
+    setStatus("open", `Connected to #${room}`);
+    if (state.connection.sessions > 1) addNotice("Reconnected");
+  }
+  else if (kind === "waiting") {
+    setStatus("waiting", `Connection lost, retrying in ${Math.ceil(delay / 1000)} s…`);
+  } else if (kind === "closed" && code) {
+    setStatus("closed", `Disconnected: ${reason || `close code ${code}`}`);
+  }
+}
+
+function send(frame) {
+  if (state.connection?.send(frame)) return true;
+  showAlert("Not connected: nothing was sent. Reconnecting…", "warning", { key: "offline" });
+  return false;
+}
+
+// --- inbound frames -----------------------------------------------------------------------
+
+const handlers = {
+  presence(frame) {
+    state.presence = new Map(frame.users.map((user) => [user.user_id, user]));
+    renderPresence();
+  },
+  user_joined(frame) {
+    const known = state.presence.get(frame.user_id);
+    state.presence.set(frame.user_id, known || { ...frame, connection_count: 1 });
+    renderPresence();
+  },
+  user_left(frame) {
+    state.presence.delete(frame.user_id);
+    setTyping(frame.user_id, null);
+    renderPresence();
+  },
+  history(frame) {
+    frame.messages.forEach(addMessage);
+  },
+  message(frame) {
+    if (state.lastSent && frame.client_message_id === state.lastSent.clientId) {
+      state.lastSent = null;
+    }
+    // An analysis narrative (private, never stored) is the insight text the health panel
+    // already shows.
+    if (frame.metadata?.analysis) return;
+    addMessage(frame);
+  },
+  system(frame) {
+    addNotice(frame.content);
+  },
+  typing(frame) {
+    if (frame.user_id === state.me?.uid) return;
+    setTyping(frame.user_id, frame.is_typing ? frame.username : null);
+  },
+  analysis_update: showProgress,
+  health_insight: showInsight,
+  error: showError,
+};
+
+function handleFrame(frame) {
+  handlers[frame.type]?.(frame);
+}
+
+function showError(frame) {
+  if (frame.error_code === "RATE_LIMIT_EXCEEDED" && frame.details?.retry_after) {
+    rateLimited(Number(frame.details.retry_after));
+    return;
+  }
+  showAlert(`${frame.error_code}: ${frame.message}`);
+  if (frame.error_code === "HEALTH_ANALYSIS_ERROR") $("analyze").disabled = false;
+}
+
+function rateLimited(seconds) {
+  state.sendBlockedUntil = Date.now() + seconds * 1000;
+  const input = $("message-input");
+  if (state.lastSent && !input.value) input.value = state.lastSent.content;
+  state.lastSent = null;
+  const alert = showAlert("", "warning", { key: "rate-limit", timeout: 0 });
+  const text = alert.querySelector("span");
+  const tick = () => {
+    const left = Math.ceil((state.sendBlockedUntil - Date.now()) / 1000);
+    if (left <= 0) {
+      alert.remove();
+      return;
+    }
+    text.textContent = `You are sending too fast (rate limit). You can send again in ${left} s.`;
+    setTimeout(tick, 1000);
+  };
+  tick();
+}
+
+// --- messages -----------------------------------------------------------------------------
+
+function messageElement(frame) {
+  const mine = frame.user_id === state.me?.uid;
+  const fromAi = frame.user_id === AI_USER_ID;
+  const classes = ["message", mine && "mine", fromAi && "ai"];
+  const author = fromAi ? "AI assistant" : frame.username || frame.user_id;
+  const meta = el(
+    "div",
+    { className: "meta" },
+    el("span", { className: "author", text: author }),
+    el("time", { text: clockTime(frame.timestamp) }),
+  );
+  const li = el(
+    "li",
+    { className: classes.filter(Boolean).join(" ") },
+    meta,
+    el("p", { className: "body", text: frame.content }),
+  );
+  li.dataset.userId = frame.user_id;
+  if (frame.message_id !== null) li.dataset.messageId = frame.message_id;
+  return li;
+}
+
+// Stored messages are shown once each, ordered by id: a message may arrive twice (join
+// history and live, or a catch-up page after a reconnect), and a catch-up page may hold
+// messages older than ones already shown.
+function addMessage(frame) {
+  const id = frame.message_id;
+  if (id !== null && state.messages.has(id)) return;
+  const list = $("messages");
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  const li = messageElement(frame);
+  if (id === null || Number(id) > state.newestId) {
+    list.append(li);
+  } else {
+    const later = [...state.messages.entries()]
+      .filter(([key]) => Number(key) > Number(id))
+      .sort(([a], [b]) => Number(a) - Number(b))[0];
+    list.insertBefore(li, later ? later[1] : null);
+  }
+  if (id !== null) {
+    state.messages.set(id, li);
+    state.newestId = Math.max(state.newestId, Number(id));
+  }
+  if (atBottom || frame.user_id === state.me?.uid) list.scrollTop = list.scrollHeight;
+}
+
+function addNotice(text) {
+  const list = $("messages");
+  list.append(el("li", { className: "notice", text }));
+  list.scrollTop = list.scrollHeight;
+}
+
+// --- presence and typing ------------------------------------------------------------------
+
+function renderPresence() {
+  const users = [...state.presence.values()];
+  $("online-count").textContent = `${users.length} online`;
+  $("presence").replaceChildren(
+    ...users.map((user) => {
+      const name = user.username || user.user_id;
+      const avatar = el("span", { className: "avatar", text: initial(name) });
+      avatar.style.setProperty("--hue", hue(user.user_id));
+      const li = el("li", { data: { userId: user.user_id } }, avatar);
+      li.append(el("span", { className: "name", text: name }));
+      if (user.user_id === state.me?.uid) li.append(el("span", { className: "you", text: "(you)" }));
+      if (user.connection_count > 1) {
+        li.append(el("span", { className: "muted", text: `${user.connection_count} devices` }));
+      }
+      return li;
+    }),
+  );
+}
+
+function setTyping(userId, username) {
+  clearTimeout(state.typing.get(userId)?.timer);
+  if (username === null) {
+    state.typing.delete(userId);
+  } else {
+    const timer = setTimeout(() => setTyping(userId, null), OTHERS_TYPING_EXPIRY_MS);
+    state.typing.set(userId, { username, timer });
+  }
+  renderTyping();
+}
+
+function renderTyping() {
+  const names = [...state.typing.values()].map((entry) => entry.username);
+  let text = "";
+  if (names.length === 1) text = `${names[0]} is typing…`;
+  else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+  else if (names.length > 2) text = "Several people are typing…";
+  $("typing").textContent = text;
+}
+
+// --- composing ----------------------------------------------------------------------------
+
+function typed() {
+  clearTimeout(state.typingIdleTimer);
+  if (!$("message-input").value.trim()) {
+    stopTyping();
+    return;
+  }
+  const now = Date.now();
+  if (now - state.typingSentAt > TYPING_REFRESH_MS && state.connection?.isOpen) {
+    state.connection.send({ type: "typing", is_typing: true });
+    state.typingSentAt = now;
+  }
+  state.typingIdleTimer = setTimeout(stopTyping, TYPING_IDLE_MS);
+}
+
+function stopTyping() {
+  clearTimeout(state.typingIdleTimer);
+  if (state.typingSentAt) {
+    state.typingSentAt = 0;
+    state.connection?.send({ type: "typing", is_typing: false });
+  }
+}
+
+function sendMessage(content) {
+  if (!content) return;
+  const wait = Math.ceil((state.sendBlockedUntil - Date.now()) / 1000);
+  if (wait > 0) {
+    showAlert(`Rate limit: you can send again in ${wait} s.`, "warning", { key: "rate-limit" });
+    return;
+  }
+  state.clientSeq += 1;
+  const clientId = `c-${Date.now().toString(36)}-${state.clientSeq}`;
+  if (!send({ type: "message", content, message_id: clientId })) return;
+  state.lastSent = { clientId, content };
+  $("message-input").value = "";
+  stopTyping();
+}
+
+function wireComposer() {
+  const input = $("message-input");
+  input.addEventListener("input", typed);
+  input.addEventListener("blur", stopTyping);
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sendMessage(input.value.trim());
+  });
+  $("ask-ai").addEventListener("click", () => {
+    const question = input.value.trim();
+    if (!question) {
+      input.value = `${AI_MENTION} `;
+      input.focus();
+      return;
+    }
+    const mentioned = question.slice(0, AI_MENTION.length).toLowerCase() === AI_MENTION;
+    sendMessage(mentioned ? question : `${AI_MENTION} ${question}`);
+  });
+  $("room-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    joinRoom($("room-input").value.trim());
+  });
+}
+
+// --- health analysis ----------------------------------------------------------------------
+
+async function analyzeSample() {
+  const button = $("analyze");
+  button.disabled = true;
+  $("insight").hidden = true;
+  $("analysis-progress").value = 0;
+  $("analysis-status").textContent = "Loading sample data…";
+  try {
+    const response = await fetch(config.sampleDataUrl);
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const sample = await response.json();
+    const points = sample.data_points;
+    if (!send({ type: "health_insight", content: { data_points: points } })) {
+      throw new Error("not connected");
+    }
+    $("analysis-status").textContent = `Sent ${points.length.toLocaleString()} data points…`;
+  } catch (error) {
+    $("analysis-status").textContent = `Could not start: ${error.message}`;
+    button.disabled = false;
+  }
+}
+
+function showProgress(frame) {
+  $("analysis-progress").value = frame.progress;
+  $("analysis-status").textContent = `${frame.status} · ${frame.progress}%`;
+  $("analysis-status").dataset.status = frame.status;
+  if (frame.status === "completed" || frame.status === "failed") $("analyze").disabled = false;
+}
+
+function showInsight(frame) {
+  const metrics = frame.source_data || {};
+  $("insight-metrics").replaceChildren(
+    ...METRICS.filter(([key]) => typeof metrics[key] === "number").map(([key, label, format]) =>
+      el("div", { data: { metric: key } }, el("dt", { text: label }), el("dd", { text: format(metrics[key]) })),
+    ),
+  );
+  $("insight-text").textContent = frame.insight;
+  const recommendations = frame.recommendations?.length
+    ? frame.recommendations
+    : ["No specific recommendations this time."];
+  $("insight-recommendations").replaceChildren(...recommendations.map((text) => el("li", { text })));
+  $("insight").hidden = false;
+}
+
+// --- start --------------------------------------------------------------------------------
+
+async function start() {
+  wireComposer();
+  $("analyze").addEventListener("click", analyzeSample);
+  window.addEventListener("online", () => state.connection?.retryNow());
+  window.addEventListener("hashchange", () => {
+    const room = roomInAddress();
+    if (state.me && room && room !== state.connection?.room) joinRoom(room);
+  });
+  state.signIn = await createSignIn();
+  if (state.signIn === null) return;
+  wireSignIn();
+  state.signIn.addEventListener("token", (event) => state.connection?.updateToken(event.detail));
+  try {
+    const user = await state.signIn.restore();
+    if (user) signedIn(user);
+  } catch (error) {
+    showAlert(`Sign-in is unavailable: ${error.message}`);
+  }
+}
+
+start();

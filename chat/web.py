@@ -1,0 +1,101 @@
+"""The browser client: its page at `/`, and the development sign-in that hands it emulator
+tokens.
+
+The client itself is static (`chat/static/chat/`: ES modules, no build step). How it signs in
+depends on the server's mode:
+
+- emulator mode with DEBUG (the embedded default): a "Dev sign-in" form posts a name to
+  `/dev/token`, which answers an emulator token for a uid derived from that name;
+- real Firebase with `FIREBASE_WEB_API_KEY` set: Google sign-in through the Firebase JS SDK,
+  loaded from `FIREBASE_JS_SDK_URL`;
+- otherwise the page says that sign-in is not configured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.templatetags.static import static
+from django.urls import reverse
+from django.utils.text import slugify
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
+from django.views.decorators.http import require_GET, require_POST
+
+from chat.auth import emulator_mode
+from chat.devtokens import emulator_token
+
+DEV_NAME_MAX_CHARS = 50
+DEV_TOKEN_LIFETIME = 3600
+SAMPLE_DATA = "chat/sample-health.json"
+
+
+def dev_sign_in_enabled() -> bool:
+    return settings.DEBUG and emulator_mode()
+
+
+def firebase_sign_in_enabled() -> bool:
+    return not emulator_mode() and bool(settings.FIREBASE_WEB_API_KEY)
+
+
+def dev_uid(name: str) -> str:
+    """The same name always signs in as the same user ("Ana" and "ana" included)."""
+    slug = slugify(name, allow_unicode=True)
+    return f"dev-{slug}" if slug else ""
+
+
+def client_config() -> dict[str, Any]:
+    """What the page's script needs to know, rendered with `json_script`."""
+    if dev_sign_in_enabled():
+        sign_in: dict[str, Any] = {"method": "dev", "tokenUrl": reverse("dev-token")}
+    elif firebase_sign_in_enabled():
+        sign_in = {
+            "method": "firebase",
+            "sdkUrl": settings.FIREBASE_JS_SDK_URL.rstrip("/"),
+            "apiKey": settings.FIREBASE_WEB_API_KEY,
+            "authDomain": settings.FIREBASE_AUTH_DOMAIN,
+            "projectId": settings.FIREBASE_PROJECT_ID,
+        }
+    else:
+        sign_in = {"method": "none"}
+    return {"signIn": sign_in, "socketPath": "/api/v1/ws/", "sampleDataUrl": static(SAMPLE_DATA)}
+
+
+@require_GET
+def index(request: HttpRequest) -> HttpResponse:
+    config = client_config()
+    return render(
+        request, "chat/index.html", {"config": config, "sign_in": config["signIn"]["method"]}
+    )
+
+
+@csrf_protect
+@require_POST
+def _dev_token(request: HttpRequest) -> JsonResponse:
+    name = request.POST.get("name", "").strip()
+    uid = dev_uid(name)
+    if not uid or len(name) > DEV_NAME_MAX_CHARS:
+        return JsonResponse(
+            {"error": f"Enter a name of 1-{DEV_NAME_MAX_CHARS} characters with a letter or digit."},
+            status=400,
+        )
+    return JsonResponse(
+        {
+            "token": emulator_token(uid=uid, name=name, lifetime=DEV_TOKEN_LIFETIME),
+            "user_id": uid,
+            "username": name,
+        }
+    )
+
+
+# Exempt from the CSRF middleware only so that the mode check runs first: outside development
+# the endpoint does not exist (404) whatever the request; in development `_dev_token` applies
+# the CSRF check itself.
+@csrf_exempt
+def dev_token(request: HttpRequest) -> HttpResponse:
+    """POST name=<display name> → {token, user_id, username}: an emulator token (1 hour)."""
+    if not dev_sign_in_enabled():
+        raise Http404
+    return _dev_token(request)
