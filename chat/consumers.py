@@ -12,11 +12,12 @@ import logging
 import math
 from datetime import UTC, datetime, timedelta
 
+from autobahn.exception import Disconnected
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import worker
+from chat import metrics, worker
 from chat.analysis import health_analysis
 from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
 from chat.history import messages_page
@@ -128,6 +129,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             logger.exception("connect failed room=%s", self.room_id)
             return await self.end(Close.SERVICE_UNAVAILABLE)
         self.session_id = opened.session_id
+        metrics.CONNECTIONS_OPEN.labels(self.endpoint).inc()
         for group in self.groups_joined():
             await self.channel_layer.group_add(group, self.channel_name)
         await self.send_frame(self._connection_ack())
@@ -171,6 +173,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if self.session_id is None:
             return
         session_id, self.session_id = self.session_id, None
+        metrics.CONNECTIONS_OPEN.labels(self.endpoint).dec()
         try:
             if self.typing_deadline is not None:
                 self.typing_deadline = None
@@ -198,6 +201,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if self.closing is not None:
             return
         self.closing = close
+        counter = metrics.CLOSES if self.session_id else metrics.CONNECTIONS_REFUSED
+        counter.labels(close.value.code).inc()
         await self.send_frame(error_frame(close.value.error))
         await self.close(code=close.value.code, reason=close.value.reason)
 
@@ -268,6 +273,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         )
         heartbeat = well_formed_heartbeat(data)
         if heartbeat is not None:
+            metrics.FRAMES_IN.labels(MessageType.HEARTBEAT).inc()
             return await self.on_heartbeat(heartbeat)
         verdict = await asyncio.to_thread(
             rate_limit_hit,
@@ -281,8 +287,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if verdict.abusive:
             return await self.end(Close.RATE_LIMITED)
         if verdict.limited:
+            metrics.RATE_LIMITED.inc()
             raise FrameError(ErrorCode.RATE_LIMIT_EXCEEDED, {"retry_after": verdict.retry_after})
         message = parse_message(data, self.schemas)
+        metrics.FRAMES_IN.labels(message.type).inc()
         claimed = getattr(message, "user_id", None)
         if claimed is not None and claimed != self.identity.user_id:
             raise FrameError(ErrorCode.USER_ID_MISMATCH)
@@ -317,7 +325,21 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     # --- outbound -----------------------------------------------------------------------
 
+    async def send(self, text_data=None, bytes_data=None, close=False) -> None:
+        """Drop a frame for a socket that is already closing, instead of crashing.
+
+        Until daphne has seen the TCP close, a send to a socket whose closing handshake is
+        under way raises autobahn's `Disconnected`; a consumer that died there would never run
+        `disconnect`, and its session would stay open for good."""
+        try:
+            await super().send(text_data=text_data, bytes_data=bytes_data, close=close)
+        except Disconnected:
+            logger.debug("frame dropped, socket closing: session=%s", self.session_id)
+
     async def send_frame(self, payload: dict) -> None:
+        metrics.FRAMES_OUT.labels(payload["type"]).inc()
+        if payload["type"] == MessageType.ERROR:
+            metrics.ERRORS.labels(payload["error_code"]).inc()
         await self.send(text_data=encode(payload))
 
     def _typing_frame(self, *, is_typing: bool) -> dict:
@@ -344,6 +366,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
         excluded = event.get("exclude_user")
         if excluded is not None and excluded == self.identity.user_id:
             return
+        metrics.FRAMES_OUT.labels(event["frame_type"]).inc()
+        if event["frame_type"] == MessageType.ERROR:
+            metrics.ERRORS.labels(event["error_code"]).inc()
         await self.send(text_data=event["text"])
 
     # --- background work off the receive path ---------------------------------------------

@@ -29,7 +29,13 @@ def room_id_problem(*, room_id: str, user_id: str) -> Close | None:
 
 def room_event(payload: dict[str, Any], *, exclude_user: str | None = None) -> dict[str, Any]:
     """A channel-layer message delivering one frame to a room: encoded once, by the sender."""
-    return {"type": "chat.frame", "text": encode(payload), "exclude_user": exclude_user}
+    return {
+        "type": "chat.frame",
+        "text": encode(payload),
+        "exclude_user": exclude_user,
+        "frame_type": payload["type"],  # for metrics, without decoding the text
+        "error_code": payload.get("error_code"),
+    }
 
 
 def membership_notices(*, user_id: str, username: str, joined: bool) -> list[dict[str, Any]]:

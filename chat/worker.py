@@ -26,7 +26,8 @@ from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
 
 from chat.assistant.base import AssistantProvider, get_provider
-from chat.rooms import membership_notices, room_group
+from chat.metrics import REAPED_SESSIONS
+from chat.rooms import membership_notices, room_group, user_group
 from chat.sessions import session_workers, sessions_open_on, sessions_reap
 
 logger = logging.getLogger(__name__)
@@ -35,9 +36,9 @@ logger = logging.getLogger(__name__)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def worker_group() -> str:
-    """The channel-layer group of this worker's sockets (told to close on shutdown)."""
-    return "worker." + re.sub(r"[^A-Za-z0-9_.-]", "-", WORKER_ID)
+def worker_group(worker_id: str = WORKER_ID) -> str:
+    """The channel-layer group of a worker's sockets (told to close on shutdown)."""
+    return "worker." + re.sub(r"[^A-Za-z0-9_.-]", "-", worker_id)
 
 
 def liveness_key(worker_id: str) -> str:
@@ -76,13 +77,16 @@ async def reap_dead_workers(
         reaped = await database_sync_to_async(sessions_reap)(worker_id=worker_id)
         for session in reaped:
             group = room_group(session.room_id)
-            await layer.group_discard(group, session.channel_name)
+            # Every group the socket's consumer joined (as its disconnect would have).
+            for joined in (group, user_group(session.user_id), worker_group(worker_id)):
+                await layer.group_discard(joined, session.channel_name)
             if session.last_in_room:
                 for event in membership_notices(
                     user_id=session.user_id, username=session.username, joined=False
                 ):
                     await layer.group_send(group, event)
         total += len(reaped)
+        REAPED_SESSIONS.inc(len(reaped))
         logger.warning("reaped %d sessions of dead worker %s", len(reaped), worker_id)
     return total
 

@@ -9,6 +9,7 @@ Gemini provider keeps its HTTP connection pool).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -16,6 +17,8 @@ from typing import Any, Literal, Protocol
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
+
+from chat.metrics import ASSISTANT_SECONDS
 
 # A reply is stored as a chat message, whose content limit is 2,000 characters.
 REPLY_MAX_CHARS = 2000
@@ -79,8 +82,14 @@ async def ask(provider: AssistantProvider, request: AssistantRequest) -> Assista
     """The provider's reply, bounded: a provider that does not bound itself is cut off a
     little after ASSISTANT_TIMEOUT (the slack lets a self-bounding provider time out first,
     so its timeout counts towards its circuit breaker)."""
+    started, outcome = time.monotonic(), "error"
     try:
         async with asyncio.timeout(settings.ASSISTANT_TIMEOUT + 2):
-            return await provider.reply(request)
+            reply = await provider.reply(request)
+        outcome = "ok"
+        return reply
     except TimeoutError:
+        outcome = "timeout"
         raise AssistantError(f"{provider.name} did not answer in time") from None
+    finally:
+        ASSISTANT_SECONDS.labels(provider.name, outcome).observe(time.monotonic() - started)

@@ -1,0 +1,35 @@
+"""Prometheus metrics of this worker process (each worker serves its own at /metrics).
+
+Metrics are per process by nature: Prometheus scrapes every worker and sums them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS_OPEN = Gauge(
+    "clarity_connections_open", "WebSocket sessions open on this worker", ["endpoint"]
+)
+CONNECTIONS_REFUSED = Counter(
+    "clarity_connections_refused_total", "Sockets refused after accept, by close code", ["code"]
+)
+FRAMES_IN = Counter(
+    "clarity_frames_in_total", "Inbound frames accepted by the pipeline, by message type", ["type"]
+)
+FRAMES_OUT = Counter(
+    "clarity_frames_out_total", "Frames written to sockets, by message type", ["type"]
+)
+ERRORS = Counter("clarity_errors_total", "Error frames sent, by error code", ["code"])
+RATE_LIMITED = Counter(
+    "clarity_rate_limit_rejections_total", "Frames refused by the per-user rate limit"
+)
+CLOSES = Counter("clarity_server_closes_total", "Sockets closed by the server, by code", ["code"])
+ASSISTANT_SECONDS = Histogram(
+    "clarity_assistant_seconds",
+    "Time for one assistant reply, by provider and outcome",
+    ["provider", "outcome"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
+)
+REAPED_SESSIONS = Counter(
+    "clarity_reaped_sessions_total", "Sessions of dead workers ended by this worker"
+)
