@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 import uuid
 
@@ -134,7 +135,10 @@ class WorkerLifecycle:
         return await self.app(scope, receive, send)
 
     def chain_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Only where a server installed handlers to chain to (not in tests)."""
+        """Only where a server installed handlers to chain to (not in tests), and only from
+        the main thread (the only one Python lets install signal handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for signum in (signal.SIGTERM, signal.SIGINT):
             server_handler = signal.getsignal(signum)
             if not callable(server_handler) or server_handler is signal.default_int_handler:
