@@ -154,12 +154,29 @@ REDIS_PREFIX = env_str("REDIS_PREFIX", "clarity")
 CHANNEL_LAYER_CAPACITY = env_int("CHANNEL_LAYER_CAPACITY", 1000)
 # CHANNEL_LAYER_EXPIRY: seconds an undelivered layer message lives.
 CHANNEL_LAYER_EXPIRY = env_int("CHANNEL_LAYER_EXPIRY", 60)
-# CHANNEL_LAYER_GROUP_EXPIRY: seconds a group membership lives in Redis unless renewed. Live
-# sockets renew theirs every half of it; the reaper removes a dead worker's channels at once,
-# so this only bounds what a failed reap could leave behind.
+# CHANNEL_LAYER_GROUP_EXPIRY: seconds a group membership lives in Redis unless renewed (the
+# `core` layer). Live sockets renew theirs every half of it; the reaper removes a dead
+# worker's channels at once, so this only bounds what a failed reap could leave behind.
 CHANNEL_LAYER_GROUP_EXPIRY = env_int("CHANNEL_LAYER_GROUP_EXPIRY", 3600)
+# CHANNEL_LAYER: with REDIS_URL, `pubsub` (channels-redis' RedisPubSubChannelLayer: a group
+# message is published once and each worker fans it out to its own members; memberships die
+# with the worker's connection) or `core` (RedisChannelLayer: per-member queues in Redis). The
+# default is `pubsub`: with `core`, a socket closing while its worker waits on the shared
+# receive can lose the next message for that worker's other sockets
+# (tests/test_distributed.py reproduces it; django/channels_redis#366).
+CHANNEL_LAYER = env_str("CHANNEL_LAYER", "pubsub")
 
-if REDIS_URL:
+if REDIS_URL and CHANNEL_LAYER == "pubsub":
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "max_connections": 1000}],
+                "prefix": f"{REDIS_PREFIX}:layer",
+            },
+        }
+    }
+elif REDIS_URL and CHANNEL_LAYER == "core":
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -175,6 +192,10 @@ if REDIS_URL:
             },
         }
     }
+elif REDIS_URL:
+    raise ImproperlyConfigured(f"CHANNEL_LAYER must be pubsub or core, got {CHANNEL_LAYER!r}")
+
+if REDIS_URL:
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",

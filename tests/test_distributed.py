@@ -1,0 +1,1090 @@
+"""Distributed: several real daphne workers of this project sharing one database and one Redis
+(channel layer and cache), driven over loopback by real `websockets` clients.
+
+Every test runs against each database backend: a fresh SQLite file shared by the workers
+(WAL, busy timeout) and a fresh PostgreSQL database (skipped when 127.0.0.1:5432 does not
+answer). One pair of workers per backend serves the module; each test uses its own rooms and
+user ids and, at teardown, waits until all its sessions are closed, so the tests do not
+depend on each other. The tests that kill (SIGKILL) or stop (SIGTERM) a worker start workers
+of their own.
+
+Workers run with CHAT_WORKER_TTL=2 and CHAT_REAP_INTERVAL=1, so a dead worker is noticed in
+seconds; the SIGKILL test prints the measured time from the kill to the `user_left` frame.
+
+Redis keys of a run live under a unique `REDIS_PREFIX` and are deleted afterwards; the
+PostgreSQL database is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from websockets.exceptions import ConnectionClosed
+
+from tests.servers import ChatSocket, Worker, manage, run_workers, token_for
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_ADMIN_URL = f"postgres://postgres@{PG_HOST}:{PG_PORT}/postgres"
+
+RATE_LIMIT = 25  # frames per user per 60 s; test 8 sends 20 per user
+WORKER_TTL = 2
+REAP_INTERVAL = 1
+CLUSTER_ENV = {
+    "REDIS_URL": REDIS_URL,
+    "CHAT_WORKER_TTL": str(WORKER_TTL),
+    "CHAT_REAP_INTERVAL": str(REAP_INTERVAL),
+    "CHAT_MESSAGE_RATE_LIMIT": str(RATE_LIMIT),
+    "LOG_LEVEL": "WARNING",
+    "ASSISTANT_MODE": "off",  # no assistant replies: these tests count frames exactly
+}
+
+
+def answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout):
+            return True
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(
+    not answers("127.0.0.1", 6379), reason="no Redis on 127.0.0.1:6379 (the workers share it)"
+)
+
+
+# --- the shared database, read directly ----------------------------------------------------
+
+
+@dataclass
+class Database:
+    backend: str
+    url: str
+    sqlite_path: Path | None = None
+
+    def rows(self, sql: str, *params: Any) -> list[tuple]:
+        """Run one read query (placeholders `%s`) in a fresh connection."""
+        if self.backend == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.sqlite_path, timeout=10)) as conn:
+                return conn.execute(sql.replace("%s", "?"), params).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.url, connect_timeout=5) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def execute(self, sql: str, *params: Any) -> int:
+        """Run one write statement (placeholders `%s`); returns the rows it changed."""
+        if self.backend == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.sqlite_path, timeout=10)) as conn:
+                changed = conn.execute(sql.replace("%s", "?"), params).rowcount
+                conn.commit()
+                return changed
+        import psycopg
+
+        with psycopg.connect(self.url, connect_timeout=5) as conn:
+            return conn.execute(sql, params).rowcount
+
+    def session_key(self, session_id: str) -> str:
+        """How a session id is stored: hex on SQLite, native uuid on PostgreSQL."""
+        return uuid.UUID(session_id).hex if self.backend == "sqlite" else session_id
+
+    def session(self, session_id: str) -> dict:
+        rows = self.rows(
+            "SELECT user_id, room_id, worker_id, channel_name, disconnected_at, close_code, "
+            "close_reason FROM chat_chatsession WHERE session_id = %s",
+            self.session_key(session_id),
+        )
+        assert len(rows) == 1, f"session {session_id}: {rows}"
+        columns = "user_id room_id worker_id channel_name disconnected_at close_code close_reason"
+        return dict(zip(columns.split(), rows[0], strict=True))
+
+    def open_sessions(self, user_id: str | None = None) -> list[tuple]:
+        sql = "SELECT session_id, user_id, room_id FROM chat_chatsession "
+        sql += "WHERE disconnected_at IS NULL"
+        if user_id is None:
+            return self.rows(sql)
+        return self.rows(sql + " AND user_id = %s", user_id)
+
+
+@contextlib.contextmanager
+def fresh_database(backend: str, directory: Path) -> Iterator[Database]:
+    if backend == "sqlite":
+        path = directory / "shared.sqlite3"
+        yield Database("sqlite", f"sqlite:///{path}", path)
+        return
+    psycopg = pytest.importorskip("psycopg")
+    if not answers(PG_HOST, PG_PORT):
+        pytest.skip(f"PostgreSQL does not answer on {PG_HOST}:{PG_PORT}")
+    name = f"clarity_dist_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield Database("postgres", f"postgres://postgres@{PG_HOST}:{PG_PORT}/{name}")
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- a cluster: workers + database + Redis prefix --------------------------------------------
+
+
+@dataclass
+class Cluster:
+    backend: str
+    db: Database
+    prefix: str
+    workers: list[Worker]
+    log_dir: Path
+    redis: redis.Redis = field(repr=False)
+
+    @property
+    def a(self) -> Worker:
+        return self.workers[0]
+
+    @property
+    def b(self) -> Worker:
+        return self.workers[1]
+
+    def logs(self) -> str:
+        return "\n".join(worker.logs() for worker in self.workers)
+
+    def liveness_keys(self) -> list[str]:
+        return [
+            key.decode() for key in self.redis.scan_iter(match=f"{self.prefix}:cache:*worker:*")
+        ]
+
+    def refused_frames(self, user_id: str) -> int:
+        """The rate limiter's count of this user's refused frames (current window)."""
+        keys = self.redis.scan_iter(match=f"{self.prefix}:cache:*rl:user:{user_id}:*:refused")
+        return max((int(self.redis.get(key) or 0) for key in keys), default=0)
+
+
+@contextlib.contextmanager
+def start_cluster(
+    directory: Path, backend: str, *, count: int = 2, env: dict[str, str] | None = None
+) -> Iterator[Cluster]:
+    prefix = f"test-{uuid.uuid4().hex}"
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    with fresh_database(backend, directory) as db:
+        overrides = {
+            **CLUSTER_ENV,
+            "DATABASE_URL": db.url,
+            "REDIS_PREFIX": prefix,
+            **(env or {}),
+        }
+        try:
+            with run_workers(directory, count=count, env=overrides) as workers:
+                yield Cluster(backend, db, prefix, workers, directory, client)
+        finally:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def cluster(backend: str, tmp_path_factory) -> Iterator[Cluster]:
+    started = time.monotonic()
+    with start_cluster(tmp_path_factory.mktemp(f"dist-{backend}"), backend) as running:
+        print(f"[{backend}] two workers ready in {time.monotonic() - started:.2f} s")
+        yield running
+
+
+# --- clients ---------------------------------------------------------------------------------
+
+
+class Net:
+    """Opens sockets on the cluster's workers, with names unique to this test."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.tag = uuid.uuid4().hex[:8]
+        self.opened: list[ChatSocket] = []
+
+    def room(self, base: str) -> str:
+        return f"{base}-{self.tag}"
+
+    def uid(self, base: str) -> str:
+        return f"{base}-{self.tag}"
+
+    async def join(self, worker: Worker, room: str, uid: str, name: str) -> ChatSocket:
+        client = await ChatSocket.join(worker.url, room, uid, name)
+        self.opened.append(client)
+        return client
+
+    async def open(self, worker: Worker, room: str, uid: str, name: str) -> ChatSocket:
+        client = await ChatSocket.open(worker.url, f"/api/v1/ws/{room}", token=token_for(uid, name))
+        self.opened.append(client)
+        return client
+
+    async def close_all(self) -> None:
+        # All at once: each closing socket's "left" notice reaches the others while they are
+        # closing too, which must not leave any session open (the teardown checks).
+        await asyncio.gather(*(client.close() for client in self.opened))
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
+    """Poll a blocking `check` (run in a thread) until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await asyncio.to_thread(check)
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout} s: {what or check}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def net(cluster: Cluster):
+    """Sockets for one test. At teardown: close them, wait until the shared database shows
+    no open session (so the next test starts from an empty cluster), print the workers' logs
+    (pytest shows them for failed tests) and check that both workers are still alive."""
+    opened = Net(cluster)
+    yield opened
+    await opened.close_all()
+    try:
+        await eventually(
+            lambda: not cluster.db.open_sessions(), timeout=10, what="all sessions closed"
+        )
+    finally:
+        print(cluster.logs())
+    for worker in cluster.workers:
+        assert worker.alive(), f"worker {worker.index} died\n{cluster.logs()}"
+
+
+async def drain(client: ChatSocket, quiet: float = 0.5, limit: float = 10.0) -> list[dict]:
+    """Every frame until the socket stays silent for `quiet` seconds."""
+    frames: list[dict] = []
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            frames.append(await client.recv(quiet))
+        except TimeoutError:
+            return frames
+    raise AssertionError(f"socket never went quiet: {frames[-5:]}")
+
+
+async def silent(*clients: ChatSocket, timeout: float = 0.5) -> None:
+    """None of these sockets receives anything for `timeout` seconds (waited together)."""
+    await asyncio.gather(*(client.expect_silence(timeout) for client in clients))
+
+
+async def expect_joined(client: ChatSocket, name: str, uid: str) -> None:
+    system = await client.expect("system")
+    assert system["content"] == f"{name} joined the chat" and system["level"] == "info"
+    joined = await client.expect("user_joined")
+    assert (joined["user_id"], joined["username"], joined["status"]) == (uid, name, "online")
+
+
+async def expect_left(client: ChatSocket, name: str, uid: str) -> None:
+    system = await client.expect("system")
+    assert system["content"] == f"{name} left the chat" and system["level"] == "info"
+    left = await client.expect("user_left")
+    assert (left["user_id"], left["username"], left["status"]) == (uid, name, "offline")
+
+
+def presence_of(frame_or_body: dict) -> list[tuple[str, int]]:
+    return [(user["user_id"], user["connection_count"]) for user in frame_or_body["users"]]
+
+
+def http() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # loopback only: never through a proxy from the environment
+    return session
+
+
+async def http_get(url: str, *, token: str | None = None, raw_auth: str | None = None):
+    headers = {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if raw_auth is not None:
+        headers["Authorization"] = raw_auth
+    with http() as session:
+        return await asyncio.to_thread(session.get, url, headers=headers, timeout=5)
+
+
+# --- 8. concurrent writes from both workers ---------------------------------------------------
+
+
+async def test_concurrent_messages_from_both_workers_stored_and_delivered_once(net: Net):
+    """First in the module on purpose: no socket has closed on these workers yet. (A socket
+    closing on a worker can make that worker lose the next channel-layer message meant for
+    its other sockets: see test_stress_no_message_lost_after_sockets_close.)"""
+    workers, db = net.cluster.workers, net.cluster.db
+    room, per_client = net.room("burst"), 20
+    uids = [net.uid(f"writer{n}") for n in range(4)]
+    clients = [
+        await net.join(workers[n % 2], room, uid, f"Writer{n}") for n, uid in enumerate(uids)
+    ]
+    total = per_client * len(clients)
+    for client in clients:
+        await drain(client, quiet=0.3)
+
+    async def send_all(client: ChatSocket, uid: str) -> None:
+        for n in range(per_client):
+            await client.send({"type": "message", "content": f"{uid} #{n}", "message_id": f"{n}"})
+
+    async def receive_all(client: ChatSocket) -> list[dict]:
+        got: list[dict] = []
+        deadline = time.monotonic() + 30
+        while len(got) < total:
+            frame = await client.recv(max(deadline - time.monotonic(), 0.01))
+            assert frame["type"] != "error", frame
+            if frame["type"] == "message":
+                got.append(frame)
+        return got
+
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *(receive_all(client) for client in clients),
+        *(send_all(client, uid) for client, uid in zip(clients, uids, strict=True)),
+    )
+    received: list[list[dict]] = results[: len(clients)]
+    elapsed = time.monotonic() - started
+    print(f"[{net.cluster.backend}] {total} messages x {len(clients)} sockets in {elapsed:.2f} s")
+
+    expected = {(uid, str(n)) for uid in uids for n in range(per_client)}
+    ids_seen = None
+    for got in received:
+        assert len(got) == total
+        assert {(f["user_id"], f["client_message_id"]) for f in got} == expected
+        ids = {f["message_id"] for f in got}
+        assert len(ids) == total
+        assert ids_seen is None or ids == ids_seen
+        ids_seen = ids
+        for uid in uids:  # each sender's messages arrive in the order they were sent
+            order = [int(f["client_message_id"]) for f in got if f["user_id"] == uid]
+            assert order == list(range(per_client)), (uid, order)
+
+    stored = await asyncio.to_thread(
+        db.rows,
+        "SELECT id, user_id, client_message_id FROM chat_chatmessage WHERE room_id = %s",
+        room,
+    )
+    assert len(stored) == total
+    assert {(user_id, cid) for _, user_id, cid in stored} == expected
+    assert {str(pk) for pk, _, _ in stored} == ids_seen
+    for client in clients:  # every socket is still open and answering
+        await client.send({"type": "heartbeat"})
+        await client.expect("heartbeat_ack")
+        await client.expect_silence(0.1)
+    await asyncio.gather(*(client.close() for client in clients))
+    for client in clients:
+        assert client.connection.close_code == 1000, client.connection.close_code
+
+
+# --- 1. chat and typing across workers --------------------------------------------------------
+
+
+async def test_message_and_typing_cross_workers(net: Net):
+    a, b, db = net.cluster.a, net.cluster.b, net.cluster.db
+    room, alice_id, bob_id = net.room("chat"), net.uid("alice"), net.uid("bob")
+    alice = await net.join(a, room, alice_id, "Alice")
+    bob = await net.join(b, room, bob_id, "Bob")
+    assert presence_of(bob.presence) == [(alice_id, 1), (bob_id, 1)]
+    await expect_joined(alice, "Bob", bob_id)
+
+    await alice.send({"type": "message", "content": " hello from A ", "message_id": "c-1"})
+    to_alice, to_bob = await alice.expect("message"), await bob.expect("message")
+    assert to_alice == to_bob
+    assert to_alice["message_id"].isdecimal()
+    assert (to_alice["content"], to_alice["user_id"], to_alice["username"]) == (
+        "hello from A",
+        alice_id,
+        "Alice",
+    )
+    assert to_alice["client_message_id"] == "c-1" and to_alice["room_id"] == room
+    stored = await asyncio.to_thread(
+        db.rows,
+        "SELECT id, user_id, content, client_message_id FROM chat_chatmessage WHERE room_id = %s",
+        room,
+    )
+    assert stored == [(int(to_alice["message_id"]), alice_id, "hello from A", "c-1")]
+
+    await bob.send({"type": "typing", "is_typing": True})
+    for client in (alice, bob):
+        typing = await client.expect("typing")
+        assert (typing["user_id"], typing["username"], typing["is_typing"]) == (
+            bob_id,
+            "Bob",
+            True,
+        )
+
+    await bob.send({"type": "message", "content": "hi from B"})
+    back_on_a, back_on_b = await alice.expect("message"), await bob.expect("message")
+    assert back_on_a == back_on_b and back_on_a["user_id"] == bob_id
+    assert int(back_on_a["message_id"]) > int(to_alice["message_id"])
+    await bob.send({"type": "typing", "is_typing": False})
+    for client in (alice, bob):
+        assert (await client.expect("typing"))["is_typing"] is False
+    await alice.expect_silence(0.3)
+    await bob.expect_silence(0.1)
+
+
+# --- 2. presence and join/leave notices -------------------------------------------------------
+
+
+async def test_presence_and_membership_notices_identical_on_both_workers(net: Net):
+    a, b, db = net.cluster.a, net.cluster.b, net.cluster.db
+    room = net.room("presence")
+    alice_id, bob_id, carol_id = net.uid("alice"), net.uid("bob"), net.uid("carol")
+
+    alice = await net.join(a, room, alice_id, "Alice")
+    assert presence_of(alice.presence) == [(alice_id, 1)]
+    bob = await net.join(b, room, bob_id, "Bob")
+    assert presence_of(bob.presence) == [(alice_id, 1), (bob_id, 1)]
+    await expect_joined(alice, "Bob", bob_id)
+
+    # A newcomer on A: their presence lists both workers' users; one notice per member.
+    carol_a = await net.join(a, room, carol_id, "Carol")
+    assert presence_of(carol_a.presence) == [(alice_id, 1), (bob_id, 1), (carol_id, 1)]
+    for member in (alice, bob):
+        await expect_joined(member, "Carol", carol_id)
+    # Her second socket, on B: counted in presence, announced to nobody.
+    carol_b = await net.join(b, room, carol_id, "Carol")
+    assert presence_of(carol_b.presence) == [(alice_id, 1), (bob_id, 1), (carol_id, 2)]
+    await silent(alice, bob, carol_a)
+
+    # Two more newcomers, one per worker: the same presence is seen from A and from B.
+    dave_id, erin_id = net.uid("dave"), net.uid("erin")
+    dave = await net.join(b, room, dave_id, "Dave")
+    erin = await net.join(a, room, erin_id, "Erin")
+    expected = [(alice_id, 1), (bob_id, 1), (carol_id, 2), (dave_id, 1), (erin_id, 1)]
+    assert presence_of(erin.presence) == expected
+    assert presence_of(dave.presence) == expected[:-1]
+    token = token_for(alice_id, "Alice")
+    from_a = (await http_get(f"{a.http_url}/api/v1/ws/chat/users/{room}", token=token)).json()
+    from_b = (await http_get(f"{b.http_url}/api/v1/ws/chat/users/{room}", token=token)).json()
+    assert from_a == from_b and presence_of(from_a) == expected
+
+    members = {
+        "alice": alice,
+        "bob": bob,
+        "carol_a": carol_a,
+        "carol_b": carol_b,
+        "dave": dave,
+        "erin": erin,
+    }
+    seen = dict(
+        zip(members, await asyncio.gather(*(drain(m) for m in members.values())), strict=True)
+    )
+    for label in ("alice", "bob", "carol_a", "carol_b"):
+        kinds = Counter((f["type"], f.get("user_id") or f.get("content")) for f in seen[label])
+        assert kinds == {
+            ("system", "Dave joined the chat"): 1,
+            ("user_joined", dave_id): 1,
+            ("system", "Erin joined the chat"): 1,
+            ("user_joined", erin_id): 1,
+        }, (label, seen[label])
+    assert [f["type"] for f in seen["dave"]] == ["system", "user_joined"]
+    assert seen["erin"] == []
+
+    # Carol closes her socket on A: she is still here (on B), so nobody hears of it.
+    await carol_a.close()
+    await eventually(
+        lambda: len(db.open_sessions(carol_id)) == 1, what="carol's socket on A closed"
+    )
+    await silent(alice, bob, dave, erin, carol_b)
+
+    # Her last socket (on B) closes: exactly one left notice on each other member's socket.
+    await carol_b.close()
+    for member in (alice, bob, dave, erin):
+        await expect_left(member, "Carol", carol_id)
+    await silent(alice, bob, dave, erin)
+
+
+# --- 3. per-user connection cap across workers ------------------------------------------------
+
+
+async def test_connection_cap_counts_sockets_on_every_worker(net: Net):
+    a, b, db = net.cluster.a, net.cluster.b, net.cluster.db
+    uid, room1, room2 = net.uid("capped"), net.room("cap1"), net.room("cap2")
+    first = await net.join(a, room1, uid, "Capped")
+    second = await net.join(b, room1, uid, "Capped")
+    third = await net.join(a, room2, uid, "Capped")
+    assert second.ack["session_id"] != first.ack["session_id"]
+
+    for worker, room in ((b, room2), (a, room1)):
+        fourth = await net.open(worker, room, uid, "Capped")
+        error = await fourth.expect_error("TOO_MANY_CONNECTIONS")
+        assert error["message"] == "Too many connections"
+        await fourth.expect_close(4008)
+    assert len(await asyncio.to_thread(db.open_sessions, uid)) == 3
+
+    await second.close()
+    await eventually(lambda: len(db.open_sessions(uid)) == 2, what="B's socket closed")
+    again = await net.join(b, room2, uid, "Capped")
+    assert again.ack["user_id"] == uid
+    assert presence_of(again.presence) == [(uid, 2)]
+    for client in (first, third, again):
+        await client.send({"type": "heartbeat"})
+        await client.expect("heartbeat_ack")
+
+
+async def test_connection_cap_is_exact_when_sockets_race_on_both_workers(net: Net):
+    a, b, db = net.cluster.a, net.cluster.b, net.cluster.db
+    uid, rooms = net.uid("racer"), [net.room("race1"), net.room("race2")]
+    targets = [(worker, rooms[n % 2]) for n in range(3) for worker in (a, b)]
+    clients = await asyncio.gather(
+        *(net.open(worker, room, uid, "Racer") for worker, room in targets)
+    )
+    firsts = await asyncio.gather(*(client.recv(5) for client in clients))
+    accepted = [c for c, f in zip(clients, firsts, strict=True) if f["type"] == "connection_ack"]
+    refused = [c for c, f in zip(clients, firsts, strict=True) if f["type"] == "error"]
+    assert len(accepted) == 3 and len(refused) == 3, firsts
+    assert {f["error_code"] for f in firsts if f["type"] == "error"} == {"TOO_MANY_CONNECTIONS"}
+    for client in refused:
+        await client.expect_close(4008)
+    assert len(await asyncio.to_thread(db.open_sessions, uid)) == 3
+    # The accepted sockets close (at teardown) while their joins may still be being sent:
+    # their sessions must end all the same.
+
+
+# --- 4. rate limit across workers -------------------------------------------------------------
+
+
+async def test_rate_limit_counts_frames_on_every_worker(net: Net):
+    a, b = net.cluster.a, net.cluster.b
+    uid = net.uid("chatty")
+    on = {"A": await net.join(a, net.room("rl-a"), uid, "Chatty")}
+    on["B"] = await net.join(b, net.room("rl-b"), uid, "Chatty")
+    assert on["A"].ack["server_info"]["rate_limit"] == RATE_LIMIT
+
+    for n in range(RATE_LIMIT):
+        client = on["AB"[n % 2]]
+        # Heartbeats in between are answered and never counted.
+        await client.send({"type": "heartbeat"})
+        await client.expect("heartbeat_ack")
+        if n % 5 == 4:
+            await client.send({"type": "typing", "is_typing": n % 10 == 4})
+            await client.expect("typing")
+        else:
+            await client.send({"type": "message", "content": f"frame {n + 1}"})
+            assert (await client.expect("message"))["content"] == f"frame {n + 1}"
+
+    # Frame RATE_LIMIT + 1 overall, whichever worker it reaches, is refused; so is the next.
+    for label in ("B", "A") if RATE_LIMIT % 2 else ("A", "B"):
+        await on[label].send({"type": "message", "content": "one too many"})
+        error = await on[label].expect_error("RATE_LIMIT_EXCEEDED")
+        retry_after = error["details"]["retry_after"]
+        assert isinstance(retry_after, int) and not isinstance(retry_after, bool)
+        assert 1 <= retry_after <= 60
+    for client in on.values():  # still open; heartbeats still answered
+        await client.send({"type": "heartbeat"})
+        await client.expect("heartbeat_ack")
+        await client.expect_silence(0.2)
+
+
+# --- 6. HTTP companions -----------------------------------------------------------------------
+
+
+async def test_http_stats_and_room_users_reflect_both_workers(net: Net):
+    a, b = net.cluster.a, net.cluster.b
+    room1, room2 = net.room("http1"), net.room("http2")
+    alice_id, bob_id, carol_id = net.uid("alice"), net.uid("bob"), net.uid("carol")
+    await net.join(a, room1, alice_id, "Alice")
+    await net.join(b, room1, bob_id, "Bob")
+    await net.join(b, room1, alice_id, "Alice")
+    await net.join(b, room2, carol_id, "Carol")
+    await net.join(a, room2, carol_id, "Carol")
+    await net.join(a, room2, alice_id, "Alice")
+    token = token_for(net.uid("observer"), "Observer")
+
+    stats = await http_get(f"{a.http_url}/api/v1/ws/chat/stats", token=token)
+    assert stats.status_code == 200, stats.text
+    assert stats.json() == {
+        "total_users": 3,
+        "total_connections": 6,
+        "rooms": {room1: 2, room2: 2},
+    }
+    users = await http_get(f"{a.http_url}/api/v1/ws/chat/users/{room1}", token=token)
+    assert users.status_code == 200, users.text
+    body = users.json()
+    assert body["room_id"] == room1
+    assert presence_of(body) == [(alice_id, 2), (bob_id, 1)]
+    assert [user["username"] for user in body["users"]] == ["Alice", "Bob"]
+    assert all(user["connected_at"].endswith("Z") for user in body["users"])
+    users2 = (await http_get(f"{b.http_url}/api/v1/ws/chat/users/{room2}", token=token)).json()
+    assert sorted(presence_of(users2)) == [(alice_id, 1), (carol_id, 2)]
+    empty = await http_get(f"{a.http_url}/api/v1/ws/chat/users/{net.room('nobody')}", token=token)
+    assert empty.status_code == 200 and empty.json()["users"] == []
+
+    for path in ("/api/v1/ws/chat/stats", f"/api/v1/ws/chat/users/{room1}"):
+        for auth, code in (
+            (None, "AUTH_REQUIRED"),
+            ("Bearer ", "AUTH_REQUIRED"),
+            (f"Basic {token}", "AUTH_REQUIRED"),
+            ("Bearer not-a-token", "AUTH_INVALID"),
+            (f"Bearer {token[:-12]}xx.yy", "AUTH_INVALID"),
+        ):
+            response = await http_get(a.http_url + path, raw_auth=auth)
+            assert response.status_code == 401, (path, auth, response.text)
+            assert response.json()["error_code"] == code, (path, auth, response.text)
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+            assert token not in response.text
+
+
+# --- 7. admin termination across workers ------------------------------------------------------
+
+
+async def test_admin_terminates_a_session_held_by_the_other_worker(net: Net, tmp_path: Path):
+    a, b, db = net.cluster.a, net.cluster.b, net.cluster.db
+    room = net.room("admin")
+    victim_id, witness_id = net.uid("victim"), net.uid("witness")
+    username, password = f"admin-{net.tag}", f"pw-{uuid.uuid4().hex}"
+    await asyncio.to_thread(
+        manage,
+        ["createsuperuser", "--noinput", "--username", username, "--email", "admin@example.com"],
+        {**a.env, "DJANGO_SUPERUSER_PASSWORD": password},
+        tmp_path / "createsuperuser.log",
+        60,
+    )
+    witness = await net.join(a, room, witness_id, "Witness")
+    victim = await net.join(b, room, victim_id, "Victim")
+    bystander = await net.join(b, net.room("admin-other"), victim_id, "Victim")
+    await expect_joined(witness, "Victim", victim_id)
+    content = f"evidence {net.tag}"
+    await victim.send({"type": "message", "content": content})
+    message_id = (await victim.expect("message"))["message_id"]
+    assert (await witness.expect("message"))["message_id"] == message_id
+    session_id = victim.ack["session_id"]
+    assert db.session(session_id)["worker_id"].split(":")[1] == str(b.pid)
+
+    admin = f"{a.http_url}/admin"
+    with http() as browser:
+
+        def call(method: str, url: str, **kw) -> requests.Response:
+            return browser.request(method, url, timeout=10, allow_redirects=False, **kw)
+
+        login = await asyncio.to_thread(call, "GET", f"{admin}/login/?next=/admin/")
+        assert login.status_code == 200
+        logged_in = await asyncio.to_thread(
+            call,
+            "POST",
+            f"{admin}/login/",
+            data={
+                "username": username,
+                "password": password,
+                "csrfmiddlewaretoken": browser.cookies["csrftoken"],
+                "next": "/admin/",
+            },
+        )
+        assert logged_in.status_code == 302, logged_in.text[:2000]
+        assert logged_in.headers["Location"] == "/admin/"
+
+        changelist = f"{admin}/chat/chatsession/"
+        terminated = await asyncio.to_thread(
+            call,
+            "POST",
+            changelist,
+            data={
+                "action": "terminate_sessions",
+                "_selected_action": session_id,
+                "index": "0",
+                # Rotated by the login.
+                "csrfmiddlewaretoken": browser.cookies["csrftoken"],
+            },
+        )
+        assert terminated.status_code == 302, terminated.text[:2000]
+
+        # The socket held by worker B is told why, then closed with 4010.
+        error = await victim.expect_error("SESSION_TERMINATED", timeout=5)
+        assert error["message"] == "Session terminated by an operator"
+        await victim.expect_close(4010)
+        await eventually(
+            lambda: db.session(session_id)["close_code"] == 4010, what="close_code 4010 stored"
+        )
+        row = await asyncio.to_thread(db.session, session_id)
+        assert row["disconnected_at"] is not None
+        # The victim's other socket was not selected: untouched. The room hears the departure.
+        await expect_left(witness, "Victim", victim_id)
+        await bystander.send({"type": "heartbeat"})
+        await bystander.expect("heartbeat_ack")
+        assert db.session(bystander.ack["session_id"])["disconnected_at"] is None
+
+        page = await asyncio.to_thread(call, "GET", changelist)
+        assert page.status_code == 200
+        assert "Asked the workers to close 1 open session(s)." in page.text
+        listed = await asyncio.to_thread(call, "GET", changelist, params={"q": session_id})
+        assert listed.status_code == 200 and session_id in listed.text
+        messages = await asyncio.to_thread(
+            call, "GET", f"{admin}/chat/chatmessage/", params={"q": content}
+        )
+        assert messages.status_code == 200
+        assert content in messages.text and f"/chat/chatmessage/{message_id}/" in messages.text
+        assert (await asyncio.to_thread(call, "GET", f"{admin}/chat/chatmessage/")).ok
+
+    # Without an admin login, the changelist is not served.
+    with http() as anonymous:
+        refused = await asyncio.to_thread(
+            anonymous.get, f"{admin}/chat/chatsession/", timeout=5, allow_redirects=False
+        )
+    assert refused.status_code == 302 and "/admin/login/" in refused.headers["Location"]
+
+
+# --- a room frame reaching a socket the server is closing ---------------------------------------
+
+
+async def test_room_frame_during_server_close_does_not_leave_session_open(net: Net):
+    """The server closes a socket (here: rate-limit abuse, 4029; the same holds for 4010,
+    4012, 4003 and the idle timeout) and the client is slow to answer the close (as over a
+    mobile network): a room message that reaches the socket's consumer meanwhile must not
+    keep the session open. (Regression: daphne raised autobahn's `Disconnected` from the
+    consumer's send, the consumer died, `disconnect()` never ran, and the session stayed open
+    for good: ghost presence, counted against the user's connection cap.)"""
+    a, b, db = net.cluster.a, net.cluster.b, net.cluster.db
+    room, victim_id, witness_id = net.room("ghost"), net.uid("victim"), net.uid("witness")
+    witness = await net.join(a, room, witness_id, "Witness")
+    victim = await net.join(b, room, victim_id, "Victim")
+    await expect_joined(witness, "Victim", victim_id)
+    session_id = victim.ack["session_id"]
+    try:
+        victim.connection.transport.pause_reading()  # a slow client
+        for _ in range(RATE_LIMIT * 3 + 1):  # the last one is abuse: error, then close 4029
+            await victim.send({"type": "history", "limit": 1})
+        await eventually(  # B has refused them all: its close (4029) is on the way
+            lambda: net.cluster.refused_frames(victim_id) > RATE_LIMIT * 2,
+            what="the abuse threshold reached",
+        )
+        for n in range(5):  # reach the victim's consumer while its close is unanswered
+            await witness.send({"type": "message", "content": f"anyone there? {n}"})
+            await asyncio.sleep(0.05)
+        victim.connection.transport.resume_reading()
+        frames = []
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            while True:
+                frames.append(await victim.recv(5))
+        assert frames[-1]["type"] == "error", frames[-1]
+        assert frames[-1]["error_code"] == "RATE_LIMIT_EXCEEDED"
+        assert victim.connection.close_code == 4029
+
+        await eventually(
+            lambda: db.session(session_id)["disconnected_at"] is not None,
+            what="the victim's session ended",
+        )
+        row = db.session(session_id)
+        assert (row["close_code"], row["close_reason"]) == (4029, "rate_limited"), row
+        assert [f["type"] for f in await drain(witness) if f["type"] != "message"] == [
+            "system",
+            "user_left",
+        ]
+    finally:  # a session left open must not leak into the other tests of this pair
+        await asyncio.to_thread(
+            db.execute,
+            "UPDATE chat_chatsession SET disconnected_at = CURRENT_TIMESTAMP "
+            "WHERE session_id = %s AND disconnected_at IS NULL",
+            db.session_key(session_id),
+        )
+
+
+# --- a live worker whose database calls stall --------------------------------------------------
+
+
+@contextlib.contextmanager
+def database_lock(db: Database, user_id: str) -> Iterator[None]:
+    """Block the workers' database calls that need this user's lock: on PostgreSQL, that
+    user's ChatUser row; on SQLite, every write (the file's write lock)."""
+    if db.backend == "sqlite":
+        conn = sqlite3.connect(db.sqlite_path, timeout=10, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+        return
+    import psycopg
+
+    with psycopg.connect(db.url, connect_timeout=5) as conn:
+        conn.execute("SELECT 1 FROM chat_chatuser WHERE user_id = %s FOR UPDATE", (user_id,))
+        yield
+        conn.rollback()
+
+
+async def test_worker_with_stalled_database_calls_is_not_reaped(net: Net):
+    """Liveness means "this worker's event loop runs", not "its database calls are quick":
+    while one of A's database calls waits for a lock (longer than CHAT_WORKER_TTL), no
+    worker may reap A's sessions. (Regression: the liveness key used to be refreshed in the
+    reaper's loop, behind A's own stalled database calls; B then told the room Bob had left,
+    discarded his channel from the room group, and his open socket went deaf. On SQLite the
+    workers reaped each other.)"""
+    a, b, db = net.cluster.a, net.cluster.b, net.cluster.db
+    room = net.room("stall")
+    bob_id, erin_id, stuck_id = net.uid("bob"), net.uid("erin"), net.uid("stuck")
+    bob = await net.join(a, room, bob_id, "Bob")
+    erin = await net.join(b, room, erin_id, "Erin")
+    await expect_joined(bob, "Erin", erin_id)
+    first = await net.join(a, net.room("stall-other"), stuck_id, "Stuck")  # creates the user
+    await first.close()
+    await eventually(lambda: not db.open_sessions(stuck_id), what="stuck's first socket closed")
+
+    with database_lock(db, stuck_id):
+        # Accepted at once; its session_open then waits for the lock on A's database thread.
+        stuck = await net.open(a, net.room("stall-other"), stuck_id, "Stuck")
+        # Worker A's event loop runs and its sockets are fine: nobody may declare it dead.
+        # (A key left unrefreshed expires within WORKER_TTL; B looks every REAP_INTERVAL.)
+        await erin.expect_silence(WORKER_TTL + REAP_INTERVAL + 0.5)
+    assert (await stuck.recv(10))["type"] == "connection_ack"
+    assert db.session(bob.ack["session_id"])["disconnected_at"] is None
+    await erin.send({"type": "message", "content": "still with us, Bob?"})
+    for client in (bob, erin):
+        assert (await client.expect("message"))["content"] == "still with us, Bob?"
+
+
+# --- 5. a worker killed with SIGKILL ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def own_cluster(backend: str, tmp_path: Path, count: int) -> Iterator[Cluster]:
+    with start_cluster(tmp_path, backend, count=count) as running:
+        try:
+            yield running
+        finally:
+            print(running.logs())
+
+
+@pytest.fixture
+def three_workers(backend: str, tmp_path: Path) -> Iterator[Cluster]:
+    """Workers of its own (A is killed): A, B and C, so two live workers reap A at once."""
+    with own_cluster(backend, tmp_path, 3) as running:
+        yield running
+
+
+@pytest.fixture
+def two_workers(backend: str, tmp_path: Path) -> Iterator[Cluster]:
+    """Workers of its own (A is stopped)."""
+    with own_cluster(backend, tmp_path, 2) as running:
+        yield running
+
+
+async def test_killed_worker_users_shown_as_left_once_and_sessions_closed(
+    three_workers: Cluster, capsys
+):
+    cluster = three_workers
+    a, b, c = cluster.workers
+    db, tag = cluster.db, uuid.uuid4().hex[:8]
+    room = f"dead-{tag}"
+    ids = {name: f"{name.lower()}-{tag}" for name in ("Alice", "Dave", "Carol", "Bob", "Erin")}
+    opened: list[ChatSocket] = []
+
+    async def join(worker: Worker, name: str) -> ChatSocket:
+        client = await ChatSocket.join(worker.url, room, ids[name], name)
+        opened.append(client)
+        return client
+
+    try:
+        bob = await join(b, "Bob")
+        erin = await join(c, "Erin")
+        alice = await join(a, "Alice")
+        dave = await join(a, "Dave")
+        carol_a = await join(a, "Carol")
+        carol_b = await join(b, "Carol")  # Carol is also on B: she must not be shown as left
+        members = {"bob": bob, "erin": erin, "carol_b": carol_b}
+        for client in (bob, erin, alice, dave, carol_a, carol_b):
+            await drain(client, quiet=0.3)
+        a_sessions = [client.ack["session_id"] for client in (alice, dave, carol_a)]
+        assert any(f":{a.pid}:" in key for key in cluster.liveness_keys()), cluster.liveness_keys()
+
+        killed_at = time.monotonic()
+        a.kill()
+        with pytest.raises(ConnectionClosed):
+            await alice.recv(5)  # its clients lose the connection (no close frame)
+
+        # Live workers B and C both reap A: each member hears of each of A's users once.
+        async def watch(client: ChatSocket) -> tuple[list[dict], dict[str, float]]:
+            frames, arrivals = [], {}
+            deadline = killed_at + 10
+            while {ids["Alice"], ids["Dave"]} - arrivals.keys():
+                frame = await client.recv(max(deadline - time.monotonic(), 0.01))
+                frames.append(frame)
+                if frame["type"] == "user_left":
+                    arrivals.setdefault(frame["user_id"], time.monotonic() - killed_at)
+            frames += await drain(client, quiet=1.5 * REAP_INTERVAL)  # B and C reap again
+            return frames, arrivals
+
+        watched = dict(
+            zip(members, await asyncio.gather(*(watch(m) for m in members.values())), strict=True)
+        )
+        for label, (frames, _) in watched.items():
+            kinds = Counter((f["type"], f.get("user_id") or f.get("content")) for f in frames)
+            assert kinds == {
+                ("system", "Alice left the chat"): 1,
+                ("user_left", ids["Alice"]): 1,
+                ("system", "Dave left the chat"): 1,
+                ("user_left", ids["Dave"]): 1,
+            }, (label, frames)
+        bob_arrivals = watched["bob"][1]
+        detection = max(bob_arrivals.values())
+        with capsys.disabled():
+            print(
+                f"\n[{cluster.backend}] SIGKILL -> user_left on B: "
+                + ", ".join(f"{uid.split('-')[0]} {t:.2f} s" for uid, t in bob_arrivals.items())
+                + f" (CHAT_WORKER_TTL={WORKER_TTL}, CHAT_REAP_INTERVAL={REAP_INTERVAL})"
+            )
+        assert detection <= WORKER_TTL + 5
+
+        for sid in a_sessions:
+            row = db.session(sid)
+            assert row["disconnected_at"] is not None, row
+            assert row["close_reason"] == "worker_lost", row
+        for client in (bob, erin, carol_b):
+            assert db.session(client.ack["session_id"])["disconnected_at"] is None
+        assert not any(f":{a.pid}:" in key for key in cluster.liveness_keys())
+
+        token = token_for(ids["Bob"], "Bob")
+        users = await http_get(f"{b.http_url}/api/v1/ws/chat/users/{room}", token=token)
+        assert sorted(presence_of(users.json())) == sorted(
+            [(ids["Bob"], 1), (ids["Carol"], 1), (ids["Erin"], 1)]
+        )
+
+        # The room goes on across the live workers.
+        await erin.send({"type": "message", "content": "still here"})
+        for client in (bob, erin, carol_b):
+            assert (await client.expect("message"))["content"] == "still here"
+        for worker in (b, c):
+            assert worker.alive(), cluster.logs()
+    finally:
+        await asyncio.gather(*(client.close() for client in opened))
+
+
+# --- a worker stopped with SIGTERM -------------------------------------------------------------
+
+
+async def test_sigterm_on_one_worker_closes_its_sockets_and_the_room_hears_at_once(
+    two_workers: Cluster,
+):
+    """Graceful shutdown (protocol §4.7, §10): A's sockets get SERVICE_UNAVAILABLE and 4012,
+    their sessions end as `shutdown` (not reaped later as `worker_lost`), members on B hear
+    who left, a user still on B is not announced, and a client that reconnects to B catches
+    up with `history` `after`."""
+    cluster = two_workers
+    a, b = cluster.workers
+    db, tag = cluster.db, uuid.uuid4().hex[:8]
+    room = f"term-{tag}"
+    ids = {name: f"{name.lower()}-{tag}" for name in ("Alice", "Carol", "Bob")}
+    opened: list[ChatSocket] = []
+
+    async def join(worker: Worker, name: str) -> ChatSocket:
+        client = await ChatSocket.join(worker.url, room, ids[name], name)
+        opened.append(client)
+        return client
+
+    try:
+        bob = await join(b, "Bob")
+        alice = await join(a, "Alice")
+        carol_a = await join(a, "Carol")
+        carol_b = await join(b, "Carol")
+        for client in (bob, alice, carol_a, carol_b):
+            await drain(client, quiet=0.3)
+        await bob.send({"type": "message", "content": "before"})
+        last_seen = (await alice.expect("message"))["message_id"]
+        for client in (bob, carol_a, carol_b):
+            assert (await client.expect("message"))["message_id"] == last_seen
+
+        stopped_at = time.monotonic()
+        a.send_signal(signal.SIGTERM)
+        for client in (alice, carol_a):
+            await client.expect_error("SERVICE_UNAVAILABLE", timeout=10)
+            await client.expect_close(4012, timeout=10)
+        await expect_left(bob, "Alice", ids["Alice"])
+        heard_after = time.monotonic() - stopped_at
+        print(f"[{cluster.backend}] SIGTERM -> user_left on B: {heard_after:.2f} s")
+        await expect_left(carol_b, "Alice", ids["Alice"])
+        assert a.reap(timeout=15) == 0, a.logs()
+        # Nothing more: Carol (still on B) is not announced, and B reaps nothing later.
+        later = await asyncio.gather(
+            *(drain(client, quiet=WORKER_TTL + REAP_INTERVAL + 0.5) for client in (bob, carol_b))
+        )
+        assert later == [[], []]
+        rows = await asyncio.to_thread(
+            db.rows,
+            "SELECT user_id, close_code, close_reason FROM chat_chatsession "
+            "WHERE disconnected_at IS NOT NULL",
+        )
+        assert sorted(rows) == sorted(
+            [(ids["Alice"], 4012, "shutdown"), (ids["Carol"], 4012, "shutdown")]
+        )
+        assert {row[1] for row in db.open_sessions()} == {ids["Bob"], ids["Carol"]}
+
+        # Alice reconnects to B and catches up on what she missed.
+        await bob.send({"type": "message", "content": "while you were away"})
+        missed = await bob.expect("message")
+        alice = await join(b, "Alice")
+        await alice.send({"type": "history", "after": last_seen, "limit": 10})
+        page = await alice.expect("history")
+        assert [m["message_id"] for m in page["messages"]] == [missed["message_id"]]
+    finally:
+        await asyncio.gather(*(client.close() for client in opened))
+
+
+# --- opt-in: message loss after sockets close (channels-redis) -----------------------------------
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CHAT_STRESS"),
+    reason="opt-in stress (CHAT_STRESS=1, ~30 s per database): no message lost after sockets "
+    "close; fails with CHANNEL_LAYER=core (django/channels_redis#366, django/channels#1683)",
+)
+async def test_stress_no_message_lost_after_sockets_close(net: Net):
+    """Rounds of: six sockets close (their consumers' channel-layer receives are cancelled),
+    then four writers exchange 80 messages. Every message must reach every writer. With
+    channels-redis 4.3 core layer and redis-py 8, a round loses a message for all of one
+    worker's sockets now and then (3 rounds of 12 in one measurement), which is why the
+    default is CHANNEL_LAYER=pubsub (0 lost in 12 rounds per database)."""
+    workers = net.cluster.workers
+    lost_rounds = []
+    for round_ in range(int(os.environ.get("CHAT_STRESS_ROUNDS", "12"))):
+        tag = f"{net.tag}-{round_}"
+        churn = [
+            await ChatSocket.join(workers[n % 2].url, f"churn-{tag}", f"c{n}-{tag}", f"C{n}")
+            for n in range(6)
+        ]
+        writers = [
+            await ChatSocket.join(workers[n % 2].url, f"burst-{tag}", f"w{n}-{tag}", f"W{n}")
+            for n in range(4)
+        ]
+        await asyncio.gather(*(drain(writer, quiet=0.2) for writer in writers))
+        await asyncio.gather(*(client.close() for client in churn))
+
+        async def send(writer: ChatSocket, n: int) -> None:
+            for k in range(20):
+                await writer.send({"type": "message", "content": f"{n}-{k}"})
+
+        async def receive(writer: ChatSocket) -> int:
+            got = 0
+            with contextlib.suppress(TimeoutError):
+                while got < 80:
+                    got += (await writer.recv(8))["type"] == "message"
+            return got
+
+        counts = await asyncio.gather(
+            *(receive(w) for w in writers), *(send(w, n) for n, w in enumerate(writers))
+        )
+        if counts[:4] != [80] * 4:
+            lost_rounds.append((round_, counts[:4]))
+        await asyncio.gather(*(writer.close() for writer in writers))
+    assert lost_rounds == [], f"messages lost (round, received per writer): {lost_rounds}"
