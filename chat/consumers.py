@@ -387,6 +387,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
         except Exception:
             logger.exception("background work failed session=%s", self.session_id)
 
+    def request_analysis(self, data: dict, *, invalid: ErrorCode) -> None:
+        """Validate a health payload here (errors go straight back), analyse it off the path."""
+        payload = health_payload(data, max_points=settings.CHAT_MAX_DATA_POINTS, invalid=invalid)
+        self.spawn(self.analyse(payload))
+
     async def analyse(self, payload: HealthPayload) -> None:
         """Health analysis for this user; results go to this user's sockets only."""
         group = user_group(self.identity.user_id)
@@ -488,15 +493,7 @@ class ChatConsumer(SessionConsumer):
             await self.channel_layer.group_send(room_group(self.room_id), event)
 
     async def on_health_insight(self, message: HealthInsightIn) -> None:
-        self.spawn(
-            self.analyse(
-                health_payload(
-                    message.content,
-                    max_points=settings.CHAT_MAX_DATA_POINTS,
-                    invalid=ErrorCode.INVALID_HEALTH_INSIGHT_CONTENT,
-                )
-            )
-        )
+        self.request_analysis(message.content, invalid=ErrorCode.INVALID_HEALTH_INSIGHT_CONTENT)
 
     async def answer(self, question: dict) -> None:
         reply = await assistant_reply(
@@ -537,15 +534,7 @@ class HealthAnalysisConsumer(SessionConsumer):
         await self.send_frame(frame(MessageType.SYSTEM, content=self.WELCOME, level="info"))
 
     async def on_health_data(self, message: HealthDataIn) -> None:
-        self.spawn(
-            self.analyse(
-                health_payload(
-                    message.data,
-                    max_points=settings.CHAT_MAX_DATA_POINTS,
-                    invalid=ErrorCode.INVALID_HEALTH_DATA_PAYLOAD,
-                )
-            )
-        )
+        self.request_analysis(message.data, invalid=ErrorCode.INVALID_HEALTH_DATA_PAYLOAD)
 
     handlers = {
         MessageType.HEALTH_DATA: on_health_data,
