@@ -35,24 +35,29 @@ class Verdict:
     abusive: bool = False
 
 
-def _incr(key: str, delta: int, ttl: int) -> int:
-    """Atomically add delta to a counter that expires ttl seconds after its creation."""
+def _incr(key: str, delta: int, ttl: int, *, also_read: str | None = None) -> tuple[int, int]:
+    """Atomically add delta to a counter that expires ttl seconds after its creation; also
+    read the counter `also_read` (0 if absent) in the same round trip."""
     cache = caches["default"]
     if isinstance(cache, RedisCache):
-        # One round trip instead of Django's exists+incr (which can also resurrect an
-        # expiring key without a TTL).
+        # One round trip instead of Django's get + exists + incr (whose exists/incr pair can
+        # also resurrect an expiring key without a TTL).
         full_key = cache.make_and_validate_key(key)
         client = cache._cache.get_client(full_key, write=True)
         pipe = client.pipeline(transaction=True)
         pipe.incrby(full_key, delta)
         pipe.expire(full_key, ttl, nx=True)
-        return int(pipe.execute()[0])
+        if also_read is not None:
+            pipe.get(cache.make_and_validate_key(also_read))
+        results = pipe.execute()
+        return int(results[0]), int(results[2] or 0) if also_read is not None else 0
     cache.add(key, 0, ttl)
     try:
-        return cache.incr(key, delta)
+        value = cache.incr(key, delta)
     except ValueError:  # expired between add and incr
         cache.add(key, 0, ttl)
-        return cache.incr(key, delta)
+        value = cache.incr(key, delta)
+    return value, (cache.get(also_read) or 0) if also_read is not None else 0
 
 
 def _retry_after(*, rule: Rule, previous: int, current: int, elapsed: float) -> int:
@@ -74,13 +79,12 @@ def rate_limit_hit(*, key: str, rule: Rule, now: float | None = None) -> Verdict
     elapsed = now - window * rule.seconds
     ttl = rule.seconds * 2 + 1
     accepted_key = f"rl:{key}:{window}"
-    previous = caches["default"].get(f"rl:{key}:{window - 1}") or 0
-    current = _incr(accepted_key, 1, ttl)
+    current, previous = _incr(accepted_key, 1, ttl, also_read=f"rl:{key}:{window - 1}")
     estimate = previous * (1 - elapsed / rule.seconds) + current
     if estimate <= rule.max_requests:
         return Verdict(limited=False)
-    current = _incr(accepted_key, -1, ttl)
-    refused = _incr(f"rl:{key}:{window}:refused", 1, ttl)
+    current, _ = _incr(accepted_key, -1, ttl)
+    refused, _ = _incr(f"rl:{key}:{window}:refused", 1, ttl)
     return Verdict(
         limited=True,
         retry_after=_retry_after(rule=rule, previous=previous, current=current, elapsed=elapsed),
