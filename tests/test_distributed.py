@@ -889,12 +889,10 @@ async def test_killed_worker_users_shown_as_left_once_and_sessions_closed(
     db, tag = cluster.db, uuid.uuid4().hex[:8]
     room = f"dead-{tag}"
     ids = {name: f"{name.lower()}-{tag}" for name in ("Alice", "Dave", "Carol", "Bob", "Erin")}
-    opened: list[ChatSocket] = []
+    net = Net(cluster)
 
     async def join(worker: Worker, name: str) -> ChatSocket:
-        client = await ChatSocket.join(worker.url, room, ids[name], name)
-        opened.append(client)
-        return client
+        return await net.join(worker, room, ids[name], name)
 
     try:
         bob = await join(b, "Bob")
@@ -968,7 +966,7 @@ async def test_killed_worker_users_shown_as_left_once_and_sessions_closed(
         for worker in (b, c):
             assert worker.alive(), cluster.logs()
     finally:
-        await asyncio.gather(*(client.close() for client in opened))
+        await net.close_all()
 
 
 # --- a worker stopped with SIGTERM -------------------------------------------------------------
@@ -986,12 +984,10 @@ async def test_sigterm_on_one_worker_closes_its_sockets_and_the_room_hears_at_on
     db, tag = cluster.db, uuid.uuid4().hex[:8]
     room = f"term-{tag}"
     ids = {name: f"{name.lower()}-{tag}" for name in ("Alice", "Carol", "Bob")}
-    opened: list[ChatSocket] = []
+    net = Net(cluster)
 
     async def join(worker: Worker, name: str) -> ChatSocket:
-        client = await ChatSocket.join(worker.url, room, ids[name], name)
-        opened.append(client)
-        return client
+        return await net.join(worker, room, ids[name], name)
 
     try:
         bob = await join(b, "Bob")
@@ -1038,7 +1034,7 @@ async def test_sigterm_on_one_worker_closes_its_sockets_and_the_room_hears_at_on
         page = await alice.expect("history")
         assert [m["message_id"] for m in page["messages"]] == [missed["message_id"]]
     finally:
-        await asyncio.gather(*(client.close() for client in opened))
+        await net.close_all()
 
 
 # --- opt-in: message loss after sockets close (channels-redis) -----------------------------------
