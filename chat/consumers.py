@@ -13,6 +13,7 @@ import math
 from datetime import UTC, datetime, timedelta
 
 from autobahn.exception import Disconnected
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -20,7 +21,7 @@ from django.conf import settings
 from chat import metrics, worker
 from chat.analysis import health_analysis
 from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
-from chat.history import messages_page
+from chat.history import message_store, messages_page
 from chat.inbound import decode_frame, parse_message, well_formed_heartbeat
 from chat.models import Endpoint
 from chat.protocol import (
@@ -49,8 +50,8 @@ from chat.protocol import (
     iso,
     now_iso,
 )
-from chat.ratelimit import Rule, rate_limit_hit
-from chat.replies import assistant_reply, message_store
+from chat.ratelimit import Rule, arate_limit_hit
+from chat.replies import assistant_reply, room_assistant_mode, wants_reply
 from chat.rooms import membership_notices, room_event, room_group, room_id_problem, user_group
 from chat.sessions import SessionRefused, room_presence, session_close, session_open, session_touch
 
@@ -91,6 +92,18 @@ class SessionConsumer(AsyncWebsocketConsumer):
     async def leaving(self, *, last_in_room: bool) -> None:
         """What the endpoint tells others when this session has ended."""
 
+    async def dispatch(self, message: dict) -> None:
+        """Channels' dispatch, without its per-event `close_old_connections` thread hop.
+
+        Stock Channels runs `close_old_connections` in the database thread before every
+        event, including every room frame a socket receives: one thread round trip per
+        delivery, the largest cost of fan-out. Every database call here goes through
+        `database_sync_to_async`, which closes stale connections itself around each call."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
     # --- connection ---------------------------------------------------------------------
 
     async def connect(self) -> None:
@@ -129,6 +142,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             logger.exception("connect failed room=%s", self.room_id)
             return await self.end(Close.SERVICE_UNAVAILABLE)
         self.session_id = opened.session_id
+        self.room_assistant_mode = opened.room_assistant_mode
         metrics.CONNECTIONS_OPEN.labels(self.endpoint).inc()
         for group in self.groups_joined():
             await self.channel_layer.group_add(group, self.channel_name)
@@ -275,8 +289,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if heartbeat is not None:
             metrics.FRAMES_IN.labels(MessageType.HEARTBEAT).inc()
             return await self.on_heartbeat(heartbeat)
-        verdict = await asyncio.to_thread(
-            rate_limit_hit,
+        verdict = await arate_limit_hit(
             key=f"user:{self.identity.user_id}",
             rule=Rule(
                 seconds=settings.CHAT_RATE_LIMIT_WINDOW,
@@ -358,6 +371,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
         """This worker is stopping (SIGTERM/SIGINT): the client should reconnect elsewhere."""
         await self.end(Close.SHUTDOWN)
 
+    async def room_settings(self, event: dict) -> None:
+        """An operator changed this room (admin): its assistant mode applies from now on."""
+        self.room_assistant_mode = event["assistant_mode"]
+
     async def session_terminate(self, event: dict) -> None:
         """An operator ended this session (admin action), from whichever worker."""
         await self.end(Close.SESSION_TERMINATED)
@@ -436,7 +453,7 @@ class ChatConsumer(SessionConsumer):
             await self.announce(joined=False)
 
     async def on_message(self, message: ChatIn) -> None:
-        stored, wants_reply = await database_sync_to_async(message_store)(
+        stored = await database_sync_to_async(message_store)(
             room_id=self.room_id,
             user_id=self.identity.user_id,
             username=self.identity.username,
@@ -446,7 +463,8 @@ class ChatConsumer(SessionConsumer):
         )
         self.messages_sent += 1
         await self.broadcast(stored)
-        if wants_reply:
+        mode = room_assistant_mode(self.room_assistant_mode)
+        if wants_reply(mode=mode, content=message.content):
             self.spawn(self.answer(stored))
 
     async def on_typing(self, message: TypingIn) -> None:

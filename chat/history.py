@@ -27,6 +27,28 @@ def message_create(
     )
 
 
+def message_store(
+    *,
+    room_id: str,
+    user_id: str,
+    username: str,
+    content: str,
+    metadata: dict[str, Any] | None,
+    client_message_id: str | None,
+) -> dict[str, Any]:
+    """Store a chat message (a user's or the assistant's); its `message` frame."""
+    return message_frame(
+        message_create(
+            room_id=room_id,
+            user_id=user_id,
+            username=username,
+            content=content,
+            metadata=metadata,
+            client_message_id=client_message_id,
+        )
+    )
+
+
 def message_frame(message: ChatMessage) -> dict[str, Any]:
     """The `message` frame of a stored message; its timestamp is when it was stored."""
     payload = frame(

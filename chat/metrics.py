@@ -33,3 +33,7 @@ ASSISTANT_SECONDS = Histogram(
 REAPED_SESSIONS = Counter(
     "clarity_reaped_sessions_total", "Sessions of dead workers ended by this worker"
 )
+LAYER_DROPPED = Counter(
+    "clarity_layer_dropped_total",
+    "Channel-layer messages dropped because a socket's queue was full (overload)",
+)

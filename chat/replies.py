@@ -10,8 +10,8 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from chat.assistant.base import APOLOGY, AssistantError, AssistantProvider, AssistantRequest, ask
-from chat.history import message_create, message_frame
-from chat.models import AssistantMode, ChatMessage, Room
+from chat.history import message_store
+from chat.models import AssistantMode, ChatMessage
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +20,9 @@ AI_USERNAME = "AI"
 MENTION = "@ai"
 
 
-def room_assistant_mode(*, room_id: str) -> str:
-    mode = Room.objects.filter(pk=room_id).values_list("assistant_mode", flat=True).first()
-    return mode or settings.ASSISTANT_MODE
+def room_assistant_mode(stored: str) -> str:
+    """A room's stored mode, or the deployment's default (ASSISTANT_MODE) when it has none."""
+    return stored or settings.ASSISTANT_MODE
 
 
 def wants_reply(*, mode: str, content: str) -> bool:
@@ -31,28 +31,6 @@ def wants_reply(*, mode: str, content: str) -> bool:
     if mode == AssistantMode.MENTION:
         return content[: len(MENTION)].lower() == MENTION
     return False
-
-
-def message_store(
-    *,
-    room_id: str,
-    user_id: str,
-    username: str,
-    content: str,
-    metadata: dict[str, Any] | None,
-    client_message_id: str | None,
-) -> tuple[dict[str, Any], bool]:
-    """Store a user's chat message; its frame, and whether the room's assistant answers it."""
-    stored = message_create(
-        room_id=room_id,
-        user_id=user_id,
-        username=username,
-        content=content,
-        metadata=metadata,
-        client_message_id=client_message_id,
-    )
-    mode = room_assistant_mode(room_id=room_id)
-    return message_frame(stored), wants_reply(mode=mode, content=content)
 
 
 def room_context(*, room_id: str, before_id: int, limit: int) -> list[tuple[str, str]]:
@@ -95,7 +73,7 @@ async def assistant_reply(
     except AssistantError as exc:
         logger.warning("assistant failed in room=%s: %s", room_id, type(exc).__name__)
         content = APOLOGY
-    stored = await database_sync_to_async(message_create)(
+    return await database_sync_to_async(message_store)(
         room_id=room_id,
         user_id=AI_USER_ID,
         username=AI_USERNAME,
@@ -103,4 +81,3 @@ async def assistant_reply(
         metadata={"in_reply_to": question["message_id"]},
         client_message_id=None,
     )
-    return message_frame(stored)

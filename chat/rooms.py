@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
 from chat.protocol import HEALTH_ROOM_PREFIX, ROOM_ID_RE, Close, MessageType, encode, frame
 
 
@@ -56,3 +60,16 @@ def membership_notices(*, user_id: str, username: str, joined: bool) -> list[dic
             exclude_user=user_id,
         ),
     ]
+
+
+def room_saved(sender: type, *, instance: Any, created: bool, **kwargs: Any) -> None:
+    """post_save of a Room (the admin): tell its open sockets, on every worker, once the
+    change is committed. Sockets read the room's settings when they join and keep them."""
+    if created:
+        return
+
+    def notify() -> None:
+        event = {"type": "room.settings", "assistant_mode": instance.assistant_mode}
+        async_to_sync(get_channel_layer().group_send)(room_group(instance.pk), event)
+
+    transaction.on_commit(notify)

@@ -33,6 +33,8 @@ class SessionOpened:
     session_id: str
     connected_at: datetime
     first_in_room: bool
+    # The room's assistant mode as stored (empty: the deployment's default).
+    room_assistant_mode: str
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ def session_open(
         session_id=str(session.session_id),
         connected_at=session.connected_at,
         first_in_room=first_in_room,
+        room_assistant_mode=room.assistant_mode,
     )
 
 

@@ -115,7 +115,15 @@ TEMPLATES = [
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
 # SQLITE_BUSY_TIMEOUT: seconds a SQLite writer waits for the lock held by another worker.
 SQLITE_BUSY_TIMEOUT = env_float("SQLITE_BUSY_TIMEOUT", 20.0)
-DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+# DATABASE_CONN_MAX_AGE: seconds a worker keeps its database connection open (0: a new
+# connection for every database call, which costs more than the call itself). Connections
+# are checked before reuse, so a restarted database server is reconnected to transparently.
+DATABASE_CONN_MAX_AGE = env_int("DATABASE_CONN_MAX_AGE", 600)
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL, conn_max_age=DATABASE_CONN_MAX_AGE, conn_health_checks=True
+    )
+}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         # Several local workers may share one SQLite file: write transactions take the lock
@@ -208,7 +216,8 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            # channels' in-memory layer, cheap on the fan-out path and counting its drops.
+            "BACKEND": "chat.layers.InMemoryChannelLayer",
             "CONFIG": {"capacity": CHANNEL_LAYER_CAPACITY, "expiry": CHANNEL_LAYER_EXPIRY},
         }
     }

@@ -82,7 +82,9 @@ unknown_types: st.SearchStrategy[Bad] = st.one_of(
 ).map(lambda type_: (dumps({"type": type_, "content": "hi"}), "UNKNOWN_MESSAGE_TYPE"))
 
 not_a_string = st.one_of(st.integers(), st.booleans(), st.lists(scalars, max_size=3), st.none())
-not_a_bool = st.one_of(st.integers(), st.text(max_size=5), st.none(), st.floats(allow_nan=False))
+not_a_bool = st.one_of(
+    st.integers(), st.text(max_size=5), st.none(), st.floats(allow_nan=False, allow_infinity=False)
+)
 
 wrong_fields: st.SearchStrategy[Bad] = st.one_of(
     not_a_string.filter(lambda v: v is not None).map(lambda v: {"type": "message", "content": v}),

@@ -65,6 +65,25 @@ async def test_off_mode_never_answers(clients, settings):
     await alice.expect_silence(0.3)
 
 
+async def test_mode_changed_by_an_operator_applies_to_open_sockets(clients, settings):
+    settings.ASSISTANT_MODE = "always"
+    await database_sync_to_async(Room.objects.create)(name="switch", assistant_mode="off")
+    alice = await clients.join("switch", "alice")
+    await ask(alice, "anyone?")
+    await alice.expect_silence(0.3)
+
+    def switch_on() -> None:  # as the admin's change form saves it
+        room = Room.objects.get(pk="switch")
+        room.assistant_mode = "always"
+        room.save()
+
+    await database_sync_to_async(switch_on)()
+    question = await ask(alice, "and now?")
+    reply = await alice.recv(timeout=5)
+    assert reply["user_id"] == "AI"
+    assert reply["metadata"] == {"in_reply_to": question["message_id"]}
+
+
 async def test_provider_failure_gives_the_apology(clients, settings, gemini, api):
     settings.ASSISTANT_MODE = "always"
     api.generate.mock(return_value=httpx.Response(503, json={"error": {"code": 503}}))
