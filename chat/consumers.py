@@ -21,8 +21,9 @@ from django.conf import settings
 from chat import metrics, worker
 from chat.analysis import health_analysis
 from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
-from chat.history import message_store, messages_page
+from chat.history import messages_page
 from chat.inbound import decode_frame, parse_message, well_formed_heartbeat
+from chat.logs import bind_log_context
 from chat.models import Endpoint
 from chat.protocol import (
     CHAT_LARGE_TYPES,
@@ -123,6 +124,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         await self.accept()
         try:
             self.identity = await authenticate(token_from_scope(self.scope))
+            bind_log_context(user_id=self.identity.user_id)
             self.room_id, problem = self.target_room()
             if problem is not None:
                 return await self.end(problem)
@@ -142,6 +144,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             logger.exception("connect failed room=%s", self.room_id)
             return await self.end(Close.SERVICE_UNAVAILABLE)
         self.session_id = opened.session_id
+        bind_log_context(session_id=self.session_id, room_id=self.room_id)
         self.room_assistant_mode = opened.room_assistant_mode
         metrics.CONNECTIONS_OPEN.labels(self.endpoint).inc()
         for group in self.groups_joined():
@@ -453,7 +456,7 @@ class ChatConsumer(SessionConsumer):
             await self.announce(joined=False)
 
     async def on_message(self, message: ChatIn) -> None:
-        stored = await database_sync_to_async(message_store)(
+        stored = await self.scope["clarity.worker"].message_writer.store(
             room_id=self.room_id,
             user_id=self.identity.user_id,
             username=self.identity.username,
@@ -492,7 +495,11 @@ class ChatConsumer(SessionConsumer):
         after: int | None = None,
     ) -> None:
         messages, has_more = await database_sync_to_async(messages_page)(
-            room_id=self.room_id, limit=limit, before=before, after=after
+            room_id=self.room_id,
+            limit=limit,
+            before=before,
+            after=after,
+            max_bytes=settings.CHAT_WS_MAX_FRAME_SIZE,
         )
         await self.send_frame(
             frame(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import transaction
+
 from chat.models import ChatMessage
-from chat.protocol import MessageType, frame, iso
+from chat.protocol import MessageType, encode, frame, iso
 
 
 def message_create(
@@ -37,16 +39,17 @@ def message_store(
     client_message_id: str | None,
 ) -> dict[str, Any]:
     """Store a chat message (a user's or the assistant's); its `message` frame."""
-    return message_frame(
-        message_create(
-            room_id=room_id,
-            user_id=user_id,
-            username=username,
-            content=content,
-            metadata=metadata,
-            client_message_id=client_message_id,
-        )
-    )
+    fields = {"room_id": room_id, "user_id": user_id, "username": username, "content": content}
+    fields |= {"metadata": metadata, "client_message_id": client_message_id}
+    return messages_store(messages=[fields])[0]
+
+
+def messages_store(*, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Store several chat messages in one transaction (in order); their `message` frames."""
+    rows = [ChatMessage(**fields) for fields in messages]
+    with transaction.atomic():
+        ChatMessage.objects.bulk_create(rows)
+    return [message_frame(row) for row in rows]
 
 
 def message_frame(message: ChatMessage) -> dict[str, Any]:
@@ -66,12 +69,18 @@ def message_frame(message: ChatMessage) -> dict[str, Any]:
 
 
 def messages_page(
-    *, room_id: str, limit: int, before: int | None = None, after: int | None = None
+    *,
+    room_id: str,
+    limit: int,
+    before: int | None = None,
+    after: int | None = None,
+    max_bytes: int,
 ) -> tuple[list[dict[str, Any]], bool]:
     """Up to `limit` message frames, oldest first, and whether more lie beyond the page.
 
     Default and `before`: the newest messages (older than `before`); `after`: the oldest
-    messages newer than `after` (catching up after a reconnect).
+    messages newer than `after` (catching up after a reconnect). At most `max_bytes` of
+    encoded messages (fewer messages, and `has_more`, if they would not fit).
     """
     messages = ChatMessage.objects.filter(room_id=room_id)
     if after is not None:
@@ -84,4 +93,27 @@ def messages_page(
         page = list(messages.order_by("-id")[: limit + 1])
         has_more = len(page) > limit
         page = page[:limit][::-1]
-    return [message_frame(message) for message in page], has_more
+    frames = [message_frame(message) for message in page]
+    return fit_page(frames, has_more, max_bytes=max_bytes, keep_newest=after is None)
+
+
+# Room for the history frame's own fields around its messages (room id, request id, ...).
+HISTORY_ENVELOPE_BYTES = 1024
+
+
+def fit_page(
+    frames: list[dict[str, Any]], has_more: bool, *, max_bytes: int, keep_newest: bool
+) -> tuple[list[dict[str, Any]], bool]:
+    """Drop messages from the far end of a page until the history frame fits in `max_bytes`
+    (the largest WebSocket message the server sends; beyond it the socket would close
+    1011). The dropped ones are still there to page to: `has_more` becomes true."""
+    budget = max_bytes - HISTORY_ENVELOPE_BYTES
+    if len(encode(frames).encode()) <= budget:
+        return frames, has_more
+    sizes = [len(encode(message).encode()) + 1 for message in frames]
+    kept = list(zip(frames, sizes, strict=True))
+    total = sum(sizes)
+    while kept and total > budget:
+        _, size = kept.pop(0 if keep_newest else -1)
+        total -= size
+    return [message for message, _ in kept], True

@@ -30,6 +30,7 @@ from chat.assistant.base import AssistantProvider, get_provider
 from chat.metrics import REAPED_SESSIONS
 from chat.rooms import membership_notices, room_group, user_group
 from chat.sessions import session_workers, sessions_open_on, sessions_reap
+from chat.writer import MessageWriter
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class WorkerLifecycle:
         self.task: asyncio.Task | None = None
         self.assistant_slots: asyncio.Semaphore | None = None
         self._assistant: tuple[asyncio.AbstractEventLoop, AssistantProvider] | None = None
+        self._writer: tuple[asyncio.AbstractEventLoop, MessageWriter] | None = None
 
     @property
     def assistant(self) -> AssistantProvider:
@@ -121,6 +123,14 @@ class WorkerLifecycle:
         if self._assistant is None or self._assistant[0] is not loop:
             self._assistant = (loop, get_provider())
         return self._assistant[1]
+
+    @property
+    def message_writer(self) -> MessageWriter:
+        """One batching message writer per event loop: in a server, one per process."""
+        loop = asyncio.get_running_loop()
+        if self._writer is None or self._writer[0] is not loop:
+            self._writer = (loop, MessageWriter())
+        return self._writer[1]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in {"websocket", "http"}:

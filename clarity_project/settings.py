@@ -117,11 +117,12 @@ DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
 SQLITE_BUSY_TIMEOUT = env_float("SQLITE_BUSY_TIMEOUT", 20.0)
 # DATABASE_CONN_MAX_AGE: seconds a worker keeps its database connection open (0: a new
 # connection for every database call, which costs more than the call itself). Connections
-# are checked before reuse, so a restarted database server is reconnected to transparently.
+# are not health-checked before each use (that is a round trip per call): after a database
+# restart, the first call on a broken connection fails and the next one reconnects.
 DATABASE_CONN_MAX_AGE = env_int("DATABASE_CONN_MAX_AGE", 600)
 DATABASES = {
     "default": dj_database_url.parse(
-        DATABASE_URL, conn_max_age=DATABASE_CONN_MAX_AGE, conn_health_checks=True
+        DATABASE_URL, conn_max_age=DATABASE_CONN_MAX_AGE, conn_health_checks=False
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -206,7 +207,8 @@ elif REDIS_URL:
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            # Django's Redis cache, with one connection pool per process (chat/cache.py).
+            "BACKEND": "chat.cache.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": f"{REDIS_PREFIX}:cache",
             # Fail fast rather than stall a worker when Redis is unreachable.
@@ -265,6 +267,18 @@ CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 3)
 CHAT_MAX_MESSAGE_SIZE = env_int("CHAT_MAX_MESSAGE_SIZE", 65536)
 # CHAT_MAX_HEALTH_PAYLOAD_SIZE: UTF-8 bytes of one health_insight / health_data frame.
 CHAT_MAX_HEALTH_PAYLOAD_SIZE = env_int("CHAT_MAX_HEALTH_PAYLOAD_SIZE", 1_000_000)
+# CHAT_WS_MAX_FRAME_SIZE: bytes of one WebSocket message daphne takes in (its
+# --websocket-max-message-size and --websocket-max-frame-size, set from here by the worker
+# launcher, clarity_project/serve.py). Anything larger is refused by daphne with close 1009
+# before the application reads it; anything up to it reaches the application, whose limits
+# above answer MESSAGE_TOO_LARGE and keep the socket. So it must be at least both of them.
+# autobahn applies the same limit to the frames the server sends.
+CHAT_WS_MAX_FRAME_SIZE = env_int("CHAT_WS_MAX_FRAME_SIZE", 2 * 1024 * 1024)
+if max(CHAT_MAX_MESSAGE_SIZE, CHAT_MAX_HEALTH_PAYLOAD_SIZE) > CHAT_WS_MAX_FRAME_SIZE:
+    raise ImproperlyConfigured(
+        "CHAT_WS_MAX_FRAME_SIZE must be at least CHAT_MAX_MESSAGE_SIZE and "
+        "CHAT_MAX_HEALTH_PAYLOAD_SIZE"
+    )
 # CHAT_MAX_DATA_POINTS: data points in one health analysis request.
 CHAT_MAX_DATA_POINTS = env_int("CHAT_MAX_DATA_POINTS", 10080)
 # CHAT_MESSAGE_RATE_LIMIT: frames per user per rolling window (heartbeats exempt).
@@ -337,17 +351,28 @@ CHAT_ALLOW_NO_ORIGIN = env_bool("CHAT_ALLOW_NO_ORIGIN", True)
 
 # --- Logging --------------------------------------------------------------------------------
 
-# LOG_LEVEL: level of the application's own loggers.
+# LOG_LEVEL: level of the application's own loggers (`chat.*`); DEBUG adds per-socket detail.
+# Other loggers keep the server's level (daphne: INFO at its default -v 1), Django's WARNING.
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+# LOG_FORMAT: `json`, one object per line (time, level, logger, message, worker_id, and the
+# socket's session_id, user_id, room_id when known; chat/logs.py), or `plain`, one line of
+# text. Default: plain with DEBUG, json otherwise. Either way on stderr.
+LOG_FORMAT = env_str("LOG_FORMAT", "plain" if DEBUG else "json")
+if LOG_FORMAT not in {"json", "plain"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or plain, got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "chat.logs.JsonFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
+    # One handler, on the root: the server's access log and daphne's, Django's and the
+    # libraries' records come out in the same format as ours.
+    "root": {"handlers": ["console"]},
     "loggers": {
-        "chat": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
-        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+        "chat": {"level": LOG_LEVEL},
+        "django": {"level": "WARNING"},
     },
 }

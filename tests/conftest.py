@@ -15,6 +15,7 @@ from django.core.cache import caches
 
 from chat.devtokens import emulator_token
 from tests.gemini_api import GENERATE_URL
+from tests.logscan import remember_sent
 
 
 @pytest.fixture(autouse=True)
@@ -53,9 +54,11 @@ class ChatClient:
                 return frame
 
     async def send(self, payload: Any) -> None:
+        remember_sent(payload)
         await self.communicator.send_to(text_data=json.dumps(payload))
 
     async def send_text(self, text: str) -> None:
+        remember_sent(text)
         await self.communicator.send_input({"type": "websocket.receive", "text": text})
 
     async def send_bytes(self, data: bytes) -> None:

@@ -3,8 +3,11 @@
 `run_workers(tmp_path, count=N, env={...})` migrates one database, starts N daphne workers on
 free loopback ports (all sharing that database and, when `REDIS_URL` is given, Redis), waits
 until each accepts TCP connections, yields them, and always stops them (SIGTERM, then
-SIGKILL). Each worker's stdout/stderr go to files under `tmp_path`; `Worker.logs()` reads
-them back for failure messages.
+SIGKILL). Workers start as in production, through `clarity_project.serve` (daphne with this
+project's frame limit and access log), and log everything, at DEBUG for our own loggers, as
+JSON lines. Each worker's stdout/stderr go to files under `tmp_path` (appended to, so a
+restarted worker keeps its predecessor's lines); `Worker.logs()` reads them back for failure
+messages, and the suite's log scan (tests/logscan.py) reads them at the end.
 
 `Worker.env` is the exact environment the workers run with; `manage(...)` runs any
 `manage.py` command with it (e.g. `createsuperuser` in the workers' database).
@@ -33,6 +36,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from chat.devtokens import emulator_token
+from tests.logscan import remember_sent
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -47,6 +51,8 @@ BASE_ENV: dict[str, str | None] = {
     "SECRET_KEY": "e2e-only-secret-key",
     "DJANGO_SETTINGS_MODULE": "clarity_project.settings",
     "PYTHONUNBUFFERED": "1",
+    "LOG_LEVEL": "DEBUG",
+    "LOG_FORMAT": "json",
     "REDIS_URL": None,
     "FIREBASE_CREDENTIALS": None,
     "FIREBASE_CHECK_REVOKED": None,
@@ -199,18 +205,17 @@ def migrate(env: Mapping[str, str], log_dir: Path, timeout: float = 120.0) -> No
 def start_worker(index: int, port: int, env: Mapping[str, str], log_dir: Path) -> Worker:
     stdout_path = log_dir / f"worker{index}.out.log"
     stderr_path = log_dir / f"worker{index}.err.log"
-    stdout, stderr = stdout_path.open("wb"), stderr_path.open("wb")
+    stdout, stderr = stdout_path.open("ab"), stderr_path.open("ab")
     try:
         process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "daphne",
+                "clarity_project.serve",
                 "-e",
                 f"tcp:port={port}:interface={HOST}:backlog=1024",
                 "-v",
                 "1",
-                "clarity_project.asgi:application",
             ],
             cwd=ROOT,
             env=dict(env),
@@ -358,9 +363,11 @@ class ChatSocket:
         raise AssertionError(f"unexpected frame {frame}")
 
     async def send(self, payload: Any) -> None:
+        remember_sent(payload)
         await asyncio.wait_for(self.connection.send(json.dumps(payload)), 3)
 
     async def send_raw(self, data: str | bytes) -> None:
+        remember_sent(data)
         await asyncio.wait_for(self.connection.send(data), 3)
 
     async def close(self) -> None:

@@ -243,6 +243,31 @@ async def test_history_paging_before_and_after(clients):
     assert page["has_more"] is False
 
 
+async def test_history_pages_never_exceed_the_largest_frame_the_server_sends(clients, settings):
+    """Large messages: a page holds as many as fit in CHAT_WS_MAX_FRAME_SIZE, the rest are
+    left for the next page (has_more), instead of a frame the socket cannot send (1011)."""
+    settings.CHAT_WS_MAX_FRAME_SIZE = 200_000
+    alice = await clients.join("lobby", "alice")
+    ids = []
+    for n in range(6):
+        await alice.send(
+            {"type": "message", "content": f"m{n}", "metadata": {"blob": "x" * 50_000}}
+        )
+        ids.append((await alice.recv_type("message"))["message_id"])
+
+    bob = await clients.join("lobby", "bob")
+    newest = [m["content"][:2] for m in bob.history["messages"]]
+    assert newest == ["m3", "m4", "m5"] and bob.history["has_more"] is True
+    await bob.send({"type": "history", "before": ids[3]})
+    older = await bob.recv_type("history")
+    assert [m["content"][:2] for m in older["messages"]] == ["m0", "m1", "m2"]
+    assert older["has_more"] is False
+    await bob.send({"type": "history", "after": ids[0]})
+    catch_up = await bob.recv_type("history")
+    assert [m["content"][:2] for m in catch_up["messages"]] == ["m1", "m2", "m3"]
+    assert catch_up["has_more"] is True
+
+
 @pytest.mark.parametrize(
     "request_",
     [
