@@ -1,4 +1,16 @@
+from collections import deque
+
 from django.apps import AppConfig
+
+# With DEBUG, Django keeps the last 9,000 SQL statements of each database connection
+# (`connection.queries`) and empties the list at each HTTP request. WebSocket sessions are
+# not requests: a worker's list would fill up and stay full (about 10 MB). Development keeps
+# the most recent ones only.
+DEBUG_QUERIES_KEPT = 200
+
+
+def cap_debug_query_log(sender, connection, **kwargs) -> None:
+    connection.queries_log = deque(connection.queries_log, maxlen=DEBUG_QUERIES_KEPT)
 
 
 class ChatConfig(AppConfig):
@@ -6,6 +18,7 @@ class ChatConfig(AppConfig):
     verbose_name = "Clarity Chat"
 
     def ready(self) -> None:
+        from django.db.backends.signals import connection_created
         from django.db.models.signals import post_save
 
         from chat import checks  # noqa: F401  (registers the system checks)
@@ -13,3 +26,4 @@ class ChatConfig(AppConfig):
         from chat.rooms import room_saved
 
         post_save.connect(room_saved, sender=Room, dispatch_uid="chat.room_saved")
+        connection_created.connect(cap_debug_query_log, dispatch_uid="chat.cap_debug_query_log")

@@ -7,7 +7,6 @@ presence, rate-limit counters and history live in the database and the cache.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from datetime import UTC, datetime, timedelta
@@ -117,8 +116,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.messages_sent = 0
         self.loop = asyncio.get_running_loop()
         self.last_inbound = self.loop.time()
-        self.watcher: asyncio.Task | None = None
-        self.wake = asyncio.Event()
+        # One timer per socket, armed for its earliest deadline (no task while it waits).
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_work: asyncio.Task | None = None
+        self.next_heartbeat = self.next_renewal = 0.0
         # Accept first, so every refusal below reaches the client as an error frame and a
         # typed close code (closing before accept would be a bare HTTP 403).
         await self.accept()
@@ -151,7 +152,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_add(group, self.channel_name)
         await self.send_frame(self._connection_ack())
         await self.joined(first_in_room=opened.first_in_room)
-        self.watcher = asyncio.create_task(self.watch())
+        self.next_heartbeat = self.loop.time() + settings.CHAT_HEARTBEAT_INTERVAL
+        self.next_renewal = self.loop.time() + settings.CHANNEL_LAYER_GROUP_EXPIRY / 2
+        self.arm_timer()
         logger.info(
             "session opened session=%s user=%s room=%s",
             self.session_id,
@@ -185,8 +188,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
         )
 
     async def disconnect(self, code: int) -> None:
-        if self.watcher is not None:
-            self.watcher.cancel()
+        for pending in (self.timer, self.timer_work):
+            if pending is not None:
+                pending.cancel()
         if self.session_id is None:
             return
         session_id, self.session_id = self.session_id, None
@@ -225,39 +229,55 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     # --- timers -------------------------------------------------------------------------
 
-    async def watch(self) -> None:
-        """Server heartbeats, idle timeout, token expiry, typing expiry, batched liveness."""
-        heartbeat_every = settings.CHAT_HEARTBEAT_INTERVAL
-        next_heartbeat = self.loop.time() + heartbeat_every
-        renew_every = settings.CHANNEL_LAYER_GROUP_EXPIRY / 2
-        next_renewal = self.loop.time() + renew_every
-        while self.closing is None:
+    def deadline(self) -> float:
+        """When this socket next has something to do (loop time)."""
+        now = self.loop.time()
+        token_deadline = now + (self.identity.expires_at - datetime.now(UTC)).total_seconds()
+        return min(
+            self.next_heartbeat,
+            self.last_inbound + settings.CHAT_CONNECTION_TIMEOUT,
+            token_deadline,
+            self.typing_deadline if self.typing_deadline else math.inf,
+            self.next_renewal,
+        )
+
+    def arm_timer(self) -> None:
+        """(Re)arm the socket's timer for its earliest deadline. Deadlines that only move
+        later (inbound frames, token refresh) need no re-arming: the timer fires, finds
+        nothing due yet, and re-arms."""
+        if self.closing is not None or self.session_id is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(self.deadline(), self.on_timer)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.timer_work = asyncio.create_task(self.on_deadline())
+
+    async def on_deadline(self) -> None:
+        """Server heartbeats, idle timeout, token expiry, typing expiry, group renewal."""
+        try:
             now = self.loop.time()
-            idle_deadline = self.last_inbound + settings.CHAT_CONNECTION_TIMEOUT
-            token_deadline = now + (self.identity.expires_at - datetime.now(UTC)).total_seconds()
-            typing_deadline = self.typing_deadline if self.typing_deadline else math.inf
-            wake_at = min(
-                next_heartbeat, idle_deadline, token_deadline, typing_deadline, next_renewal
-            )
-            if wake_at > now:
-                self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), wake_at - now)
-                continue
-            if now >= idle_deadline:
+            if now >= self.last_inbound + settings.CHAT_CONNECTION_TIMEOUT:
                 return await self.end(Close.CONNECTION_TIMEOUT)
-            if now >= token_deadline:
+            if datetime.now(UTC) >= self.identity.expires_at:
                 return await self.end(Close.TOKEN_EXPIRED)
-            if now >= typing_deadline:
+            if self.typing_deadline is not None and now >= self.typing_deadline:
                 self.typing_deadline = None
                 await self.broadcast(self._typing_frame(is_typing=False))
-            if now >= next_heartbeat:
-                next_heartbeat = now + heartbeat_every
+            if now >= self.next_heartbeat:
+                self.next_heartbeat = now + settings.CHAT_HEARTBEAT_INTERVAL
                 await self.send_frame(frame(MessageType.HEARTBEAT, client_timestamp=None))
                 await self.touch()
-            if now >= next_renewal:
-                next_renewal = now + renew_every
+            if now >= self.next_renewal:
+                self.next_renewal = now + settings.CHANNEL_LAYER_GROUP_EXPIRY / 2
                 await self.channel_layer.group_add(room_group(self.room_id), self.channel_name)
+        except Exception:
+            logger.exception("timer work failed session=%s", self.session_id)
+        finally:
+            self.timer_work = None
+            self.arm_timer()
 
     async def touch(self) -> None:
         sent, self.messages_sent = self.messages_sent, 0
@@ -332,7 +352,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if identity.user_id != self.identity.user_id:
             return await self.end(Close.INVALID_TOKEN)
         self.identity = identity
-        self.wake.set()
+        self.arm_timer()  # the new token may expire sooner than the old one
         await self.send_frame(
             frame(
                 MessageType.AUTH_ACK, user_id=identity.user_id, expires_at=iso(identity.expires_at)
@@ -473,7 +493,7 @@ class ChatConsumer(SessionConsumer):
     async def on_typing(self, message: TypingIn) -> None:
         if message.is_typing:
             self.typing_deadline = self.loop.time() + settings.CHAT_TYPING_TIMEOUT
-            self.wake.set()
+            self.arm_timer()
         else:
             self.typing_deadline = None
         await self.broadcast(self._typing_frame(is_typing=message.is_typing))

@@ -37,3 +37,15 @@ LAYER_DROPPED = Counter(
     "clarity_layer_dropped_total",
     "Channel-layer messages dropped because a socket's queue was full (overload)",
 )
+LOOP_LAG = Histogram(
+    "clarity_event_loop_lag_seconds",
+    "How late this worker's event loop wakes from a timer (CPU overload)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+WRITER_BACKLOG = Gauge(
+    "clarity_messages_waiting_to_be_stored", "Chat messages queued for the database writer"
+)
+OVERLOADED = Counter(
+    "clarity_overload_ticks_total",
+    "Half-second ticks in which this worker was overloaded (loop lag or storage backlog)",
+)

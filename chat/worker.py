@@ -28,6 +28,7 @@ from django.core.cache.backends.locmem import LocMemCache
 
 from chat.assistant.base import AssistantProvider, get_provider
 from chat.metrics import REAPED_SESSIONS
+from chat.overload import watch_overload
 from chat.rooms import membership_notices, room_group, user_group
 from chat.sessions import session_workers, sessions_open_on, sessions_reap
 from chat.writer import MessageWriter
@@ -114,6 +115,7 @@ class WorkerLifecycle:
         self.assistant_slots: asyncio.Semaphore | None = None
         self._assistant: tuple[asyncio.AbstractEventLoop, AssistantProvider] | None = None
         self._writer: tuple[asyncio.AbstractEventLoop, MessageWriter] | None = None
+        self.overload_task: asyncio.Task | None = None
 
     @property
     def assistant(self) -> AssistantProvider:
@@ -140,6 +142,9 @@ class WorkerLifecycle:
                 if self.task is None or self.task.get_loop() is not loop or self.task.done():
                     self.assistant_slots = asyncio.Semaphore(settings.ASSISTANT_MAX_CONCURRENCY)
                     self.task = loop.create_task(self.housekeeping())
+                    self.overload_task = loop.create_task(
+                        watch_overload(store_backlog=lambda: len(self.message_writer.pending))
+                    )
                     self.chain_signal_handlers(loop)
             scope = {**scope, "clarity.worker": self}
         return await self.app(scope, receive, send)

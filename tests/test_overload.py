@@ -1,0 +1,48 @@
+"""Overload is visible (chat/overload.py): a late event loop or a storage backlog counts in
+`clarity_overload_ticks_total` and logs a warning; a worker keeping up stays quiet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from chat.metrics import OVERLOADED
+from chat.overload import watch_overload
+
+
+async def watched(backlog: list[int], seconds: float, *, block: float = 0.0) -> int:
+    """Run the watch for `seconds` (blocking the loop for `block` s once); ticks counted."""
+    before = OVERLOADED._value.get()
+    task = asyncio.create_task(watch_overload(store_backlog=lambda: backlog[0], interval=0.05))
+    await asyncio.sleep(0.02)
+    if block:
+        time.sleep(block)  # the worker busy with something else: the loop cannot run
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return int(OVERLOADED._value.get() - before)
+
+
+async def test_a_worker_keeping_up_is_quiet(caplog, settings):
+    with caplog.at_level(logging.WARNING, logger="chat.overload"):
+        assert await watched([0], 0.3) == 0
+    assert not caplog.records
+
+
+async def test_a_late_event_loop_is_counted_and_logged_once(caplog, settings):
+    settings.CHAT_OVERLOAD_LAG = 0.1
+    with caplog.at_level(logging.WARNING, logger="chat.overload"):
+        assert await watched([0], 0.2, block=0.3) >= 1
+    [record] = caplog.records
+    assert record.getMessage().startswith("worker overloaded: event loop")
+
+
+async def test_messages_waiting_to_be_stored_count_as_overload(caplog, settings):
+    settings.CHAT_OVERLOAD_BACKLOG = 10
+    with caplog.at_level(logging.WARNING, logger="chat.overload"):
+        assert await watched([11], 0.3) >= 3
+    assert len(caplog.records) == 1  # one warning per WARNING_EVERY, not one per tick
+    assert "11 messages waiting to be stored" in caplog.text
