@@ -53,7 +53,7 @@ from chat.protocol import (
 from chat.ratelimit import Rule, arate_limit_hit
 from chat.replies import assistant_reply, room_assistant_mode, wants_reply
 from chat.rooms import membership_notices, room_event, room_group, room_id_problem, user_group
-from chat.sessions import SessionRefused, room_presence, session_close, session_open, session_touch
+from chat.sessions import SessionRefused, room_presence, session_close, session_open
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if self.session_id is None:
             return
         session_id, self.session_id = self.session_id, None
+        self.scope["clarity.worker"].session_toucher.forget(session_id=session_id)
         metrics.CONNECTIONS_OPEN.labels(self.endpoint).dec()
         try:
             if self.typing_deadline is not None:
@@ -269,7 +270,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             if now >= self.next_heartbeat:
                 self.next_heartbeat = now + settings.CHAT_HEARTBEAT_INTERVAL
                 await self.send_frame(frame(MessageType.HEARTBEAT, client_timestamp=None))
-                await self.touch()
+                self.touch()
             if now >= self.next_renewal:
                 self.next_renewal = now + settings.CHANNEL_LAYER_GROUP_EXPIRY / 2
                 await self.channel_layer.group_add(room_group(self.room_id), self.channel_name)
@@ -279,12 +280,12 @@ class SessionConsumer(AsyncWebsocketConsumer):
             self.timer_work = None
             self.arm_timer()
 
-    async def touch(self) -> None:
-        sent, self.messages_sent = self.messages_sent, 0
-        await database_sync_to_async(session_touch)(
+    def touch(self) -> None:
+        """Note this session's liveness; the worker writes all of them in one statement."""
+        self.scope["clarity.worker"].session_toucher.note(
             session_id=self.session_id,
             last_seen=datetime.now(UTC) - timedelta(seconds=self.loop.time() - self.last_inbound),
-            messages_sent=sent,
+            messages_sent=self.messages_sent,
         )
 
     # --- inbound ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from datetime import datetime
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
-from django.db.models import Count, F, Max, Min
+from django.db.models import Count, Max, Min
 from django.utils import timezone
 
 from chat.auth import Identity
@@ -100,10 +100,25 @@ def session_open(
     )
 
 
-def session_touch(*, session_id: str, last_seen: datetime, messages_sent: int) -> None:
-    """Batched liveness: last_seen and the messages counted since the previous touch."""
-    ChatSession.objects.filter(session_id=session_id, disconnected_at__isnull=True).update(
-        last_seen=last_seen, messages_sent=F("messages_sent") + messages_sent
+@dataclass(frozen=True)
+class SessionLiveness:
+    session_id: str
+    last_seen: datetime
+    # Frames the socket has sent since it opened (a total, so writes may coalesce).
+    messages_sent: int
+
+
+def sessions_touch(*, sessions: list[SessionLiveness]) -> None:
+    """Batched liveness of open sessions, in one statement (ended sessions are left as
+    `session_close` wrote them)."""
+    if not sessions:
+        return
+    rows = [
+        ChatSession(session_id=s.session_id, last_seen=s.last_seen, messages_sent=s.messages_sent)
+        for s in sessions
+    ]
+    ChatSession.objects.filter(disconnected_at__isnull=True).bulk_update(
+        rows, ["last_seen", "messages_sent"], batch_size=1000
     )
 
 
@@ -128,7 +143,7 @@ def session_close(
             last_seen=last_seen,
             close_code=close_code,
             close_reason=close_reason[:64],
-            messages_sent=F("messages_sent") + messages_sent,
+            messages_sent=messages_sent,
         )
         if not ended:
             return None

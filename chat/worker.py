@@ -31,6 +31,7 @@ from chat.metrics import REAPED_SESSIONS
 from chat.overload import watch_overload
 from chat.rooms import membership_notices, room_group, user_group
 from chat.sessions import session_workers, sessions_open_on, sessions_reap
+from chat.touches import SessionToucher
 from chat.writer import MessageWriter
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class WorkerLifecycle:
         self.assistant_slots: asyncio.Semaphore | None = None
         self._assistant: tuple[asyncio.AbstractEventLoop, AssistantProvider] | None = None
         self._writer: tuple[asyncio.AbstractEventLoop, MessageWriter] | None = None
+        self._toucher: tuple[asyncio.AbstractEventLoop, SessionToucher] | None = None
         self.overload_task: asyncio.Task | None = None
 
     @property
@@ -125,6 +127,14 @@ class WorkerLifecycle:
         if self._assistant is None or self._assistant[0] is not loop:
             self._assistant = (loop, get_provider())
         return self._assistant[1]
+
+    @property
+    def session_toucher(self) -> SessionToucher:
+        """One batching liveness writer per event loop: in a server, one per process."""
+        loop = asyncio.get_running_loop()
+        if self._toucher is None or self._toucher[0] is not loop:
+            self._toucher = (loop, SessionToucher())
+        return self._toucher[1]
 
     @property
     def message_writer(self) -> MessageWriter:

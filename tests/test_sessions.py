@@ -3,6 +3,7 @@ companions, the admin (pages and the terminate action) and `manage.py reapsessio
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import pytest
@@ -11,8 +12,10 @@ from channels.db import database_sync_to_async
 from django.core.cache import caches
 from django.core.management import CommandError, call_command
 from django.test import AsyncClient
+from django.utils import timezone
 
 from chat.models import ChatMessage, ChatSession, ChatUser, Room
+from chat.sessions import SessionLiveness, sessions_touch
 from chat.worker import WORKER_ID, liveness_key, reap_dead_workers
 from tests.conftest import token_for
 
@@ -193,3 +196,43 @@ async def test_room_admin_shows_members_now(clients, admin_http):
     assert page.status_code == 200
     assert b'<td class="field-members_now">2</td>' in page.content
     assert await database_sync_to_async(ChatMessage.objects.count)() == 0
+
+
+# --- liveness, written in batches -------------------------------------------------------------
+
+
+async def test_heartbeats_write_every_sockets_liveness_in_one_batch(clients, settings):
+    settings.CHAT_HEARTBEAT_INTERVAL = 0.2
+    alice = await clients.join("lobby", "alice")
+    bob = await clients.join("lobby", "bob")
+    await alice.send({"type": "message", "content": "one"})
+    await alice.recv_type("message")
+    opened = await database_sync_to_async(ChatSession.objects.get)(
+        session_id=alice.ack["session_id"]
+    )
+    for client in (alice, bob):
+        await client.recv_type("heartbeat", timeout=2)
+    await asyncio.sleep(1.3)  # the batch is written within a second of the heartbeats
+
+    rows = await sync_to_async(list)(
+        ChatSession.objects.filter(user_id__in=["alice", "bob"]).order_by("user_id")
+    )
+    assert [row.messages_sent for row in rows] == [1, 0]
+    assert all(row.last_seen > opened.connected_at for row in rows)
+
+
+async def test_a_batch_never_rewrites_a_session_that_has_ended(clients):
+    alice = await clients.join("lobby", "alice")
+    await alice.close()
+    ended = await database_sync_to_async(ChatSession.objects.get)(
+        session_id=alice.ack["session_id"]
+    )
+    await database_sync_to_async(sessions_touch)(
+        sessions=[
+            SessionLiveness(
+                session_id=str(ended.session_id), last_seen=timezone.now(), messages_sent=99
+            )
+        ]
+    )
+    await database_sync_to_async(ended.refresh_from_db)()
+    assert ended.messages_sent == 0 and ended.last_seen <= ended.disconnected_at
