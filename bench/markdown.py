@@ -1,0 +1,136 @@
+"""RESULTS.md from a run's record: `python -m bench.markdown [RUN_ID] [--out PATH]`.
+
+`bench/run --results-md bench/RESULTS.md` writes it at the end of a run; this module also
+renders any earlier run from bench/results/runs.jsonl (the last one by default). The run's
+plot is copied next to the Markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.report import NOISY_CPU, number, table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _targets(record: dict[str, Any]) -> list[str]:
+    lines = ["| target | value | goal | met | detail |", "|---|---|---|---|---|"]
+    for target in record["targets"]:
+        value = number(target["value"])
+        met = {True: "yes", False: "**no**", None: "-"}[target["met"]]
+        detail = target["detail"].replace("|", "/")
+        lines.append(f"| {target['target']} | {value} | {target['goal']} | {met} | {detail} |")
+    return lines
+
+
+def render(record: dict[str, Any], plot_name: str | None) -> str:
+    machine = record["machine"]
+    packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
+    command = " ".join(["bench/run", *record.get("argv", ["--quick"] if record["quick"] else [])])
+    measured = sorted({f"{m['scenario']}" for m in record["measurements"]})
+    servers = sorted({f"{m['server']}" for m in record["measurements"]})
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run `{record['run_id']}` of `{command}` ({', '.join(measured)} on "
+        f"{' and '.join(servers)}, in one invocation), on this project's kind of machine. "
+        "Regenerate: "
+        "`bench/run --results-md bench/RESULTS.md`. How the figures are measured: "
+        "[README.md](README.md).",
+        "",
+        "## Machine",
+        "",
+        f"- {machine['cpus']} CPUs ({machine['cpu_model']}), {machine['memory_gb']} GB, "
+        f"Linux {machine['kernel']}",
+        f"- Python {machine['python']}; {packages}; Redis server {machine['redis_server']}",
+        f"- commit {machine['commit']} (plus any uncommitted work in the tree)",
+        f"- {record['generator_processes']} generator processes; file-descriptor limit "
+        f"{record['fd_limit']}",
+        "",
+        "## Targets (Clarity as a ratio to the tutorial consumer, same server, layer, run)",
+        "",
+        *_targets(record),
+        "",
+    ]
+    other = record.get("cpu", {}).get("other_mean", 0.0)
+    if other > NOISY_CPU:
+        lines += [
+            f"**Disturbed run**: other work on the machine used {other:.0f}% of a core on "
+            "average during the steps (see `other cpu%`), so p99 figures and capacities are "
+            "noisy here; compare ratios with care and rerun on an idle machine.",
+            "",
+        ]
+    if plot_name:
+        lines += [
+            "## Latency versus offered load",
+            "",
+            f"![p50 and p99 latency versus offered deliveries/s]({plot_name})",
+            "",
+        ]
+    lines += [
+        "## Figures",
+        "",
+        "```",
+        table(record).rstrip(),
+        "```",
+        "",
+        "## Reading them",
+        "",
+        "- *Deliveries* are messages x room size (every member, the sender included, receives "
+        "each message). *Capacity* is the highest delivered/s of a fixed-rate step with 0 loss, "
+        "p99 < 250 ms, no errors or closes. The closed loop (each user waits for its own "
+        "message before sending the next; 200 in flight) shows maximum throughput, not a "
+        "sustainable rate: its latency is queueing.",
+        "- Generator CPU stays far below a core per process, so the generator is not the "
+        "bottleneck; but it shares the machine's cores with the servers (and, with Redis, "
+        "with Redis and PostgreSQL), so absolute figures are lower than on a dedicated "
+        "server. Ratios compare like with like.",
+        "- `other cpu%` is CPU used by anything else on the machine during the step. The "
+        "machine is shared; when it is high, latency percentiles (p99 most) are disturbed and "
+        "capacities move by tens of per cent between runs. A rate that fails is tried twice "
+        "and the better try counts.",
+        "- Overload signals are what Clarity itself reports during a step: changes of its "
+        "non-routine `clarity_*_total` counters, non-zero lag/queue/drop gauges, and "
+        "warning/error log lines.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(record: dict[str, Any], out: Path) -> Path:
+    plot = RESULTS / f"{record['run_id']}.png"
+    plot_name = None
+    if plot.exists():
+        plot_name = out.with_suffix(".png").name
+        shutil.copyfile(plot, out.with_suffix(".png"))
+    out.write_text(render(record, plot_name))
+    return out
+
+
+def load(run_id: str | None) -> dict[str, Any]:
+    records = [json.loads(line) for line in (RESULTS / "runs.jsonl").read_text().splitlines()]
+    if run_id is None:
+        return records[-1]
+    for record in records:
+        if record["run_id"] == run_id:
+            return record
+    raise SystemExit(f"no run {run_id} in {RESULTS / 'runs.jsonl'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.markdown", description=__doc__.split("\n")[0])
+    parser.add_argument("run_id", nargs="?", help="default: the last run")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    args = parser.parse_args(argv)
+    print(write(load(args.run_id), args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

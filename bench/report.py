@@ -1,0 +1,433 @@
+"""The run's verdicts (the issue's targets, as ratios to the baseline), table and plot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.stats import P99_LIMIT_MS
+
+Measurement = dict[str, Any]
+NOISY_CPU = 20.0  # % of one core used by other work, on average, that makes a run unreliable
+
+
+def find(measurements: list[Measurement], scenario: str, server: str) -> Measurement | None:
+    for measurement in measurements:
+        if (
+            measurement.get("scenario") == scenario
+            and measurement.get("server") == server
+            and "failure" not in measurement
+        ):
+            return measurement
+    return None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def _target(
+    name: str, value: float | None, goal: str, met: Callable[[float], bool], detail: str
+) -> dict[str, Any]:
+    return {
+        "target": name,
+        "value": None if value is None else round(value, 3),
+        "goal": goal,
+        "met": None if value is None else bool(met(value)),
+        "detail": detail,
+    }
+
+
+def targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """Each target of the issue that this run measured, as Clarity / baseline (or 2w / 1w)."""
+    results = []
+
+    def pair(scenario: str) -> tuple[Measurement | None, Measurement | None]:
+        return find(measurements, scenario, "clarity"), find(measurements, scenario, "baseline")
+
+    for layer in ("memory", "redis"):
+        clarity, baseline = pair(f"fanout-{layer}")
+        if clarity and baseline:
+            results.append(
+                _target(
+                    f"1. sustainable capacity, {layer}: Clarity / baseline",
+                    ratio(clarity["capacity"], baseline["capacity"]),
+                    ">= 1.0",
+                    lambda value: value >= 1.0,
+                    f"{clarity['capacity']:,.0f} vs {baseline['capacity']:,.0f} deliveries/s",
+                )
+            )
+            light_c, light_b = clarity["light_load"], baseline["light_load"]
+            results.append(
+                _target(
+                    f"2. p99 at {light_c['offered']:,.0f} deliveries/s, {layer}: "
+                    "Clarity / baseline",
+                    ratio(light_c["p99_ms"], light_b["p99_ms"]),
+                    "<= 1.2",
+                    lambda value: value <= 1.2,
+                    f"{light_c['p99_ms']:.1f} vs {light_b['p99_ms']:.1f} ms",
+                )
+            )
+    for server in ("clarity", "baseline"):
+        two = find(measurements, "fanout-redis-2w", server)
+        one = find(measurements, "fanout-redis", server)
+        if two and one:
+            results.append(
+                _target(
+                    f"3. two workers / one worker on Redis, {server}"
+                    + ("" if server == "clarity" else " (reference)"),
+                    ratio(two["capacity"], one["capacity"]),
+                    ">= 1.5",
+                    lambda value: value >= 1.5,
+                    f"{two['capacity']:,.0f} vs {one['capacity']:,.0f} deliveries/s",
+                )
+            )
+    clarity, baseline = pair("storm")
+    if clarity and baseline:
+        results.append(
+            _target(
+                "4. idle memory per connection: Clarity / baseline",
+                ratio(clarity["kb_per_connection"], baseline["kb_per_connection"]),
+                "<= 1.3",
+                lambda value: value <= 1.3,
+                f"{clarity['kb_per_connection']:.1f} vs {baseline['kb_per_connection']:.1f} KB",
+            )
+        )
+    if clarity:
+        wanted = clarity["connect"]["attempted"]
+        clean = (
+            clarity["held"] == wanted
+            and clarity["connect"]["failed"] == 0
+            and not clarity["closes"]
+            and not clarity["errors"]
+        )
+        results.append(
+            _target(
+                "4. authenticated connections held by one worker without errors",
+                float(clarity["held"]),
+                f"{wanted:,} (target 5,000)",
+                lambda value: clean and value >= 5000,
+                f"failed {clarity['connect']['failed']}, closes {clarity['closes'] or 0}, "
+                f"errors {clarity['errors'] or 0}, join p99 {clarity['connect']['p99_ms']:.0f} ms",
+            )
+        )
+    results.extend(loss_targets(measurements))
+    return sorted(results, key=lambda target: target["target"].split(".", 1)[0])
+
+
+def loss_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """5: no loss at or below capacity; every overloaded step visible on the server side."""
+    fanouts = [m for m in measurements if m.get("server") == "clarity" and "steps" in m]
+    if not fanouts:
+        return []
+    lost = sum(
+        step["lost"]
+        for m in fanouts
+        for step in m["steps"]
+        if step["offered"] is not None and step["offered"] <= m["capacity"]
+    )
+    overloaded = [
+        (m["scenario"], step) for m in fanouts for step in m["steps"] if not step["sustained"]
+    ]
+    silent_lost: dict[tuple[str, float], list[int]] = {}
+    for scenario, step in overloaded:
+        if not step["server_signals"]:
+            silent_lost.setdefault((scenario, step["offered"]), []).append(step["lost"])
+    silent = [
+        f"{scenario} @ {offered:,.0f}/s (lost {'+'.join(str(lost) for lost in losts)})"
+        for (scenario, offered), losts in silent_lost.items()
+    ]
+    results = [
+        _target(
+            "5. messages lost at or below capacity (Clarity)",
+            float(lost),
+            "0",
+            lambda value: value == 0,
+            "all Clarity fan-out steps at or below their capacity",
+        )
+    ]
+    results.append(
+        _target(
+            "5. overloaded steps with no server-side signal (Clarity)",
+            float(sum(len(losts) for losts in silent_lost.values())) if overloaded else None,
+            "0",
+            lambda value: value == 0,
+            f"{len(overloaded)} overloaded; silent: {', '.join(silent) or 'none'}",
+        )
+    )
+    return results
+
+
+def cpu_usage(measurements: list[Measurement]) -> dict[str, float]:
+    """Highest CPU use seen in any fan-out step: is the generator the bottleneck?"""
+    steps = [step for m in measurements if "steps" in m for step in [m["closed_loop"], *m["steps"]]]
+    if not steps:
+        return {}
+    return {
+        "generator_process_max": max(max(step["generator_cpu"]) for step in steps),
+        "generator_total_max": max(sum(step["generator_cpu"]) for step in steps),
+        "server_max": max(step["server_cpu"] for step in steps),
+        "other_max": max(step.get("other_cpu", 0.0) for step in steps),
+        "other_mean": sum(step.get("other_cpu", 0.0) for step in steps) / len(steps),
+    }
+
+
+# --- table --------------------------------------------------------------------------------
+
+
+def _row(cells: list[str], widths: list[int], text_columns: set[int]) -> str:
+    return "  ".join(
+        cell.ljust(width) if index in text_columns else cell.rjust(width)
+        for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+    ).rstrip()
+
+
+def _grid(
+    header: list[str], rows: list[list[str]], text_columns: set[int] | None = None
+) -> list[str]:
+    """Aligned columns: numbers to the right; the first column and `text_columns` to the left."""
+    text = {0} | (text_columns or set())
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return [_row(header, widths, text), _row(["-" * w for w in widths], widths, text)] + [
+        _row(row, widths, text) for row in rows
+    ]
+
+
+def _step_cells(label: str, step: dict[str, Any]) -> list[str]:
+    offered = "closed loop" if step["offered"] is None else f"{step['offered']:,.0f}"
+    if step.get("repeat"):
+        offered = "again " + offered
+    return [
+        label,
+        offered,
+        f"{step['delivered_per_s']:,.0f}",
+        f"{step['lost']:,}",
+        f"{step['p50_ms']:.1f}",
+        f"{step['p90_ms']:.1f}",
+        f"{step['p99_ms']:.1f}",
+        f"{step['max_ms']:.0f}",
+        f"{step['server_cpu']:.0f}",
+        "+".join(f"{cpu:.0f}" for cpu in step["generator_cpu"]),
+        f"{step.get('services_cpu', 0):.0f}",
+        f"{step.get('other_cpu', 0):.0f}",
+        "yes" if step["sustained"] else "NO",
+    ]
+
+
+def number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 10 and value == int(value) else f"{value:.2f}"
+
+
+def table(record: dict[str, Any]) -> str:
+    measurements = record["measurements"]
+    machine = record["machine"]
+    lines = [
+        f"Run {record['run_id']}{' (quick)' if record['quick'] else ''}: "
+        f"{machine['cpus']} x {machine['cpu_model']}, Python {machine['python']}, "
+        f"commit {machine['commit']}",
+        f"Clarity: rate limit {record['server_config']['CHAT_MESSAGE_RATE_LIMIT']:,} frames / "
+        f"{record['server_config']['CHAT_RATE_LIMIT_WINDOW']} s per user (set high on purpose: "
+        "never reached, still evaluated), max 3 sockets per user, assistant off.",
+        "",
+    ]
+    header = [
+        "measurement",
+        "offered/s",
+        "delivered/s",
+        "lost",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "srv cpu%",
+        "gen cpu%",
+        "redis+pg cpu%",
+        "other cpu%",
+        "sustained",
+    ]
+    rows = []
+    for m in measurements:
+        if "steps" not in m:
+            continue
+        label = f"{m['scenario']}/{m['server']}"
+        rows.append(_step_cells(label, m["closed_loop"]))
+        rows.extend(_step_cells(label, step) for step in m["steps"])
+    if rows:
+        lines.append(
+            f"Fan-out steps (p99 limit {P99_LIMIT_MS:.0f} ms; deliveries = messages x room size)"
+        )
+        lines.extend(_grid(header, rows))
+        lines.append("")
+        summary = [
+            [
+                f"{m['scenario']}/{m['server']}",
+                f"{m['capacity']:,.0f}",
+                f"{m['closed_loop']['delivered_per_s']:,.0f}",
+                f"{m['closed_loop']['p99_ms']:.0f}",
+                f"{m['light_load']['p99_ms']:.1f}",
+                f"{m['connect']['joined']}/{m['connect']['attempted']}",
+            ]
+            for m in measurements
+            if "steps" in m
+        ]
+        lines.append("Fan-out summary")
+        lines.extend(
+            _grid(
+                [
+                    "measurement",
+                    "capacity/s",
+                    "closed-loop/s",
+                    "closed p99 ms",
+                    "light p99 ms",
+                    "joined",
+                ],
+                summary,
+            )
+        )
+        lines.append("")
+    storms = [m for m in measurements if m.get("scenario") == "storm" and "failure" not in m]
+    if storms:
+        lines.append("Connection storm (fresh server; RSS growth / sockets joined)")
+        lines.extend(
+            _grid(
+                [
+                    "server",
+                    "held",
+                    "failed",
+                    "join p50 ms",
+                    "join p99 ms",
+                    "seconds",
+                    "joins/s",
+                    "RSS before MB",
+                    "RSS after MB",
+                    "KB/socket",
+                ],
+                [
+                    [
+                        m["server"],
+                        f"{m['held']:,}/{m['connect']['attempted']:,}",
+                        f"{m['connect']['failed']}",
+                        f"{m['connect']['p50_ms']:.0f}",
+                        f"{m['connect']['p99_ms']:.0f}",
+                        f"{m['connect']['seconds']:.1f}",
+                        f"{m['connect']['joined'] / max(m['connect']['seconds'], 0.001):,.0f}",
+                        f"{m['rss_before_mb']:.0f}",
+                        f"{m['rss_after_mb']:.0f}",
+                        f"{m['kb_per_connection']:.1f}",
+                    ]
+                    for m in storms
+                ],
+            )
+        )
+        lines.append("")
+    usage = cpu_usage(measurements)
+    if usage:
+        lines.append(
+            f"CPU (% of one core, highest step): generator {usage['generator_process_max']:.0f} "
+            f"per process, {usage['generator_total_max']:.0f} all processes; servers "
+            f"{usage['server_max']:.0f}; rest of the machine {usage['other_max']:.0f} "
+            f"(mean {usage['other_mean']:.0f})"
+        )
+        if usage["other_mean"] > NOISY_CPU:
+            lines.append(
+                f"WARNING: other work used {usage['other_mean']:.0f}% of a core on average "
+                "during the steps: the figures are disturbed; rerun on an idle machine."
+            )
+        lines.append("")
+    failures = [m for m in measurements if "failure" in m]
+    for m in failures:
+        lines.append(f"FAILED {m['scenario']}/{m['server']}: {m['failure'].splitlines()[0]}")
+    if record["targets"]:
+        lines.append("Targets")
+        lines.extend(
+            _grid(
+                ["target", "value", "goal", "met", "detail"],
+                [
+                    [
+                        t["target"],
+                        number(t["value"]),
+                        t["goal"],
+                        {True: "yes", False: "NO", None: "-"}[t["met"]],
+                        t["detail"],
+                    ]
+                    for t in record["targets"]
+                ],
+                text_columns={2, 4},
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --- plot ---------------------------------------------------------------------------------
+
+
+def plot(record: dict[str, Any], path: Path) -> Path | None:
+    """p50 and p99 latency versus offered load, one panel per fan-out scenario."""
+    fanouts = [m for m in record["measurements"] if "steps" in m]
+    if not fanouts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(m["scenario"] for m in fanouts))
+    figure, axes = plt.subplots(
+        1, len(scenarios), figsize=(6 * len(scenarios), 4.5), squeeze=False, sharey=True
+    )
+    colors = {"baseline": "tab:blue", "clarity": "tab:red"}
+    for axis, scenario in zip(axes[0], scenarios, strict=True):
+        for m in (m for m in fanouts if m["scenario"] == scenario):
+            steps = [step for step in m["steps"] if step["offered"] and step.get("counted", True)]
+            offered = [step["offered"] for step in steps]
+            color = colors.get(m["server"])
+            axis.plot(
+                offered,
+                [max(step["p99_ms"], 0.1) for step in steps],
+                "o-",
+                color=color,
+                label=f"{m['server']} p99",
+            )
+            axis.plot(
+                offered,
+                [max(step["p50_ms"], 0.1) for step in steps],
+                "s--",
+                color=color,
+                alpha=0.7,
+                label=f"{m['server']} p50",
+            )
+            lossy = [step for step in steps if step["lost"]]
+            if lossy:
+                axis.scatter(
+                    [step["offered"] for step in lossy],
+                    [max(step["p99_ms"], 0.1) for step in lossy],
+                    marker="x",
+                    s=80,
+                    color="black",
+                    zorder=5,
+                    label=f"{m['server']} lost messages",
+                )
+            if m["capacity"]:
+                axis.axvline(m["capacity"], color=color, linestyle=":", alpha=0.6)
+        axis.axhline(P99_LIMIT_MS, color="grey", linestyle="-.", linewidth=1)
+        axis.set_yscale("log")
+        axis.set_title(scenario)
+        axis.set_xlabel("offered deliveries/s")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    axes[0][0].set_ylabel("latency ms (log)")
+    machine = record["machine"]
+    figure.suptitle(
+        f"Clarity vs tutorial consumer - run {record['run_id']} - {machine['cpus']} CPU "
+        f"{machine['cpu_model']} (dotted: sustainable capacity; dash-dot: p99 limit)",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
