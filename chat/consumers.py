@@ -148,10 +148,15 @@ class SessionConsumer(AsyncWebsocketConsumer):
         bind_log_context(session_id=self.session_id, room_id=self.room_id)
         self.room_assistant_mode = opened.room_assistant_mode
         metrics.CONNECTIONS_OPEN.labels(self.endpoint).inc()
-        for group in self.groups_joined():
-            await self.channel_layer.group_add(group, self.channel_name)
-        await self.send_frame(self._connection_ack())
-        await self.joined(first_in_room=opened.first_in_room)
+        try:
+            for group in self.groups_joined():
+                await self.channel_layer.group_add(group, self.channel_name)
+            await self.send_frame(self._connection_ack())
+            await self.joined(first_in_room=opened.first_in_room)
+        except Exception:
+            # The session is open: `disconnect` ends it after this close.
+            logger.exception("join failed session=%s", self.session_id)
+            return await self.end(Close.SERVICE_UNAVAILABLE)
         self.next_heartbeat = self.loop.time() + settings.CHAT_HEARTBEAT_INTERVAL
         self.next_renewal = self.loop.time() + settings.CHANNEL_LAYER_GROUP_EXPIRY / 2
         self.arm_timer()
@@ -196,12 +201,18 @@ class SessionConsumer(AsyncWebsocketConsumer):
         session_id, self.session_id = self.session_id, None
         self.scope["clarity.worker"].session_toucher.forget(session_id=session_id)
         metrics.CONNECTIONS_OPEN.labels(self.endpoint).dec()
+        # Each step on its own: a channel layer that is down (Redis restarting) must not keep
+        # the session from being ended.
+        if self.typing_deadline is not None:
+            self.typing_deadline = None
+            await self.best_effort(
+                "typing withdrawal", self.broadcast, self._typing_frame(is_typing=False)
+            )
+        for group in self.groups_joined():
+            await self.best_effort(
+                "group discard", self.channel_layer.group_discard, group, self.channel_name
+            )
         try:
-            if self.typing_deadline is not None:
-                self.typing_deadline = None
-                await self.broadcast(self._typing_frame(is_typing=False))
-            for group in self.groups_joined():
-                await self.channel_layer.group_discard(group, self.channel_name)
             closed = await database_sync_to_async(session_close)(
                 session_id=session_id,
                 close_code=self.closing.value.code if self.closing else code,
@@ -210,13 +221,19 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 messages_sent=self.messages_sent,
             )
         except Exception:
-            logger.exception("disconnect cleanup failed session=%s", session_id)
+            logger.exception("ending the session failed session=%s", session_id)
             return
         if closed is not None:
-            await self.leaving(last_in_room=closed.last_in_room)
+            await self.best_effort("leave notice", self.leaving, last_in_room=closed.last_in_room)
         logger.info(
             "session closed session=%s user=%s code=%s", session_id, self.identity.user_id, code
         )
+
+    async def best_effort(self, what: str, step, *args, **kwargs) -> None:
+        try:
+            await step(*args, **kwargs)
+        except Exception:
+            logger.exception("%s failed", what)
 
     async def end(self, close: Close) -> None:
         """Tell the client why (one error frame), then close with the table's code."""

@@ -6,12 +6,26 @@ with a CHAT_WORKER_TTL lifetime. Any live worker that finds open sessions owned 
 without that key ends them (reason `worker_lost`), removes their channels from the room
 groups and tells the rooms those users left. `manage.py reapsessions` does the same on
 demand.
+
+A missing key means "dead" only if the cache could have kept it. Two faults make every key
+vanish while the workers live, and then nobody is reaped until each live worker has had a
+full CHAT_WORKER_TTL to mark itself again:
+
+- The cache lost its data (Redis restarted without persistence, flushed): seen by the cache
+  epoch. `workers:epoch` (no expiry) is written, together with `workers:warmup` (expiring
+  after CHAT_WORKER_TTL) in one transaction, by the first worker that finds it missing; while
+  the epoch is missing or the warmup key still there, liveness is unknown.
+- The cache was unreachable or stalled for this worker (keys expire on the cache's clock
+  meanwhile, even when it keeps its data): a failed or slow (over CHAT_REAP_INTERVAL) cache
+  call of this worker's keep-alive or reaper suspends its reaping for CHAT_WORKER_TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import math
 import os
 import re
 import signal
@@ -25,6 +39,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
+from django.core.cache.backends.redis import RedisCache
 
 from chat.assistant.base import AssistantProvider, get_provider
 from chat.metrics import REAPED_SESSIONS
@@ -54,20 +69,67 @@ def liveness_is_shared() -> bool:
     return not isinstance(caches["default"], LocMemCache)
 
 
+# The cache epoch: present while the cache has kept its data; the warmup key, written with
+# it, expires CHAT_WORKER_TTL later (by then every live worker has marked itself again).
+EPOCH_KEY = "workers:epoch"
+WARMUP_KEY = "workers:warmup"
+
+
+class LivenessUnknown(Exception):
+    """Missing liveness keys cannot be trusted now (the cache lost its data or stalled)."""
+
+
+def cache_epoch_begin() -> None:
+    """Start a new cache epoch (the cache lost its data): the warmup key and the epoch, both
+    or neither, so no worker sees an epoch without its warmup."""
+    cache, ttl = caches["default"], settings.CHAT_WORKER_TTL
+    if isinstance(cache, RedisCache):
+        warmup = cache.make_and_validate_key(WARMUP_KEY)
+        epoch = cache.make_and_validate_key(EPOCH_KEY)
+        pipe = cache._cache.get_client(epoch, write=True).pipeline(transaction=True)
+        pipe.set(warmup, 1, px=max(1, math.ceil(ttl * 1000)), nx=True)
+        pipe.set(epoch, int(time.time()), nx=True)
+        pipe.execute()
+    else:
+        cache.add(WARMUP_KEY, 1, timeout=ttl)
+        cache.add(EPOCH_KEY, int(time.time()), timeout=None)
+
+
 def worker_mark_alive() -> None:
-    caches["default"].set(liveness_key(WORKER_ID), time.time(), timeout=settings.CHAT_WORKER_TTL)
+    cache = caches["default"]
+    cache.set(liveness_key(WORKER_ID), time.time(), timeout=settings.CHAT_WORKER_TTL)
+    if liveness_is_shared() and cache.get(EPOCH_KEY) is None:
+        logger.warning("cache epoch missing (cache restarted or flushed?): new epoch")
+        cache_epoch_begin()
 
 
 def workers_dead(*, worker_ids: set[str]) -> set[str]:
-    found = caches["default"].get_many([liveness_key(worker_id) for worker_id in worker_ids])
+    """The workers among these whose liveness key is missing; LivenessUnknown when missing
+    keys prove nothing (a new cache epoch, or a read slow enough for keys to have expired
+    while their workers' refreshes waited)."""
+    cache = caches["default"]
+    keys = [liveness_key(worker_id) for worker_id in worker_ids]
+    if not liveness_is_shared():
+        found = cache.get_many(keys)
+    else:
+        started = time.monotonic()
+        found = cache.get_many([EPOCH_KEY, WARMUP_KEY, *keys])
+        if EPOCH_KEY not in found:
+            cache_epoch_begin()
+            raise LivenessUnknown("cache epoch missing: the cache lost its data")
+        if WARMUP_KEY in found:
+            raise LivenessUnknown("new cache epoch: workers are still marking themselves alive")
+        if time.monotonic() - started > settings.CHAT_REAP_INTERVAL:
+            raise LivenessUnknown("liveness read too slow: the cache stalled")
     return {worker_id for worker_id in worker_ids if liveness_key(worker_id) not in found}
 
 
 async def reap_dead_workers(
-    *, exclude: set[str] | None = None, assume_all_dead: bool = False
+    *, exclude: set[str] | None = None, assume_all_dead: bool = False, strict: bool = False
 ) -> int:
     """End the sessions of workers whose liveness key is gone (or of every worker, when no
-    server is running); returns how many sessions were ended."""
+    server is running); returns how many sessions were ended. When liveness is unknown
+    (see LivenessUnknown) nothing is reaped: logged, or raised if `strict`."""
     layer = get_channel_layer()
     owners = await database_sync_to_async(session_workers)() - (exclude or set())
     if not owners:
@@ -75,7 +137,13 @@ async def reap_dead_workers(
     if assume_all_dead:
         dead = owners
     else:
-        dead = await asyncio.to_thread(workers_dead, worker_ids=owners)
+        try:
+            dead = await asyncio.to_thread(workers_dead, worker_ids=owners)
+        except LivenessUnknown as unknown:
+            if strict:
+                raise
+            logger.warning("not reaping: %s; try again in %s s", unknown, settings.CHAT_WORKER_TTL)
+            return 0
     total = 0
     for worker_id in sorted(dead):
         reaped = await database_sync_to_async(sessions_reap)(worker_id=worker_id)
@@ -118,6 +186,9 @@ class WorkerLifecycle:
         self._writer: tuple[asyncio.AbstractEventLoop, MessageWriter] | None = None
         self._toucher: tuple[asyncio.AbstractEventLoop, SessionToucher] | None = None
         self.overload_task: asyncio.Task | None = None
+        # When this worker's last cache call failed or stalled (monotonic): reaping waits a
+        # full CHAT_WORKER_TTL after it (see the module docstring).
+        self.cache_trouble_at = -math.inf
 
     @property
     def assistant(self) -> AssistantProvider:
@@ -148,7 +219,7 @@ class WorkerLifecycle:
         if scope["type"] in {"websocket", "http"}:
             loop = asyncio.get_running_loop()
             if self.task is None or self.task.get_loop() is not loop or self.task.done():
-                await asyncio.to_thread(worker_mark_alive)
+                await self.mark_alive()
                 if self.task is None or self.task.get_loop() is not loop or self.task.done():
                     self.assistant_slots = asyncio.Semaphore(settings.ASSISTANT_MAX_CONCURRENCY)
                     self.task = loop.create_task(self.housekeeping())
@@ -170,8 +241,13 @@ class WorkerLifecycle:
                 continue
 
             def on_signal(number, frame, server_handler=server_handler):
+                # A fresh context: the handler interrupts whatever the main thread was running,
+                # and a task copying that context could inherit its database-thread state
+                # (asgiref: "Single thread executor already being used, would deadlock").
                 loop.call_soon_threadsafe(
-                    loop.create_task, self.shutdown(server_handler, number, frame)
+                    loop.create_task,
+                    self.shutdown(server_handler, number, frame),
+                    context=contextvars.Context(),
                 )
 
             signal.signal(signum, on_signal)
@@ -193,6 +269,14 @@ class WorkerLifecycle:
             self.task.cancel()
         server_handler(number, frame)
 
+    def cache_trouble(self) -> None:
+        self.cache_trouble_at = time.monotonic()
+
+    def liveness_trusted(self) -> bool:
+        """Whether this worker's cache calls have gone well for a full CHAT_WORKER_TTL (so
+        every live worker has had the time to mark itself alive since)."""
+        return time.monotonic() - self.cache_trouble_at >= settings.CHAT_WORKER_TTL
+
     async def housekeeping(self) -> None:
         # The liveness key is refreshed by a task of its own: the reap's database calls wait
         # for this process's single database thread, and a stall there (a lock, a slow query)
@@ -200,18 +284,39 @@ class WorkerLifecycle:
         keep_alive = asyncio.create_task(self.keep_alive())
         try:
             while True:
-                try:
-                    await reap_dead_workers(exclude={WORKER_ID})
-                except Exception:
-                    logger.exception("worker housekeeping failed")
+                if self.liveness_trusted():
+                    try:
+                        await reap_dead_workers(exclude={WORKER_ID}, strict=True)
+                    except LivenessUnknown as unknown:
+                        self.cache_trouble()
+                        logger.warning(
+                            "not reaping for %s s: %s", settings.CHAT_WORKER_TTL, unknown
+                        )
+                    except Exception:
+                        self.cache_trouble()
+                        logger.exception("worker housekeeping failed")
                 await asyncio.sleep(settings.CHAT_REAP_INTERVAL)
         finally:
             keep_alive.cancel()
 
     async def keep_alive(self) -> None:
         while True:
-            try:
-                await asyncio.to_thread(worker_mark_alive)
-            except Exception:
-                logger.exception("worker liveness refresh failed")
+            await self.mark_alive()
             await asyncio.sleep(settings.CHAT_REAP_INTERVAL)
+
+    async def mark_alive(self) -> None:
+        """Refresh this worker's liveness key; a failure or a stall is cache trouble (and
+        never reaches a client: the first request also comes through here)."""
+
+        def timed() -> float:
+            started = time.monotonic()
+            worker_mark_alive()
+            return time.monotonic() - started
+
+        try:
+            if await asyncio.to_thread(timed) > settings.CHAT_REAP_INTERVAL:
+                self.cache_trouble()
+                logger.warning("worker liveness refresh stalled")
+        except Exception:
+            self.cache_trouble()
+            logger.exception("worker liveness refresh failed")

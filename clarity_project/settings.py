@@ -178,7 +178,9 @@ CHANNEL_LAYER = env_str("CHANNEL_LAYER", "pubsub")
 if REDIS_URL and CHANNEL_LAYER == "pubsub":
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            # channels-redis' pub/sub layer without its channel leaks, surviving a Redis
+            # outage or restart (chat/pubsub.py).
+            "BACKEND": "chat.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {
                 "hosts": [{"address": REDIS_URL, "max_connections": 1000}],
                 "prefix": f"{REDIS_PREFIX}:layer",

@@ -1,0 +1,142 @@
+"""channels-redis' `RedisPubSubChannelLayer` (the Redis default), without its leaks, and
+recovering from a Redis restart.
+
+1. A consumer's own channel (a Redis subscription and a queue in the worker) is released by
+   the stock layer only when the consumer's pending `receive` is cancelled. A `receive` that
+   already holds a message when the socket closes (a room notice that arrived meanwhile, the
+   user's own join notice when a client leaves at once) is never cancelled, so the channel
+   stays subscribed for the life of the worker: 276 of 300 short-lived sockets in
+   tests/test_faults.py's churn (django/channels_redis#276). Here a channel made by
+   `new_channel` belongs to the task that made it (a consumer's application instance, the
+   readiness probe's round trip): when that task ends, the channel is released, with any
+   group memberships its owner left behind (a consumer that failed half-way).
+2. While Redis is unreachable, unsubscribing raised. A consumer's `disconnect` discards its
+   groups first, so the error skipped the rest (the session stayed open for good, a ghost in
+   presence), and the channel was subscribed again when the connection came back (as was one
+   whose unsubscribe was in flight when Redis went down). Here an unsubscribe that fails on a
+   lost connection is complete (the server dropped the connection's subscriptions with it),
+   and an unsubscribed channel is forgotten at once, so redis-py's reconnection does not
+   subscribe it again.
+
+3. After a Redis restart, the layer's subscriber connection (held by its PubSub, not taken
+   from the pool per command, where redis-py replaces dead connections) is dead, and it is
+   only read while it holds a subscription: on a worker without sockets nothing noticed, and
+   the next sockets' SUBSCRIBEs failed (1011, their sessions left open). Here a command that
+   finds its connection lost is sent once more on a new one.
+
+After a lost connection, redis-py's `PubSub` reconnects on the layer's next read (or command)
+and re-subscribes every channel and group it holds (its connect callback): group memberships
+come back by themselves (tests/test_faults.py measures how fast). Messages published while a
+worker was not subscribed are not delivered (pub/sub has no backlog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from channels_redis import pubsub
+from channels_redis.utils import _wrap_close, create_pool
+from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+logger = logging.getLogger(__name__)
+
+CONNECTION_LOST = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
+    def _ensure_redis(self) -> None:
+        if self._redis is None:
+            # A command whose connection turns out to be lost is sent once more on a new one
+            # (redis-py's default: no retry). See 3. in the module docstring: the reconnection
+            # re-subscribes what the layer holds, then the command goes through.
+            retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+            self._redis = aioredis.Redis(connection_pool=create_pool({"retry": retry, **self.host}))
+            self._pubsub = self._redis.pubsub()
+
+    async def unsubscribe(self, channel: str) -> None:
+        async with self._lock:
+            if channel not in self._subscribed_to:
+                return
+            self._ensure_redis()
+            self._ensure_receiver()
+            try:
+                await self._pubsub.unsubscribe(channel)
+            except CONNECTION_LOST as lost:
+                # No connection, no subscription.
+                logger.info("unsubscribed %s with the connection lost (%r)", channel, lost)
+            # Forget it now, not when Redis confirms: redis-py's PubSub keeps a channel until
+            # the confirmation is read, and a reconnection meanwhile (Redis restarted, the
+            # connection lost) would subscribe it again, for good. (Its messages, if any
+            # still come, are dropped: no local channel or group has that name.)
+            for key in self._pubsub._normalize_keys({channel: None}):
+                self._pubsub.channels.pop(key, None)
+            self._subscribed_to.discard(channel)
+
+
+class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
+    def __init__(self, hosts=None, *args, **kwargs):
+        super().__init__(hosts, *args, **kwargs)
+        self._shards = [
+            RedisSingleShardConnection(host, self) for host in pubsub.decode_hosts(hosts)
+        ]
+        # channel -> the groups it was added to (released with the channel)
+        self._memberships: dict[str, set[str]] = {}
+        self._releasing: set[asyncio.Task] = set()
+
+    async def new_channel(self, prefix: str = "specific.") -> str:
+        channel = f"{self.prefix}{prefix}{uuid.uuid4().hex}"
+        try:
+            await self._subscribe_to_channel(channel)
+        except BaseException:  # Redis unreachable: no channel (the stock layer kept its queue)
+            self.channels.pop(channel, None)
+            raise
+        owner = asyncio.current_task()
+        if owner is not None:
+            owner.add_done_callback(lambda _: self._release_soon(channel))
+        return channel
+
+    async def group_add(self, group: str, channel: str) -> None:
+        if channel in self.channels:  # (the stock layer refuses any other)
+            self._memberships.setdefault(channel, set()).add(group)
+        await super().group_add(group, channel)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        self._memberships.get(channel, set()).discard(group)
+        await super().group_discard(group, channel)
+
+    def _release_soon(self, channel: str) -> None:
+        """The channel's owner has ended: nothing will receive from it again."""
+        self.channels.pop(channel, None)
+        groups = self._memberships.pop(channel, set())
+        try:
+            task = asyncio.get_running_loop().create_task(self._release(channel, groups))
+        except RuntimeError:  # the loop is closing: its connections go with it
+            return
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, channel: str, groups: set[str]) -> None:
+        try:
+            for group in groups:
+                await super().group_discard(group, channel)
+            await self._get_shard(channel).unsubscribe(channel)
+        except Exception:
+            logger.warning("could not release channel %s", channel, exc_info=True)
+
+
+class RedisPubSubChannelLayer(pubsub.RedisPubSubChannelLayer):
+    def _get_layer(self) -> RedisPubSubLoopLayer:
+        loop = asyncio.get_running_loop()
+        try:
+            return self._layers[loop]
+        except KeyError:
+            layer = RedisPubSubLoopLayer(*self._args, **self._kwargs, channel_layer=self)
+            self._layers[loop] = layer
+            _wrap_close(self, loop)
+            return layer
