@@ -10,6 +10,7 @@ original), but they are counted towards the abuse threshold that closes the sock
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
+from redis.exceptions import NoScriptError
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +39,32 @@ class Verdict:
     abusive: bool = False
 
 
+# One round trip, one command: add to the counter, give it its TTL if it has none (so a
+# counter always expires ttl seconds after its creation), and read the other counter.
+_INCR_SCRIPT = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2], 'NX')
+local other = 0
+if #KEYS > 1 then other = tonumber(redis.call('GET', KEYS[2]) or 0) or 0 end
+return {value, other}
+"""
+_INCR_SHA = hashlib.sha1(_INCR_SCRIPT.encode()).hexdigest()
+
+
 def _incr(key: str, delta: int, ttl: int, *, also_read: str | None = None) -> tuple[int, int]:
     """Atomically add delta to a counter that expires ttl seconds after its creation; also
     read the counter `also_read` (0 if absent) in the same round trip."""
     cache = caches["default"]
     if isinstance(cache, RedisCache):
-        # One round trip instead of Django's get + exists + incr (whose exists/incr pair can
-        # also resurrect an expiring key without a TTL).
-        full_key = cache.make_and_validate_key(key)
-        client = cache._cache.get_client(full_key, write=True)
-        pipe = client.pipeline(transaction=True)
-        pipe.incrby(full_key, delta)
-        pipe.expire(full_key, ttl, nx=True)
+        keys = [cache.make_and_validate_key(key)]
         if also_read is not None:
-            pipe.get(cache.make_and_validate_key(also_read))
-        results = pipe.execute()
-        return int(results[0]), int(results[2] or 0) if also_read is not None else 0
+            keys.append(cache.make_and_validate_key(also_read))
+        client = cache._cache.get_client(keys[0], write=True)
+        try:
+            value, other = client.evalsha(_INCR_SHA, len(keys), *keys, delta, ttl)
+        except NoScriptError:  # a new or flushed Redis: load it once
+            value, other = client.eval(_INCR_SCRIPT, len(keys), *keys, delta, ttl)
+        return int(value), int(other)
     cache.add(key, 0, ttl)
     try:
         value = cache.incr(key, delta)
