@@ -428,6 +428,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if event["frame_type"] == MessageType.ERROR:
             metrics.ERRORS.labels(event["error_code"]).inc()
         await self.send(text_data=event["text"])
+        self.scope["clarity.worker"].delivery_delays.delivered(sent_at=event["sent_at"])
 
     # --- background work off the receive path ---------------------------------------------
 

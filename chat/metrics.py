@@ -49,3 +49,8 @@ OVERLOADED = Counter(
     "clarity_overload_ticks_total",
     "Half-second ticks in which this worker was overloaded (loop lag or storage backlog)",
 )
+DELIVERY_DELAY = Histogram(
+    "clarity_delivery_delay_seconds",
+    "Longest delay per half second between a room frame's broadcast and its delivery here",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)

@@ -1,9 +1,11 @@
 """Overload made visible: a worker that cannot keep up says so in its metrics and its log.
 
-Two symptoms cover the ways a worker falls behind: its event loop runs late (CPU: frames,
-deliveries and joins queue up behind each other), or messages wait to be stored (the
-database: each is broadcast only once committed). Neither loses anything by itself, so
-without this an overloaded worker would only be slow, silently.
+Three symptoms cover the ways a worker falls behind: its event loop runs late (CPU: frames,
+deliveries and joins queue up behind each other), messages wait to be stored (the
+database: each is broadcast only once committed), or room frames reach its sockets late
+(queueing anywhere on the way: the sender's pipeline, the channel layer, Redis). Neither
+loses anything by itself, so without this an overloaded worker would only be slow,
+silently.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable
 
 from django.conf import settings
 
-from chat.metrics import LOOP_LAG, OVERLOADED, WRITER_BACKLOG
+from chat.metrics import DELIVERY_DELAY, LOOP_LAG, OVERLOADED, WRITER_BACKLOG
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +26,29 @@ logger = logging.getLogger(__name__)
 WARNING_EVERY = 10.0
 
 
-async def watch_overload(*, store_backlog: Callable[[], int], interval: float = 0.5) -> None:
-    """Every `interval`: how late the loop woke, how many messages wait to be stored."""
+class DeliveryDelays:
+    """The longest delay, since the last look, between a room frame's broadcast and its
+    delivery to a socket of this worker: queueing anywhere between two sockets (the sender's
+    pipeline, the channel layer, Redis, the receiving worker) shows here."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+
+    def delivered(self, *, sent_at: float) -> None:
+        delay = time.time() - sent_at
+        if delay > self.longest:
+            self.longest = delay
+
+    def take(self) -> float:
+        longest, self.longest = self.longest, 0.0
+        return longest
+
+
+async def watch_overload(
+    *, store_backlog: Callable[[], int], delays: DeliveryDelays, interval: float = 0.5
+) -> None:
+    """Every `interval`: how late the loop woke, how many messages wait to be stored, how
+    late room frames were delivered."""
     loop = asyncio.get_running_loop()
     warned_at = -math.inf
     while True:
@@ -32,15 +56,20 @@ async def watch_overload(*, store_backlog: Callable[[], int], interval: float = 
         await asyncio.sleep(interval)
         lag = max(loop.time() - started - interval, 0.0)
         backlog = store_backlog()
+        delay = delays.take()
         LOOP_LAG.observe(lag)
         WRITER_BACKLOG.set(backlog)
-        if lag <= settings.CHAT_OVERLOAD_LAG and backlog <= settings.CHAT_OVERLOAD_BACKLOG:
+        DELIVERY_DELAY.observe(delay)
+        limit = settings.CHAT_OVERLOAD_LAG
+        if lag <= limit and delay <= limit and backlog <= settings.CHAT_OVERLOAD_BACKLOG:
             continue
         OVERLOADED.inc()
         if loop.time() - warned_at >= WARNING_EVERY:
             warned_at = loop.time()
             logger.warning(
-                "worker overloaded: event loop %.0f ms late, %d messages waiting to be stored",
+                "worker overloaded: event loop %.0f ms late, room frames delivered up to "
+                "%.0f ms late, %d messages waiting to be stored",
                 lag * 1000,
+                delay * 1000,
                 backlog,
             )

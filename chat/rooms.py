@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -39,6 +40,7 @@ def room_event(payload: dict[str, Any], *, exclude_user: str | None = None) -> d
         "exclude_user": exclude_user,
         "frame_type": payload["type"],  # for metrics, without decoding the text
         "error_code": payload.get("error_code"),
+        "sent_at": time.time(),  # for the delivery delay (chat.overload)
     }
 
 

@@ -43,7 +43,7 @@ from django.core.cache.backends.redis import RedisCache
 
 from chat.assistant.base import AssistantProvider, get_provider
 from chat.metrics import REAPED_SESSIONS
-from chat.overload import watch_overload
+from chat.overload import DeliveryDelays, watch_overload
 from chat.rooms import membership_notices, room_group, user_group
 from chat.sessions import session_workers, sessions_open_on, sessions_reap
 from chat.touches import SessionToucher
@@ -186,6 +186,7 @@ class WorkerLifecycle:
         self._writer: tuple[asyncio.AbstractEventLoop, MessageWriter] | None = None
         self._toucher: tuple[asyncio.AbstractEventLoop, SessionToucher] | None = None
         self.overload_task: asyncio.Task | None = None
+        self.delivery_delays = DeliveryDelays()
         # When this worker's last cache call failed or stalled (monotonic): reaping waits a
         # full CHAT_WORKER_TTL after it (see the module docstring).
         self.cache_trouble_at = -math.inf
@@ -224,7 +225,10 @@ class WorkerLifecycle:
                     self.assistant_slots = asyncio.Semaphore(settings.ASSISTANT_MAX_CONCURRENCY)
                     self.task = loop.create_task(self.housekeeping())
                     self.overload_task = loop.create_task(
-                        watch_overload(store_backlog=lambda: len(self.message_writer.pending))
+                        watch_overload(
+                            store_backlog=lambda: len(self.message_writer.pending),
+                            delays=self.delivery_delays,
+                        )
                     )
                     self.chain_signal_handlers(loop)
             scope = {**scope, "clarity.worker": self}

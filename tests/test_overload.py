@@ -9,13 +9,22 @@ import logging
 import time
 
 from chat.metrics import OVERLOADED
-from chat.overload import watch_overload
+from chat.overload import DeliveryDelays, watch_overload
 
 
-async def watched(backlog: list[int], seconds: float, *, block: float = 0.0) -> int:
+async def watched(
+    backlog: list[int],
+    seconds: float,
+    *,
+    block: float = 0.0,
+    delays: DeliveryDelays | None = None,
+) -> int:
     """Run the watch for `seconds` (blocking the loop for `block` s once); ticks counted."""
+    delays = delays or DeliveryDelays()
     before = OVERLOADED._value.get()
-    task = asyncio.create_task(watch_overload(store_backlog=lambda: backlog[0], interval=0.05))
+    task = asyncio.create_task(
+        watch_overload(store_backlog=lambda: backlog[0], delays=delays, interval=0.05)
+    )
     await asyncio.sleep(0.02)
     if block:
         time.sleep(block)  # the worker busy with something else: the loop cannot run
@@ -46,3 +55,12 @@ async def test_messages_waiting_to_be_stored_count_as_overload(caplog, settings)
         assert await watched([11], 0.3) >= 3
     assert len(caplog.records) == 1  # one warning per WARNING_EVERY, not one per tick
     assert "11 messages waiting to be stored" in caplog.text
+
+
+async def test_room_frames_delivered_late_count_as_overload(caplog, settings):
+    settings.CHAT_OVERLOAD_LAG = 0.1
+    delays = DeliveryDelays()
+    delays.delivered(sent_at=time.time() - 0.5)  # queued half a second on its way here
+    with caplog.at_level(logging.WARNING, logger="chat.overload"):
+        assert await watched([0], 0.3, delays=delays) == 1  # counted once: taken, then reset
+    assert "room frames delivered up to 5" in caplog.text
