@@ -281,9 +281,9 @@ if max(CHAT_MAX_MESSAGE_SIZE, CHAT_MAX_HEALTH_PAYLOAD_SIZE) > CHAT_WS_MAX_FRAME_
         "CHAT_WS_MAX_FRAME_SIZE must be at least CHAT_MAX_MESSAGE_SIZE and "
         "CHAT_MAX_HEALTH_PAYLOAD_SIZE"
     )
-# CHAT_OVERLOAD_LAG / CHAT_OVERLOAD_BACKLOG: a worker whose event loop runs more than this
-# many seconds late, or with more than this many messages waiting to be stored, counts as
-# overloaded: `clarity_overload_ticks_total` grows and a warning is logged (chat/overload.py).
+# CHAT_OVERLOAD_LAG / CHAT_OVERLOAD_BACKLOG: a worker whose event loop runs, or whose room
+# frames arrive, more than this many seconds late, or with more than this many messages
+# waiting to be stored, counts as overloaded: `clarity_overload_ticks_total` grows and a warning is logged (chat/overload.py).
 CHAT_OVERLOAD_LAG = env_float("CHAT_OVERLOAD_LAG", 0.1)
 CHAT_OVERLOAD_BACKLOG = env_int("CHAT_OVERLOAD_BACKLOG", 200)
 # CHAT_MAX_DATA_POINTS: data points in one health analysis request.
