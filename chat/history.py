@@ -10,25 +10,6 @@ from chat.models import ChatMessage
 from chat.protocol import MessageType, encode, frame, iso
 
 
-def message_create(
-    *,
-    room_id: str,
-    user_id: str,
-    username: str,
-    content: str,
-    metadata: dict[str, Any] | None,
-    client_message_id: str | None,
-) -> ChatMessage:
-    return ChatMessage.objects.create(
-        room_id=room_id,
-        user_id=user_id,
-        username=username,
-        content=content,
-        metadata=metadata,
-        client_message_id=client_message_id,
-    )
-
-
 def message_store(
     *,
     room_id: str,

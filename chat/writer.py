@@ -30,7 +30,7 @@ class MessageWriter:
         self.task: asyncio.Task | None = None
 
     async def store(self, **fields: Any) -> dict[str, Any]:
-        """Store one message (the fields of `history.message_create`); its `message` frame,
+        """Store one message (the fields of `history.message_store`); its `message` frame,
         once committed."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((fields, future))

@@ -170,6 +170,23 @@ class Worker:
         return self.process.wait(10)
 
 
+class WorkerPair:
+    """Mixin of a test cluster of (at least) two workers: `a`, `b`, and all their logs."""
+
+    workers: list[Worker]
+
+    @property
+    def a(self) -> Worker:
+        return self.workers[0]
+
+    @property
+    def b(self) -> Worker:
+        return self.workers[1]
+
+    def logs(self) -> str:
+        return "\n".join(worker.logs() for worker in self.workers)
+
+
 def manage(
     args: list[str],
     env: Mapping[str, str],

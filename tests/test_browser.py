@@ -333,9 +333,9 @@ def test_reconnect_after_a_server_restart_fetches_missed_messages(server, ana, t
         [
             "shell",
             "-c",
-            "from chat.history import message_create\n"
+            "from chat.history import message_store\n"
             f"for text in {missed!r}:\n"
-            f"    message_create(room_id={room!r}, user_id='dev-cleo', username='Cleo',"
+            f"    message_store(room_id={room!r}, user_id='dev-cleo', username='Cleo',"
             " content=text, metadata=None, client_message_id=None)\n",
         ],
         worker.env,

@@ -36,7 +36,7 @@ import redis
 import requests
 from websockets.exceptions import ConnectionClosed
 
-from tests.servers import ChatSocket, Worker, manage, run_workers, token_for
+from tests.servers import ChatSocket, Worker, WorkerPair, manage, run_workers, token_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -144,24 +144,13 @@ def fresh_database(backend: str, directory: Path) -> Iterator[Database]:
 
 
 @dataclass
-class Cluster:
+class Cluster(WorkerPair):
     backend: str
     db: Database
     prefix: str
     workers: list[Worker]
     log_dir: Path
     redis: redis.Redis = field(repr=False)
-
-    @property
-    def a(self) -> Worker:
-        return self.workers[0]
-
-    @property
-    def b(self) -> Worker:
-        return self.workers[1]
-
-    def logs(self) -> str:
-        return "\n".join(worker.logs() for worker in self.workers)
 
     def liveness_keys(self) -> list[str]:
         return [

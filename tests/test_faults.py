@@ -46,7 +46,7 @@ import pytest
 import redis
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.servers import HOST, ChatSocket, Worker, free_ports, run_workers, token_for
+from tests.servers import HOST, ChatSocket, Worker, WorkerPair, free_ports, run_workers, token_for
 from tests.test_distributed import (
     Database,
     eventually,
@@ -156,23 +156,12 @@ def private_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
 
 
 @dataclass
-class Cluster:
+class Cluster(WorkerPair):
     backend: str
     db: Database
     prefix: str
     workers: list[Worker]
     redis: PrivateRedis
-
-    @property
-    def a(self) -> Worker:
-        return self.workers[0]
-
-    @property
-    def b(self) -> Worker:
-        return self.workers[1]
-
-    def logs(self) -> str:
-        return "\n".join(worker.logs() for worker in self.workers)
 
     def redis_keys(self) -> list[str]:
         """This run's Redis keys."""
