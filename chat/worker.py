@@ -33,6 +33,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -182,39 +184,35 @@ class WorkerLifecycle:
         self.app = app
         self.task: asyncio.Task | None = None
         self.assistant_slots: asyncio.Semaphore | None = None
-        self._assistant: tuple[asyncio.AbstractEventLoop, AssistantProvider] | None = None
-        self._writer: tuple[asyncio.AbstractEventLoop, MessageWriter] | None = None
-        self._toucher: tuple[asyncio.AbstractEventLoop, SessionToucher] | None = None
         self.overload_task: asyncio.Task | None = None
+        self._per_loop: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}
         self.delivery_delays = DeliveryDelays()
         # When this worker's last cache call failed or stalled (monotonic): reaping waits a
         # full CHAT_WORKER_TTL after it (see the module docstring).
         self.cache_trouble_at = -math.inf
 
+    def per_loop(self, name: str, factory: Callable[[], Any]) -> Any:
+        """One `factory()` per event loop (what it holds belongs to the loop: an HTTP client,
+        pending futures, a task): in a server, one per process."""
+        loop = asyncio.get_running_loop()
+        held = self._per_loop.get(name)
+        if held is None or held[0] is not loop:
+            held = self._per_loop[name] = (loop, factory())
+        return held[1]
+
     @property
     def assistant(self) -> AssistantProvider:
-        """One provider per event loop (its HTTP client belongs to the loop): in a server,
-        one per process."""
-        loop = asyncio.get_running_loop()
-        if self._assistant is None or self._assistant[0] is not loop:
-            self._assistant = (loop, get_provider())
-        return self._assistant[1]
+        return self.per_loop("assistant", get_provider)
 
     @property
     def session_toucher(self) -> SessionToucher:
-        """One batching liveness writer per event loop: in a server, one per process."""
-        loop = asyncio.get_running_loop()
-        if self._toucher is None or self._toucher[0] is not loop:
-            self._toucher = (loop, SessionToucher())
-        return self._toucher[1]
+        """Batched liveness writes of this worker's sessions."""
+        return self.per_loop("session_toucher", SessionToucher)
 
     @property
     def message_writer(self) -> MessageWriter:
-        """One batching message writer per event loop: in a server, one per process."""
-        loop = asyncio.get_running_loop()
-        if self._writer is None or self._writer[0] is not loop:
-            self._writer = (loop, MessageWriter())
-        return self._writer[1]
+        """Batched storage of this worker's chat messages."""
+        return self.per_loop("message_writer", MessageWriter)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in {"websocket", "http"}:
