@@ -126,6 +126,12 @@ class Worker:
             f"--- worker {self.index} stderr ---\n{_tail(self.stderr_path)}"
         )
 
+    def log_records(self) -> list[dict]:
+        """The worker's JSON log records so far: complete lines only (it may be writing the
+        last one right now)."""
+        complete, _, _ = self.stderr_path.read_text().rpartition("\n")
+        return [json.loads(line) for line in complete.splitlines()]
+
     def wait_listening(self, timeout: float) -> None:
         """Until the port accepts TCP connections; ServerError if the worker dies or stalls."""
         deadline = time.monotonic() + timeout

@@ -3,7 +3,6 @@ the ASGI application and on the wire against a real daphne worker."""
 
 import base64
 import contextlib
-import json
 import os
 import socket
 import sqlite3
@@ -152,10 +151,6 @@ def sessions_of(worker: Worker, uid: str) -> int:
         return db.execute(f"SELECT COUNT(*) FROM {table} WHERE user_id = ?", [uid]).fetchone()[0]
 
 
-def log_records(worker: Worker) -> list[dict]:
-    return [json.loads(line) for line in worker.stderr_path.read_text().splitlines()]
-
-
 def assert_refused_before_the_consumer(worker: Worker, handshake: Handshake) -> None:
     """No session and no record of our loggers for its user; for a 403, daphne's access log
     says the application rejected it (WSREJECT)."""
@@ -163,12 +158,12 @@ def assert_refused_before_the_consumer(worker: Worker, handshake: Handshake) -> 
         deadline = time.monotonic() + 3
         while not any(
             (r.get("event"), r.get("client")) == ("WSREJECT", handshake.client)
-            for r in log_records(worker)
+            for r in worker.log_records()
         ):
             assert time.monotonic() < deadline, "no WSREJECT in the access log"
             time.sleep(0.02)
     assert sessions_of(worker, handshake.uid) == 0
-    ours = [r for r in log_records(worker) if r["logger"].startswith("chat.")]
+    ours = [r for r in worker.log_records() if r["logger"].startswith("chat.")]
     assert not [r for r in ours if handshake.uid in r["message"]], ours
 
 

@@ -94,8 +94,7 @@ async def test_a_frame_over_the_limit_is_closed_1009_by_daphne(client, worker):
 
 
 def access_records(worker: Worker) -> list[dict]:
-    lines = worker.stderr_path.read_text().splitlines()
-    return [entry for entry in map(json.loads, lines) if entry["logger"] == "daphne.access"]
+    return [entry for entry in worker.log_records() if entry["logger"] == "daphne.access"]
 
 
 async def test_the_access_log_names_paths_never_query_strings(worker):
@@ -117,7 +116,7 @@ async def test_the_access_log_names_paths_never_query_strings(worker):
 
 async def test_every_line_a_worker_logs_is_one_json_object(client, worker):
     await client.close()
-    entries = [json.loads(line) for line in worker.stderr_path.read_text().splitlines()]
+    entries = worker.log_records()
     assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
     assert len({entry["worker_id"] for entry in entries}) == 1
     assert {"daphne.cli", "daphne.access", "chat.consumers"} <= {e["logger"] for e in entries}
