@@ -44,15 +44,13 @@ class ServerKind(StrEnum):
     CLARITY = "clarity"
 
     def command(self, port: int) -> list[str]:
-        """The daphne command line: Clarity as it is deployed (its own launcher,
-        `clarity_project.serve`, when present: daphne plus the project's limits), the baseline
-        with plain daphne; the same endpoint and verbosity for both."""
+        """The daphne command line: Clarity as it is deployed (its launcher,
+        `clarity_project.serve`: daphne plus the project's frame limits), the baseline with
+        plain daphne; the same endpoint and verbosity for both."""
         options = ["-e", f"tcp:port={port}:interface={HOST}:backlog=1024", "-v", "0"]
         if self is ServerKind.BASELINE:
             return [sys.executable, "-m", "daphne", *options, "bench.baseline.asgi:application"]
-        if (ROOT / "clarity_project" / "serve.py").exists():
-            return [sys.executable, "-m", "clarity_project.serve", *options]
-        return [sys.executable, "-m", "daphne", *options, "clarity_project.asgi:application"]
+        return [sys.executable, "-m", "clarity_project.serve", *options]
 
 
 class Layer(StrEnum):
