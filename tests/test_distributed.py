@@ -581,7 +581,9 @@ async def test_rate_limit_counts_frames_on_every_worker(net: Net):
         error = await on[label].expect_error("RATE_LIMIT_EXCEEDED")
         retry_after = error["details"]["retry_after"]
         assert isinstance(retry_after, int) and not isinstance(retry_after, bool)
-        assert 1 <= retry_after <= 60
+        # Up to window * (1 + 1/limit): the rolling window is estimated from two fixed
+        # windows, and a full one that just ended still weighs (tests/test_ratelimit.py).
+        assert 1 <= retry_after <= 60 * (1 + 1 / RATE_LIMIT)
     for client in on.values():  # still open; heartbeats still answered
         await client.send({"type": "heartbeat"})
         await client.expect("heartbeat_ack")
