@@ -50,7 +50,7 @@ from chat.protocol import (
     iso,
     now_iso,
 )
-from chat.ratelimit import Rule, arate_limit_hit
+from chat.ratelimit import Rule, rate_limit_hit
 from chat.replies import assistant_reply, room_assistant_mode, wants_reply
 from chat.rooms import membership_notices, room_event, room_group, room_id_problem, user_group
 from chat.sessions import SessionRefused, room_presence, session_close, session_open
@@ -330,7 +330,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if heartbeat is not None:
             metrics.FRAMES_IN.labels(MessageType.HEARTBEAT).inc()
             return await self.on_heartbeat(heartbeat)
-        verdict = await arate_limit_hit(
+        verdict = await rate_limit_hit(
             key=f"user:{self.identity.user_id}",
             rule=Rule(
                 seconds=settings.CHAT_RATE_LIMIT_WINDOW,

@@ -5,6 +5,9 @@ retry_after)`. The window is rolling, estimated from two fixed windows (the curr
 plus the previous window's count weighted by how much of it still overlaps), so each frame
 costs one atomic increment. Frames refused by the limit are not counted against it (as the
 original), but they are counted towards the abuse threshold that closes the socket.
+
+On Redis (the workers' shared cache) that increment is one script round trip made on the
+event loop, with no thread (chat/cache.py says why); on local memory it runs inline.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import time
 from dataclasses import dataclass
 
 from django.core.cache import caches
+from django.core.cache.backends.base import BaseCache
 from django.core.cache.backends.locmem import LocMemCache
-from django.core.cache.backends.redis import RedisCache
 from redis.exceptions import NoScriptError
+
+from chat.cache import RedisCache
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ return {value, other}
 _INCR_SHA = hashlib.sha1(_INCR_SCRIPT.encode()).hexdigest()
 
 
-def _incr(key: str, delta: int, ttl: int, *, also_read: str | None = None) -> tuple[int, int]:
+async def _incr(key: str, delta: int, ttl: int, *, also_read: str | None = None) -> tuple[int, int]:
     """Atomically add delta to a counter that expires ttl seconds after its creation; also
     read the counter `also_read` (0 if absent) in the same round trip."""
     cache = caches["default"]
@@ -59,12 +64,21 @@ def _incr(key: str, delta: int, ttl: int, *, also_read: str | None = None) -> tu
         keys = [cache.make_and_validate_key(key)]
         if also_read is not None:
             keys.append(cache.make_and_validate_key(also_read))
-        client = cache._cache.get_client(keys[0], write=True)
+        client = cache.async_client()
         try:
-            value, other = client.evalsha(_INCR_SHA, len(keys), *keys, delta, ttl)
+            value, other = await client.evalsha(_INCR_SHA, len(keys), *keys, delta, ttl)
         except NoScriptError:  # a new or flushed Redis: load it once
-            value, other = client.eval(_INCR_SCRIPT, len(keys), *keys, delta, ttl)
+            value, other = await client.eval(_INCR_SCRIPT, len(keys), *keys, delta, ttl)
         return int(value), int(other)
+    if isinstance(cache, LocMemCache):  # in-process, no I/O: a few microseconds inline
+        return _incr_django(cache, key, delta, ttl, also_read=also_read)
+    return await asyncio.to_thread(_incr_django, cache, key, delta, ttl, also_read=also_read)
+
+
+def _incr_django(
+    cache: BaseCache, key: str, delta: int, ttl: int, *, also_read: str | None
+) -> tuple[int, int]:
+    """`_incr` on any Django cache (atomic where its `add` and `incr` are)."""
     cache.add(key, 0, ttl)
     try:
         value = cache.incr(key, delta)
@@ -86,29 +100,21 @@ def _retry_after(*, rule: Rule, previous: int, current: int, elapsed: float) -> 
     return max(1, math.ceil(wait))
 
 
-def rate_limit_hit(*, key: str, rule: Rule, now: float | None = None) -> Verdict:
+async def rate_limit_hit(*, key: str, rule: Rule, now: float | None = None) -> Verdict:
     """Count one frame for `key` and say whether it is over the rule."""
     now = time.time() if now is None else now
     window = int(now // rule.seconds)
     elapsed = now - window * rule.seconds
     ttl = rule.seconds * 2 + 1
     accepted_key = f"rl:{key}:{window}"
-    current, previous = _incr(accepted_key, 1, ttl, also_read=f"rl:{key}:{window - 1}")
+    current, previous = await _incr(accepted_key, 1, ttl, also_read=f"rl:{key}:{window - 1}")
     estimate = previous * (1 - elapsed / rule.seconds) + current
     if estimate <= rule.max_requests:
         return Verdict(limited=False)
-    current, _ = _incr(accepted_key, -1, ttl)
-    refused, _ = _incr(f"rl:{key}:{window}:refused", 1, ttl)
+    current, _ = await _incr(accepted_key, -1, ttl)
+    refused, _ = await _incr(f"rl:{key}:{window}:refused", 1, ttl)
     return Verdict(
         limited=True,
         retry_after=_retry_after(rule=rule, previous=previous, current=current, elapsed=elapsed),
         abusive=current + refused > rule.max_requests * rule.close_factor,
     )
-
-
-async def arate_limit_hit(*, key: str, rule: Rule) -> Verdict:
-    """`rate_limit_hit` from the event loop: inline on the process-local cache (no I/O, a few
-    microseconds), in a thread when the cache is across the network."""
-    if isinstance(caches["default"], LocMemCache):
-        return rate_limit_hit(key=key, rule=rule)
-    return await asyncio.to_thread(rate_limit_hit, key=key, rule=rule)

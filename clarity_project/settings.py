@@ -213,8 +213,10 @@ if REDIS_URL:
             "BACKEND": "chat.cache.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": f"{REDIS_PREFIX}:cache",
-            # Fail fast rather than stall a worker when Redis is unreachable.
-            "OPTIONS": {"socket_timeout": 5, "socket_connect_timeout": 2},
+            # Fail fast rather than stall a worker when Redis is unreachable. At most
+            # max_connections per worker and event loop; from the event loop, callers wait
+            # for a free one (chat/cache.py).
+            "OPTIONS": {"socket_timeout": 5, "socket_connect_timeout": 2, "max_connections": 50},
         }
     }
 else:
@@ -283,7 +285,8 @@ if max(CHAT_MAX_MESSAGE_SIZE, CHAT_MAX_HEALTH_PAYLOAD_SIZE) > CHAT_WS_MAX_FRAME_
     )
 # CHAT_OVERLOAD_LAG / CHAT_OVERLOAD_BACKLOG: a worker whose event loop runs, or whose room
 # frames arrive, more than this many seconds late, or with more than this many messages
-# waiting to be stored, counts as overloaded: `clarity_overload_ticks_total` grows and a warning is logged (chat/overload.py).
+# waiting to be stored, counts as overloaded: `clarity_overload_ticks_total` grows and a
+# warning is logged (chat/overload.py).
 CHAT_OVERLOAD_LAG = env_float("CHAT_OVERLOAD_LAG", 0.1)
 CHAT_OVERLOAD_BACKLOG = env_int("CHAT_OVERLOAD_BACKLOG", 200)
 # CHAT_MAX_DATA_POINTS: data points in one health analysis request.

@@ -49,58 +49,58 @@ RULE = Rule(seconds=60, max_requests=60, close_factor=3)
 START = 6_000_000.0  # the start of a window (a multiple of 60)
 
 
-def hits(n: int, *, at: float, key: str = "u", rule: Rule = RULE):
-    return [rate_limit_hit(key=key, rule=rule, now=at) for _ in range(n)]
+async def hits(n: int, *, at: float, key: str = "u", rule: Rule = RULE):
+    return [await rate_limit_hit(key=key, rule=rule, now=at) for _ in range(n)]
 
 
-def test_up_to_the_limit_passes_then_it_is_refused():
-    assert not any(v.limited for v in hits(60, at=START + 1))
-    verdict = rate_limit_hit(key="u", rule=RULE, now=START + 1)
+async def test_up_to_the_limit_passes_then_it_is_refused():
+    assert not any(v.limited for v in await hits(60, at=START + 1))
+    verdict = await rate_limit_hit(key="u", rule=RULE, now=START + 1)
     assert verdict.limited and not verdict.abusive
     assert verdict.retry_after == 60  # the window must end and its weight decay by 1/60
 
 
-def test_keys_are_independent():
-    hits(60, at=START + 1)
-    assert not rate_limit_hit(key="someone-else", rule=RULE, now=START + 1).limited
+async def test_keys_are_independent():
+    await hits(60, at=START + 1)
+    assert not (await rate_limit_hit(key="someone-else", rule=RULE, now=START + 1)).limited
 
 
-def test_refused_frames_do_not_use_up_the_allowance():
-    hits(60, at=START + 1)
-    hits(50, at=START + 2)  # refused
+async def test_refused_frames_do_not_use_up_the_allowance():
+    await hits(60, at=START + 1)
+    await hits(50, at=START + 2)  # refused
     # one window later, only the 60 accepted frames weigh (60 * 59/60 = 59): one fits
-    assert not rate_limit_hit(key="u", rule=RULE, now=START + 61).limited
-    assert rate_limit_hit(key="u", rule=RULE, now=START + 61).limited
+    assert not (await rate_limit_hit(key="u", rule=RULE, now=START + 61)).limited
+    assert (await rate_limit_hit(key="u", rule=RULE, now=START + 61)).limited
 
 
-def test_rolling_window_weighs_the_previous_window():
-    hits(60, at=START + 59)
+async def test_rolling_window_weighs_the_previous_window():
+    await hits(60, at=START + 59)
     # half-way through the next window, half of the previous one still counts
-    results = hits(31, at=START + 90)
+    results = await hits(31, at=START + 90)
     assert [v.limited for v in results] == [False] * 30 + [True]
 
 
-def test_retry_after_within_the_window_when_the_previous_one_is_decaying():
-    hits(60, at=START + 59)
-    hits(30, at=START + 90)
-    verdict = rate_limit_hit(key="u", rule=RULE, now=START + 90)
+async def test_retry_after_within_the_window_when_the_previous_one_is_decaying():
+    await hits(60, at=START + 59)
+    await hits(30, at=START + 90)
+    verdict = await rate_limit_hit(key="u", rule=RULE, now=START + 90)
     assert verdict.limited
     # 60 * (1 - (t - 60) / 60) + 30 + 1 <= 60  ->  t >= 61 -> 1 s after START + 90
     assert verdict.retry_after == 1
-    assert not rate_limit_hit(key="u", rule=RULE, now=START + 91).limited
+    assert not (await rate_limit_hit(key="u", rule=RULE, now=START + 91)).limited
 
 
-def test_more_than_three_times_the_limit_in_a_window_is_abuse():
-    verdicts = hits(181, at=START + 1)
+async def test_more_than_three_times_the_limit_in_a_window_is_abuse():
+    verdicts = await hits(181, at=START + 1)
     assert [v.abusive for v in verdicts].index(True) == 180
     assert all(v.limited for v in verdicts[60:])
 
 
 @pytest.mark.parametrize("limit", [1, 4, 60])
-def test_retry_after_is_honest(limit):
+async def test_retry_after_is_honest(limit):
     rule = Rule(seconds=60, max_requests=limit)
-    hits(limit, at=START + 10, rule=rule)
-    verdict = rate_limit_hit(key="u", rule=rule, now=START + 10)
+    await hits(limit, at=START + 10, rule=rule)
+    verdict = await rate_limit_hit(key="u", rule=rule, now=START + 10)
     assert verdict.limited
     later = START + 10 + verdict.retry_after
-    assert not rate_limit_hit(key="u", rule=rule, now=later).limited
+    assert not (await rate_limit_hit(key="u", rule=rule, now=later)).limited
