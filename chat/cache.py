@@ -36,8 +36,8 @@ def _pool_key(server: str, options: dict[str, Any]) -> tuple[str, str]:
 class SharedPoolRedisCacheClient(RedisCacheClient):
     pools: ClassVar[dict[tuple[str, str], Any]] = {}
     pools_lock: ClassVar[threading.Lock] = threading.Lock()
-    # Per event loop (they die with it): pools of redis.asyncio connections.
-    async_pools: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+    # Per event loop (they die with it): redis.asyncio clients, each with its pool.
+    async_clients: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
 
     def _get_connection_pool(self, write: bool) -> Any:
         server = self._servers[self._get_connection_pool_index(write)]
@@ -49,25 +49,27 @@ class SharedPoolRedisCacheClient(RedisCacheClient):
         return pool
 
     def async_client(self) -> redis.asyncio.Redis:
-        """A client on the running event loop for the server the cache writes to."""
+        """A client on the running event loop for the server the cache writes to (one per
+        loop and server: building a client copies redis-py's table of reply callbacks)."""
         server = self._servers[self._get_connection_pool_index(True)]
         # The sync parser class does not apply; redis.asyncio picks its own.
         options = {k: v for k, v in self._pool_options.items() if k != "parser_class"}
-        pools = self.async_pools.setdefault(asyncio.get_running_loop(), {})
+        clients = self.async_clients.setdefault(asyncio.get_running_loop(), {})
         key = _pool_key(server, options)
-        pool = pools.get(key)
-        if pool is None:
+        client = clients.get(key)
+        if client is None:
             # Blocking: a burst of frames waits for a connection (up to socket_timeout)
             # instead of failing with "Too many connections" at max_connections. A pooled
             # connection found dead (Redis restarted while it sat idle) is retried once on a
             # new one; a timeout is not retried (the command may have run).
-            pool = pools[key] = redis.asyncio.BlockingConnectionPool.from_url(
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
                 server,
                 timeout=options.get("socket_timeout", 5),
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
                 **options,
             )
-        return redis.asyncio.Redis(connection_pool=pool)
+            client = clients[key] = redis.asyncio.Redis(connection_pool=pool)
+        return client
 
 
 class RedisCache(DjangoRedisCache):

@@ -67,3 +67,22 @@ async def test_a_bad_message_fails_alone():
         "message 2",
         "message 3",
     ]
+
+
+async def test_a_lone_message_is_one_statement_committed_on_its_own():
+    """Under light load every batch is one message: no BEGIN/COMMIT round trips around it."""
+    await database_sync_to_async(Room.objects.create)(name="lobby")
+    writer = MessageWriter()
+
+    def statements(*, reset: bool = False) -> list[str]:
+        if reset:
+            reset_queries()
+        return [q["sql"].split()[0] for q in connection.queries]
+
+    await database_sync_to_async(statements)(reset=True)
+    frame = await writer.store(**fields(1))
+    assert await database_sync_to_async(statements)() == ["INSERT"]
+    history, _ = await database_sync_to_async(messages_page)(
+        room_id="lobby", limit=10, max_bytes=1_000_000
+    )
+    assert history == [frame]
