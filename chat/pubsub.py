@@ -24,6 +24,12 @@ recovering from a Redis restart.
    the next sockets' SUBSCRIBEs failed (1011, their sessions left open). Here a command that
    finds its connection lost is sent once more on a new one.
 
+4. While Redis is unreachable, `new_channel` raised, before the consumer's `connect` could
+   run: a socket opened during an outage got HTTP 500 at the handshake, with nothing to tell
+   the client why. Here the channel is made at once and subscribed when it joins its first
+   group: during the outage that join fails and the consumer closes the socket 4013 (service
+   unavailable, retry), after telling the client so.
+
 After a lost connection, redis-py's `PubSub` reconnects on the layer's next read (or command)
 and re-subscribes every channel and group it holds (its connect callback): group memberships
 come back by themselves (tests/test_faults.py measures how fast). Messages published while a
@@ -96,13 +102,19 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
         ]
         # channel -> the groups it was added to (released with the channel)
         self._memberships: dict[str, set[str]] = {}
+        # channels made while Redis was unreachable, not subscribed yet (4.)
+        self._unsubscribed: set[str] = set()
         self._releasing: set[asyncio.Task] = set()
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         channel = f"{self.prefix}{prefix}{uuid.uuid4().hex}"
         try:
             await self._subscribe_to_channel(channel)
-        except BaseException:  # Redis unreachable: no channel (the stock layer kept its queue)
+        except CONNECTION_LOST as lost:
+            # See 4. in the module docstring: the channel is made, its subscription waits.
+            logger.info("channel %s made with Redis unreachable (%r)", channel, lost)
+            self._unsubscribed.add(channel)
+        except BaseException:
             self.channels.pop(channel, None)
             raise
         owner = asyncio.current_task()
@@ -111,6 +123,9 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
         return channel
 
     async def group_add(self, group: str, channel: str) -> None:
+        if channel in self._unsubscribed:
+            await self._get_shard(channel).subscribe(channel)  # raises while Redis is down
+            self._unsubscribed.discard(channel)
         if channel in self.channels:  # (the stock layer refuses any other)
             self._memberships.setdefault(channel, set()).add(group)
         await super().group_add(group, channel)
@@ -122,6 +137,7 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
     def _release_soon(self, channel: str) -> None:
         """The channel's owner has ended: nothing will receive from it again."""
         self.channels.pop(channel, None)
+        self._unsubscribed.discard(channel)
         groups = self._memberships.pop(channel, set())
         try:
             task = asyncio.get_running_loop().create_task(self._release(channel, groups))
