@@ -6,6 +6,7 @@ turns into HTTP 403.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -41,12 +42,17 @@ def origin_allowed(origin: str | None) -> bool:
 
 
 class OriginPolicy:
-    """ASGI middleware: refuse WebSocket handshakes from origins not on the allow-list."""
+    """ASGI middleware: refuse WebSocket handshakes from origins not on the allow-list.
+
+    `__call__` is not a coroutine: it returns the application's own awaitable, so a socket
+    (which lives for hours) holds no suspended frame of this middleware (~0.4 KB each)."""
+
+    _asgi_single_callable = True  # for asgiref: an ASGI 3 application all the same
 
     def __init__(self, app):
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    def __call__(self, scope, receive, send) -> Awaitable[None]:
         if scope["type"] == "websocket":
             origin = None
             for name, value in scope.get("headers", []):
@@ -54,7 +60,10 @@ class OriginPolicy:
                     origin = value.decode("latin-1")
                     break
             if not origin_allowed(origin):
-                await receive()  # websocket.connect
-                await send({"type": "websocket.close", "code": 1008})
-                return
-        return await self.app(scope, receive, send)
+                return self.refuse(receive, send)
+        return self.app(scope, receive, send)
+
+    @staticmethod
+    async def refuse(receive, send) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1008})

@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -214,23 +214,42 @@ class WorkerLifecycle:
         """Batched storage of this worker's chat messages."""
         return self.per_loop("message_writer", MessageWriter)
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] in {"websocket", "http"}:
+    _asgi_single_callable = True  # for asgiref: an ASGI 3 application all the same
+
+    def __call__(self, scope, receive, send) -> Awaitable[None]:
+        """Not a coroutine once the worker has started: it returns the application's own
+        awaitable, so a socket holds no suspended frame of this middleware (~0.4 KB each)."""
+        if scope["type"] not in {"websocket", "http"}:
+            return self.app(scope, receive, send)
+        scope = {**scope, "clarity.worker": self}
+        if not self.started():
+            return self.start_then(self.app, scope, receive, send)
+        return self.app(scope, receive, send)
+
+    def started(self) -> bool:
+        """Whether this worker's housekeeping runs on the running event loop."""
+        try:
             loop = asyncio.get_running_loop()
-            if self.task is None or self.task.get_loop() is not loop or self.task.done():
-                await self.mark_alive()
-                if self.task is None or self.task.get_loop() is not loop or self.task.done():
-                    self.assistant_slots = asyncio.Semaphore(settings.ASSISTANT_MAX_CONCURRENCY)
-                    self.task = loop.create_task(self.housekeeping())
-                    self.overload_task = loop.create_task(
-                        watch_overload(
-                            store_backlog=lambda: len(self.message_writer.pending),
-                            delays=self.delivery_delays,
-                        )
+        except RuntimeError:
+            return False
+        return self.task is not None and self.task.get_loop() is loop and not self.task.done()
+
+    async def start_then(self, app, scope, receive, send) -> None:
+        """The first request on an event loop: mark this worker alive, start housekeeping."""
+        if not self.started():
+            await self.mark_alive()
+            if not self.started():
+                loop = asyncio.get_running_loop()
+                self.assistant_slots = asyncio.Semaphore(settings.ASSISTANT_MAX_CONCURRENCY)
+                self.task = loop.create_task(self.housekeeping())
+                self.overload_task = loop.create_task(
+                    watch_overload(
+                        store_backlog=lambda: len(self.message_writer.pending),
+                        delays=self.delivery_delays,
                     )
-                    self.chain_signal_handlers(loop)
-            scope = {**scope, "clarity.worker": self}
-        return await self.app(scope, receive, send)
+                )
+                self.chain_signal_handlers(loop)
+        return await app(scope, receive, send)
 
     def chain_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         """Only where a server installed handlers to chain to (not in tests), and only from
