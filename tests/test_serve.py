@@ -134,3 +134,13 @@ def test_a_limit_below_the_applications_is_refused():
     )
     assert result.returncode != 0
     assert "CHAT_WS_MAX_FRAME_SIZE must be at least" in result.stderr
+
+
+def test_the_application_module_freezes_what_it_loaded():
+    """Full garbage collections would scan Django and every library on each pass (tens of
+    milliseconds of stall per collection on a busy worker): asgi.py freezes them."""
+    import gc
+
+    import clarity_project.asgi  # noqa: F401
+
+    assert gc.get_freeze_count() > 10_000
