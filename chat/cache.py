@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
+from functools import cached_property
 from typing import Any, ClassVar
 
 import redis.asyncio
@@ -48,14 +49,20 @@ class SharedPoolRedisCacheClient(RedisCacheClient):
                 pool = self.pools[key] = self._pool_class.from_url(server, **self._pool_options)
         return pool
 
-    def async_client(self) -> redis.asyncio.Redis:
-        """A client on the running event loop for the server the cache writes to (one per
-        loop and server: building a client copies redis-py's table of reply callbacks)."""
+    @cached_property
+    def _async_target(self) -> tuple[tuple[str, str], str, dict[str, Any]]:
+        """(key, server, options) of the asyncio clients: worked out once per cache object,
+        not on every frame."""
         server = self._servers[self._get_connection_pool_index(True)]
         # The sync parser class does not apply; redis.asyncio picks its own.
         options = {k: v for k, v in self._pool_options.items() if k != "parser_class"}
+        return _pool_key(server, options), server, options
+
+    def async_client(self) -> redis.asyncio.Redis:
+        """A client on the running event loop for the server the cache writes to (one per
+        loop and server: building a client copies redis-py's table of reply callbacks)."""
+        key, server, options = self._async_target
         clients = self.async_clients.setdefault(asyncio.get_running_loop(), {})
-        key = _pool_key(server, options)
         client = clients.get(key)
         if client is None:
             # Blocking: a burst of frames waits for a connection (up to socket_timeout)

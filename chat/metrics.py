@@ -37,10 +37,12 @@ LAYER_DROPPED = Counter(
     "clarity_layer_dropped_total",
     "Channel-layer messages dropped because a socket's queue was full (overload)",
 )
+# Seconds late: from a few milliseconds (normal) to seconds (a worker far behind).
+DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LOOP_LAG = Histogram(
     "clarity_event_loop_lag_seconds",
     "How late this worker's event loop wakes from a timer (CPU overload)",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    buckets=DELAY_BUCKETS,
 )
 WRITER_BACKLOG = Gauge(
     "clarity_messages_waiting_to_be_stored", "Chat messages queued for the database writer"
@@ -52,5 +54,5 @@ OVERLOADED = Counter(
 DELIVERY_DELAY = Histogram(
     "clarity_delivery_delay_seconds",
     "Longest delay per half second between a room frame's broadcast and its delivery here",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    buckets=DELAY_BUCKETS,
 )

@@ -192,6 +192,11 @@ class WorkerPair:
     def logs(self) -> str:
         return "\n".join(worker.logs() for worker in self.workers)
 
+    def assert_alive(self, workers: list[Worker] | None = None) -> None:
+        """Every worker (or those given) still running; else the failure shows all logs."""
+        for worker in self.workers if workers is None else workers:
+            assert worker.alive(), f"worker {worker.index} exited\n{self.logs()}"
+
 
 def manage(
     args: list[str],

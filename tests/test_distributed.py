@@ -261,8 +261,7 @@ async def net(cluster: Cluster):
         )
     finally:
         print(cluster.logs())
-    for worker in cluster.workers:
-        assert worker.alive(), f"worker {worker.index} died\n{cluster.logs()}"
+    cluster.assert_alive()
 
 
 async def drain(client: ChatSocket, quiet: float = 0.5, limit: float = 10.0) -> list[dict]:
@@ -954,8 +953,7 @@ async def test_killed_worker_users_shown_as_left_once_and_sessions_closed(
         await erin.send({"type": "message", "content": "still here"})
         for client in (bob, erin, carol_b):
             assert (await client.expect("message"))["content"] == "still here"
-        for worker in (b, c):
-            assert worker.alive(), cluster.logs()
+        cluster.assert_alive([b, c])
     finally:
         await net.close_all()
 

@@ -231,8 +231,7 @@ def cluster(shared_cluster: Cluster, private_redis: PrivateRedis) -> Iterator[Cl
         if not private_redis.running():
             private_redis.start()
         print(shared_cluster.logs())
-    for worker in shared_cluster.workers:
-        assert worker.alive(), f"worker {worker.index} died\n{shared_cluster.logs()}"
+    shared_cluster.assert_alive()
 
 
 @pytest.fixture
@@ -578,8 +577,7 @@ async def test_redis_restart_mid_chat(cluster: Cluster, capsys):
             )
 
         # 1. No worker exited, no socket closed (any close would have to be 4012/4013).
-        for worker in cluster.workers:
-            assert worker.alive(), f"worker {worker.index} exited\n{cluster.logs()}"
+        cluster.assert_alive()
         closes = {p.name: p.close_code for p in room.peers if not p.open}
         assert set(closes.values()) <= ALLOWED_CLOSES, closes
         assert not closes, f"sockets closed during the outage: {closes}"
@@ -672,8 +670,7 @@ async def test_redis_stall_longer_than_the_liveness_ttl(cluster: Cluster, capsys
                 f"{max(a_to_b, b_to_a):.2f} s; {room.sent()} sent, "
                 f"{len(room.acknowledged())} acknowledged, errors {sorted(set(errors))}"
             )
-        for worker in cluster.workers:
-            assert worker.alive(), f"worker {worker.index} exited\n{cluster.logs()}"
+        cluster.assert_alive()
         assert all(p.open for p in room.peers), [(p.name, p.close_code) for p in room.peers]
         assert set(errors) <= {"SERVICE_UNAVAILABLE"}, errors
         await room.assert_nobody_reaped(sessions)
@@ -939,8 +936,7 @@ async def test_churn_leaves_no_sessions_presence_keys_or_subscriptions(cluster: 
         assert len(keys_after) <= len(keys_before), (keys_before, keys_after)
         assert subs_after == subs_before, set(subs_after) ^ set(subs_before)
         assert "worker_lost" not in reasons
-        for worker in cluster.workers:
-            assert worker.alive(), cluster.logs()
+        cluster.assert_alive()
     finally:
         await asyncio.gather(*(o.close() for o in observers))
     await all_sessions_closed(db)
