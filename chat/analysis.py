@@ -20,8 +20,15 @@ from chat.assistant.base import (
     ask,
 )
 from chat.assistant.builtin import BuiltinProvider
-from chat.protocol import ErrorCode, HealthPayload, MessageType, error_frame, frame
-from chat.replies import AI_USER_ID, AI_USERNAME
+from chat.protocol import (
+    AI_USER_ID,
+    AI_USERNAME,
+    ErrorCode,
+    HealthPayload,
+    MessageType,
+    error_frame,
+    frame,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +23,7 @@ from django.conf import settings
 from firebase_admin import auth as firebase_auth
 from firebase_admin import credentials, exceptions
 
-from chat.protocol import Close
+from chat.protocol import AI_USER_ID, AI_USERNAME, Close
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class Identity:
     user_id: str
     username: str
     expires_at: datetime
+    # An operator (the CHAT_STAFF_CLAIM claim is true): may read the HTTP companions' stats.
+    staff: bool = False
 
 
 class AuthFailure(Exception):
@@ -54,6 +57,15 @@ def emulator_mode() -> bool:
     return os.environ.get(EMULATOR_ENV, "") != ""
 
 
+def bearer_credential(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header's value; None if it is not one.
+    (Sockets and the HTTP views, chat.http, read the header through this.)"""
+    scheme, _, credential = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        return None
+    return credential.strip()
+
+
 def token_from_scope(scope: dict[str, Any]) -> str | None:
     """The `token` query parameter, else an `Authorization: Bearer` header; None if neither."""
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -61,10 +73,10 @@ def token_from_scope(scope: dict[str, Any]) -> str | None:
     if token:
         return token
     for name, value in scope.get("headers", []):
-        if name.lower() == b"authorization":
-            scheme, _, credential = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and credential.strip():
-                return credential.strip()
+        if name.lower() == b"authorization" and (
+            credential := bearer_credential(value.decode("latin-1"))
+        ):
+            return credential
     return None
 
 
@@ -95,18 +107,48 @@ def firebase_app() -> firebase_admin.App:
         return firebase_admin.initialize_app(credential, options, name=name)
 
 
-def identity_from_claims(claims: dict[str, Any]) -> Identity:
-    user_id = str(claims["sub"])
+def display_name(claims: dict[str, Any], user_id: str) -> str:
+    """`name`, else `email`, else `User_` + 8 characters of the uid; never the assistant's
+    name (in any case), which gets a suffix so nobody can pass for the assistant."""
     username = ""
     for claim in ("name", "email"):
         value = claims.get(claim)
         if isinstance(value, str) and value.strip():
             username = value.strip()
             break
+    username = username or f"User_{user_id[:8]}"
+    if _looks_like(username, AI_USERNAME):
+        username = f"{username} (user)"
+    return username
+
+
+def _looks_like(name: str, reserved: str) -> bool:
+    """Equal once compatibility forms (full-width letters), invisible format characters
+    (zero-width spaces, joiners), spaces and case are set aside, or written with Greek or
+    Cyrillic look-alikes of the Latin letters."""
+    folded = unicodedata.normalize("NFKC", name)
+    folded = "".join(
+        char for char in folded if unicodedata.category(char) != "Cf" and not char.isspace()
+    )
+    folded = folded.casefold().translate(_CONFUSABLES)
+    return folded == reserved.casefold()
+
+
+# Greek and Cyrillic letters that render as the Latin a and i (after casefolding).
+_CONFUSABLES = str.maketrans(
+    {"\u03b1": "a", "\u0430": "a", "\u03b9": "i", "\u0456": "i", "\u04cf": "i", "\u026a": "i"}
+)
+
+
+def identity_from_claims(claims: dict[str, Any]) -> Identity:
+    user_id = str(claims["sub"])
+    if user_id == AI_USER_ID:
+        raise AuthFailure(Close.INVALID_TOKEN)  # the assistant's uid is reserved
     return Identity(
         user_id=user_id,
-        username=username or f"User_{user_id[:8]}",
+        username=display_name(claims, user_id),
         expires_at=datetime.fromtimestamp(int(claims["exp"]), UTC),
+        staff=claims.get(settings.CHAT_STAFF_CLAIM) is True,
     )
 
 

@@ -51,11 +51,11 @@ def assistant_configured(app_configs, **kwargs):
                 id="chat.E003",
             )
         ]
-    if settings.ASSISTANT_MODE not in {"always", "mention", "off"}:
+    if settings.ASSISTANT_MODE not in {"", "always", "mention", "off"}:
         return [
             Error(
                 f"ASSISTANT_MODE={settings.ASSISTANT_MODE!r} is not a mode.",
-                hint="Use always, mention or off.",
+                hint="Use always, mention or off, or leave it empty (by room kind).",
                 id="chat.E004",
             )
         ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from autobahn.exception import Disconnected
@@ -18,6 +19,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import metrics, worker
+from chat.access import Action, Refused, room_authorize
 from chat.analysis import health_analysis
 from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
 from chat.history import messages_page
@@ -138,6 +140,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 client_address=(self.scope.get("client") or ["", 0])[0] or "",
                 user_agent=self._header(b"user-agent"),
                 max_connections=settings.CHAT_MAX_CONNECTIONS_PER_USER,
+                open_rooms=settings.CHAT_OPEN_ROOMS,
             )
         except (AuthFailure, SessionRefused) as refusal:
             return await self.end(refusal.close)
@@ -147,6 +150,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.session_id = opened.session_id
         bind_log_context(session_id=self.session_id, room_id=self.room_id)
         self.room_assistant_mode = opened.room_assistant_mode
+        self.room_kind = opened.room_kind
         metrics.CONNECTIONS_OPEN.labels(self.endpoint).inc()
         try:
             for group in self.groups_joined():
@@ -240,6 +244,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if self.closing is not None:
             return
         self.closing = close
+        if self.timer is not None:  # nothing more is due on a closing socket
+            self.timer.cancel()
+            self.timer = None
         counter = metrics.CLOSES if self.session_id else metrics.CONNECTIONS_REFUSED
         counter.labels(close.value.code).inc()
         await self.send_frame(error_frame(close.value.error))
@@ -369,7 +376,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
             return await self.end(Close.INVALID_TOKEN)
         if identity.user_id != self.identity.user_id:
             return await self.end(Close.INVALID_TOKEN)
-        self.identity = identity
+        # The display name is fixed for the socket's life (protocol §11): what the room was
+        # shown on join stays true.
+        self.identity = replace(identity, username=self.identity.username)
         self.arm_timer()  # the new token may expire sooner than the old one
         await self.send_frame(
             frame(
@@ -415,6 +424,20 @@ class SessionConsumer(AsyncWebsocketConsumer):
     async def room_settings(self, event: dict) -> None:
         """An operator changed this room (admin): its assistant mode applies from now on."""
         self.room_assistant_mode = event["assistant_mode"]
+        self.room_kind = event["kind"]
+
+    async def room_revoke(self, event: dict) -> None:
+        """The user lost this room (removed, banned), from whichever worker or the admin: stop
+        its frames at once, then ROOM_FORBIDDEN and close 4004 (protocol §11)."""
+        if event["room_id"] != self.room_id:
+            return
+        await self.best_effort(
+            "group discard",
+            self.channel_layer.group_discard,
+            room_group(self.room_id),
+            self.channel_name,
+        )
+        await self.end(Close.ROOM_FORBIDDEN)
 
     async def session_terminate(self, event: dict) -> None:
         """An operator ended this session (admin action), from whichever worker."""
@@ -422,7 +445,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     async def chat_frame(self, event: dict) -> None:
         excluded = event.get("exclude_user")
-        if excluded is not None and excluded == self.identity.user_id:
+        if self.closing is not None or (excluded is not None and excluded == self.identity.user_id):
             return
         metrics.FRAMES_OUT.labels(event["frame_type"]).inc()
         if event["frame_type"] == MessageType.ERROR:
@@ -476,7 +499,7 @@ class ChatConsumer(SessionConsumer):
 
     def target_room(self) -> tuple[str, Close | None]:
         room_id = self.scope["url_route"]["kwargs"]["room_id"]
-        return room_id, room_id_problem(room_id=room_id, user_id=self.identity.user_id)
+        return room_id, room_id_problem(room_id=room_id)
 
     async def joined(self, *, first_in_room: bool) -> None:
         await self.send_frame(
@@ -505,9 +528,27 @@ class ChatConsumer(SessionConsumer):
         )
         self.messages_sent += 1
         await self.broadcast(stored)
-        mode = room_assistant_mode(self.room_assistant_mode)
+        mode = room_assistant_mode(stored=self.room_assistant_mode, kind=self.room_kind)
         if wants_reply(mode=mode, content=message.content):
-            self.spawn(self.answer(stored))
+            await self.ask_assistant(stored)
+
+    async def ask_assistant(self, question: dict) -> None:
+        """The assistant answers within the user's quota (ASSISTANT_USER_RATE_LIMIT); past
+        it the message stands unanswered and the sender is told when to try again."""
+        verdict = await rate_limit_hit(
+            key=f"assistant:{self.identity.user_id}",
+            rule=Rule(
+                seconds=settings.ASSISTANT_USER_RATE_WINDOW,
+                max_requests=settings.ASSISTANT_USER_RATE_LIMIT,
+                close_factor=0,  # over the quota is not abuse: the socket stays open
+            ),
+        )
+        if verdict.limited:
+            raise FrameError(
+                ErrorCode.RATE_LIMIT_EXCEEDED,
+                {"retry_after": verdict.retry_after, "scope": "assistant"},
+            )
+        self.spawn(self.answer(question))
 
     async def on_typing(self, message: TypingIn) -> None:
         if message.is_typing:
@@ -533,13 +574,23 @@ class ChatConsumer(SessionConsumer):
         before: int | None = None,
         after: int | None = None,
     ) -> None:
-        messages, has_more = await database_sync_to_async(messages_page)(
-            room_id=self.room_id,
-            limit=limit,
-            before=before,
-            after=after,
-            max_bytes=settings.CHAT_WS_MAX_FRAME_SIZE,
-        )
+        """A history page, the join's included, asked of the rule again in the same database
+        call: the user may have been removed since the socket joined, even a moment ago."""
+
+        def page() -> tuple[list[dict], bool]:
+            room_authorize(user_id=self.identity.user_id, room_id=self.room_id, action=Action.READ)
+            return messages_page(
+                room_id=self.room_id,
+                limit=limit,
+                before=before,
+                after=after,
+                max_bytes=settings.CHAT_WS_MAX_FRAME_SIZE,
+            )
+
+        try:
+            messages, has_more = await database_sync_to_async(page)()
+        except Refused:
+            return await self.end(Close.ROOM_FORBIDDEN)
         await self.send_frame(
             frame(
                 MessageType.HISTORY,
@@ -592,7 +643,7 @@ class HealthAnalysisConsumer(SessionConsumer):
         if path_user != self.identity.user_id:
             return "", Close.USER_ID_MISMATCH
         room_id = f"{HEALTH_ROOM_PREFIX}{self.identity.user_id}"
-        return room_id, room_id_problem(room_id=room_id, user_id=self.identity.user_id)
+        return room_id, room_id_problem(room_id=room_id)
 
     async def joined(self, *, first_in_room: bool) -> None:
         await self.send_frame(frame(MessageType.SYSTEM, content=self.WELCOME, level="info"))

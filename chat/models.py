@@ -12,10 +12,31 @@ class AssistantMode(models.TextChoices):
     OFF = "off", "Off"
 
 
+class RoomKind(models.TextChoices):
+    PUBLIC = "public", "Public (any signed-in user may join)"
+    PRIVATE = "private", "Private (members only)"
+    DIRECT = "direct", "Direct (two users)"
+    PERSONAL = "personal", "Personal (one user's health analysis)"
+
+
+class Role(models.TextChoices):
+    OWNER = "owner", "Owner"
+    MODERATOR = "moderator", "Moderator"
+    MEMBER = "member", "Member"
+
+
 class Room(models.Model):
-    """A chat room, created on first join; operators edit it in the admin."""
+    """A chat room (protocol §11). Who may read or write it is decided by `chat.access`."""
 
     name = models.CharField(primary_key=True, max_length=64, help_text="The room id of the URL.")
+    kind = models.CharField(max_length=8, choices=RoomKind.choices, default=RoomKind.PRIVATE)
+    title = models.CharField(
+        max_length=100, blank=True, help_text="The name members see; empty: the room id."
+    )
+    # The two uids of a direct room, sorted and joined by a newline (never in a uid), so
+    # each pair has one direct room.
+    direct_pair = models.CharField(max_length=300, null=True, blank=True, unique=True)
+    created_by = models.CharField(max_length=128, blank=True, db_index=True)
     description = models.TextField(blank=True)
     assistant_mode = models.CharField(
         max_length=8, choices=AssistantMode.choices, blank=True, default=AssistantMode.DEFAULT
@@ -28,6 +49,31 @@ class Room(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def display_name(self) -> str:
+        return self.title or self.name
+
+
+class RoomMember(models.Model):
+    """A user's membership of a room: role, push mute, ban (a ban keeps the row so that
+    rejoining a public room stays refused until a moderator adds the user again)."""
+
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="members")
+    user_id = models.CharField(max_length=128, db_index=True)
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    joined_at = models.DateTimeField(default=timezone.now)
+    muted = models.BooleanField(default=False, help_text="No push notifications.")
+    banned = models.BooleanField(default=False, help_text="Refused until added again.")
+    last_read_seq = models.PositiveBigIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["room", "user_id"], name="chat_member_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} in {self.room_id} ({self.role})"
 
 
 class ChatUser(models.Model):

@@ -26,6 +26,16 @@ from pydantic import (
 
 ROOM_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 HEALTH_ROOM_PREFIX = "health_analysis_"
+# The assistant's identity (protocol §7, §11): no token may carry this uid, and no user is
+# shown with this display name.
+AI_USER_ID = "AI"
+AI_USERNAME = "AI"
+# Keys the server writes in a message's metadata; refused in a client's (protocol §11).
+SERVER_METADATA_KEYS = frozenset(
+    {"in_reply_to", "analysis", "stream_id", "edited_at", "deleted_at"}
+)
+METADATA_MAX_BYTES = 4096
+METADATA_MAX_DEPTH = 8
 HISTORY_MAX_LIMIT = 100
 CONTENT_MAX_CHARS = 2000
 CLIENT_ID_MAX_CHARS = 128
@@ -75,6 +85,10 @@ class ErrorCode(StrEnum):
     CONNECTION_TIMEOUT = "CONNECTION_TIMEOUT"
     SESSION_TERMINATED = "SESSION_TERMINATED"
     SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+    # v1.1 (protocol §11)
+    ROOM_FORBIDDEN = "ROOM_FORBIDDEN"
+    NOT_ALLOWED = "NOT_ALLOWED"
+    INVALID_REQUEST = "INVALID_REQUEST"
 
 
 # The human-readable text of each error; `{name}` placeholders are filled from the details
@@ -102,6 +116,10 @@ ERROR_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.CONNECTION_TIMEOUT: "Connection timeout",
     ErrorCode.SESSION_TERMINATED: "Session terminated by an operator",
     ErrorCode.SERVICE_UNAVAILABLE: "Service unavailable",
+    # The same text whether the room does not exist or the user may not see it.
+    ErrorCode.ROOM_FORBIDDEN: "Room not found",
+    ErrorCode.NOT_ALLOWED: "Not allowed",
+    ErrorCode.INVALID_REQUEST: "Invalid request",
 }
 
 
@@ -125,6 +143,7 @@ class Close(Enum):
     TOKEN_EXPIRED = CloseSpec(4003, "Token expired", ErrorCode.AUTH_EXPIRED)
     USER_ID_MISMATCH = CloseSpec(4003, "User ID mismatch", ErrorCode.USER_ID_MISMATCH)
     INVALID_ROOM = CloseSpec(4004, "Invalid room", ErrorCode.INVALID_ROOM)
+    ROOM_FORBIDDEN = CloseSpec(4004, "Room not found", ErrorCode.ROOM_FORBIDDEN)
     ROOM_CLOSED = CloseSpec(4004, "Room closed", ErrorCode.ROOM_CLOSED)
     ROOM_FULL = CloseSpec(4004, "Room full", ErrorCode.ROOM_FULL)
     TOO_MANY_CONNECTIONS = CloseSpec(4008, "Too many connections", ErrorCode.TOO_MANY_CONNECTIONS)
@@ -164,6 +183,26 @@ def _storable_json(value: Any) -> Any:
     return value
 
 
+def _client_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """Bounded (encoded size, nesting) and free of the keys the server writes."""
+    reserved = sorted(SERVER_METADATA_KEYS.intersection(value))
+    if reserved:
+        raise ValueError(f"keys reserved for the server: {', '.join(reserved)}")
+    if len(encode(value).encode()) > METADATA_MAX_BYTES:
+        raise ValueError(f"must be at most {METADATA_MAX_BYTES} bytes encoded")
+    level = [value]
+    for _ in range(METADATA_MAX_DEPTH):
+        level = [
+            inner
+            for item in level
+            for inner in (item.values() if isinstance(item, dict) else item)
+            if isinstance(inner, dict | list)
+        ]
+    if level:
+        raise ValueError(f"must be at most {METADATA_MAX_DEPTH} levels deep")
+    return value
+
+
 Text = Annotated[str, AfterValidator(_storable_text)]
 ClientId = Annotated[
     str, Field(min_length=1, max_length=CLIENT_ID_MAX_CHARS), AfterValidator(_storable_text)
@@ -192,7 +231,7 @@ class Inbound(BaseModel):
 class ChatIn(Inbound):
     content: Annotated[Text, Field(min_length=1, max_length=CONTENT_MAX_CHARS)]
     message_id: ClientId | None = None
-    metadata: JsonObject | None = None
+    metadata: Annotated[JsonObject, AfterValidator(_client_metadata)] | None = None
     user_id: ClientId | None = None
 
 

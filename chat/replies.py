@@ -11,18 +11,23 @@ from django.conf import settings
 
 from chat.assistant.base import APOLOGY, AssistantError, AssistantProvider, AssistantRequest, ask
 from chat.history import message_store
-from chat.models import AssistantMode, ChatMessage
+from chat.models import AssistantMode, ChatMessage, RoomKind
+from chat.protocol import AI_USER_ID, AI_USERNAME
 
 logger = logging.getLogger(__name__)
 
-AI_USER_ID = "AI"
-AI_USERNAME = "AI"
 MENTION = "@ai"
 
 
-def room_assistant_mode(stored: str) -> str:
-    """A room's stored mode, or the deployment's default (ASSISTANT_MODE) when it has none."""
-    return stored or settings.ASSISTANT_MODE
+def room_assistant_mode(*, stored: str, kind: str) -> str:
+    """A room's stored mode; else the deployment's (ASSISTANT_MODE) if set; else by kind:
+    `always` in public rooms (the original's behaviour), `mention` elsewhere — a private
+    conversation goes to the model only when someone asks it to (protocol §11)."""
+    if stored:
+        return stored
+    if settings.ASSISTANT_MODE:
+        return settings.ASSISTANT_MODE
+    return AssistantMode.ALWAYS if kind == RoomKind.PUBLIC else AssistantMode.MENTION
 
 
 def wants_reply(*, mode: str, content: str) -> bool:

@@ -10,7 +10,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from chat.protocol import HEALTH_ROOM_PREFIX, ROOM_ID_RE, Close, MessageType, encode, frame
+from chat.protocol import ROOM_ID_RE, Close, MessageType, encode, frame
 
 
 def room_group(room_id: str) -> str:
@@ -23,13 +23,10 @@ def user_group(user_id: str) -> str:
     return "user." + hashlib.sha256(user_id.encode()).hexdigest()[:40]
 
 
-def room_id_problem(*, room_id: str, user_id: str) -> Close | None:
-    """Why this user may not open this room id, or None."""
-    if not ROOM_ID_RE.fullmatch(room_id):
-        return Close.INVALID_ROOM
-    if room_id.startswith(HEALTH_ROOM_PREFIX) and room_id != f"{HEALTH_ROOM_PREFIX}{user_id}":
-        return Close.INVALID_ROOM
-    return None
+def room_id_problem(*, room_id: str) -> Close | None:
+    """INVALID_ROOM if this is no room id at all; who may open a valid one is chat.access's
+    question (asked when the session opens)."""
+    return None if ROOM_ID_RE.fullmatch(room_id) else Close.INVALID_ROOM
 
 
 def room_event(payload: dict[str, Any], *, exclude_user: str | None = None) -> dict[str, Any]:
@@ -71,7 +68,11 @@ def room_saved(sender: type, *, instance: Any, created: bool, **kwargs: Any) -> 
         return
 
     def notify() -> None:
-        event = {"type": "room.settings", "assistant_mode": instance.assistant_mode}
+        event = {
+            "type": "room.settings",
+            "assistant_mode": instance.assistant_mode,
+            "kind": instance.kind,
+        }
         async_to_sync(get_channel_layer().group_send)(room_group(instance.pk), event)
 
     transaction.on_commit(notify)

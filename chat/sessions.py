@@ -17,9 +17,10 @@ from django.db import transaction
 from django.db.models import Count, Max, Min
 from django.utils import timezone
 
+from chat.access import Action, Refused, room_authorize
 from chat.auth import Identity
-from chat.models import ChatSession, ChatUser, Endpoint, Room
-from chat.protocol import Close, iso
+from chat.models import ChatSession, ChatUser, Endpoint, Role, Room, RoomKind, RoomMember
+from chat.protocol import HEALTH_ROOM_PREFIX, Close, iso
 
 
 class SessionRefused(Exception):
@@ -33,8 +34,9 @@ class SessionOpened:
     session_id: str
     connected_at: datetime
     first_in_room: bool
-    # The room's assistant mode as stored (empty: the deployment's default).
+    # The room's assistant mode as stored (empty: the default for its kind).
     room_assistant_mode: str
+    room_kind: str
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,45 @@ class SessionClosed:
     last_in_room: bool
 
 
-def _lock_user(*, identity: Identity) -> ChatUser:
+def user_lock(*, user_id: str, username: str) -> ChatUser:
+    """Lock the user's row (created if new) until the transaction ends: whatever opens,
+    closes or revokes this user's sessions holds it, so those decisions are exact."""
     ChatUser.objects.bulk_create(
-        [ChatUser(user_id=identity.user_id, username=identity.username)], ignore_conflicts=True
+        [ChatUser(user_id=user_id, username=username)], ignore_conflicts=True
     )
-    return ChatUser.objects.select_for_update().get(pk=identity.user_id)
+    return ChatUser.objects.select_for_update().get(pk=user_id)
+
+
+def _room_to_join(*, user_id: str, room_id: str, endpoint: Endpoint, open_rooms: bool) -> Room:
+    """The room a socket may open, through the one rule (chat.access); SessionRefused
+    ROOM_FORBIDDEN otherwise, the same for a room that does not exist.
+
+    The health-analysis socket's personal room is made on demand for its user; with
+    `open_rooms` (CHAT_OPEN_ROOMS) an unknown id is made a public room (v1); joining a public
+    room makes the user a member."""
+    if endpoint == Endpoint.HEALTH:
+        action = Action.ANALYSE
+        room, _ = Room.objects.get_or_create(
+            name=room_id, defaults={"kind": RoomKind.PERSONAL, "created_by": user_id}
+        )
+        # The path is the user's own (checked against the token), so the room is theirs even
+        # if its row lost its owner (an operator's edit).
+        RoomMember.objects.bulk_create(
+            [RoomMember(room=room, user_id=user_id, role=Role.OWNER)], ignore_conflicts=True
+        )
+    else:
+        action = Action.JOIN
+        if open_rooms and not room_id.startswith(HEALTH_ROOM_PREFIX):
+            Room.objects.get_or_create(name=room_id, defaults={"kind": RoomKind.PUBLIC})
+    try:
+        room, member = room_authorize(user_id=user_id, room_id=room_id, action=action)
+    except Refused:
+        raise SessionRefused(Close.ROOM_FORBIDDEN) from None
+    if member is None:  # a public room: joining makes a member
+        RoomMember.objects.bulk_create(
+            [RoomMember(room=room, user_id=user_id, role=Role.MEMBER)], ignore_conflicts=True
+        )
+    return room
 
 
 def session_open(
@@ -62,14 +98,18 @@ def session_open(
     client_address: str,
     user_agent: str,
     max_connections: int,
+    open_rooms: bool,
 ) -> SessionOpened:
-    """Record a new socket, or raise SessionRefused (room closed/full, too many sockets)."""
+    """Record a new socket, or raise SessionRefused: in this order, the room is forbidden
+    (or does not exist), closed, the user has too many sockets, the room is full."""
     with transaction.atomic():
-        user = _lock_user(identity=identity)
+        user = user_lock(user_id=identity.user_id, username=identity.username)
         if user.username != identity.username:
             user.username = identity.username
             user.save(update_fields=["username"])
-        room, _ = Room.objects.get_or_create(name=room_id)
+        room = _room_to_join(
+            user_id=identity.user_id, room_id=room_id, endpoint=endpoint, open_rooms=open_rooms
+        )
         if room.is_closed:
             raise SessionRefused(Close.ROOM_CLOSED)
         active = ChatSession.objects.filter(disconnected_at__isnull=True)
@@ -97,6 +137,7 @@ def session_open(
         connected_at=session.connected_at,
         first_in_room=first_in_room,
         room_assistant_mode=room.assistant_mode,
+        room_kind=room.kind,
     )
 
 

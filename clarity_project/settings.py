@@ -265,6 +265,24 @@ FIREBASE_JS_SDK_URL = env_str("FIREBASE_JS_SDK_URL", "https://www.gstatic.com/fi
 
 # --- Chat limits (protocol §6) ---------------------------------------------------------------
 
+# CHAT_OPEN_ROOMS: v1 rooms (protocol §11): a socket for an unknown room id creates it as a
+# public room. Off by default: rooms are made through the API (private, direct) or by
+# operators in the admin (public), and an unknown id is refused like a forbidden one.
+CHAT_OPEN_ROOMS = env_bool("CHAT_OPEN_ROOMS", False)
+# CHAT_MAX_ROOMS_PER_USER: private rooms one user may have created (protocol §11).
+CHAT_MAX_ROOMS_PER_USER = env_int("CHAT_MAX_ROOMS_PER_USER", 100)
+# CHAT_MAX_DIRECT_ROOMS_PER_USER: direct rooms one user may have opened.
+CHAT_MAX_DIRECT_ROOMS_PER_USER = env_int("CHAT_MAX_DIRECT_ROOMS_PER_USER", 500)
+# CHAT_MAX_MEMBERS_PER_ROOM: members of a private room (public rooms: unbounded, see
+# Room.max_users for who may be in one at once).
+CHAT_MAX_MEMBERS_PER_ROOM = env_int("CHAT_MAX_MEMBERS_PER_ROOM", 200)
+# CHAT_REVOKE_TIMEOUT: seconds a member removal waits for the removed user's open sockets in
+# that room, on every worker, to be closed before it answers.
+CHAT_REVOKE_TIMEOUT = env_float("CHAT_REVOKE_TIMEOUT", 5)
+# CHAT_STAFF_CLAIM: the custom token claim (true) that makes a user an operator for the HTTP
+# companions (`/api/v1/ws/chat/stats`); Django staff signed in to the admin are operators too.
+CHAT_STAFF_CLAIM = env_str("CHAT_STAFF_CLAIM", "clarity_staff")
+
 # CHAT_MAX_CONNECTIONS_PER_USER: sockets one user may hold, across workers and endpoints.
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 3)
 # CHAT_MAX_MESSAGE_SIZE: UTF-8 bytes of one inbound frame.
@@ -324,9 +342,17 @@ CHAT_SHUTDOWN_GRACE = env_float("CHAT_SHUTDOWN_GRACE", 10)
 
 # ASSISTANT_PROVIDER: `builtin` (deterministic, no network; the embedded default) or `gemini`.
 ASSISTANT_PROVIDER = env_str("ASSISTANT_PROVIDER", "builtin")
-# ASSISTANT_MODE: rooms' default assistant mode (`always`, `mention` = messages starting
-# with @ai, `off`); each room may override it in the admin.
-ASSISTANT_MODE = env_str("ASSISTANT_MODE", "always")
+# ASSISTANT_MODE: the assistant mode of rooms that have none of their own (`always`,
+# `mention` = messages starting with @ai, `off`). Empty (the default): by room kind, `always`
+# in public rooms and `mention` in private and direct ones (protocol §11). Each room may
+# override it in the admin.
+ASSISTANT_MODE = env_str("ASSISTANT_MODE", "")
+# ASSISTANT_USER_RATE_LIMIT / ASSISTANT_USER_RATE_WINDOW: assistant replies one user may
+# cause per rolling window (seconds), across rooms, sockets and workers. Over it the message
+# is stored and delivered without a reply, and the sender gets RATE_LIMIT_EXCEEDED with
+# `details.scope: "assistant"`.
+ASSISTANT_USER_RATE_LIMIT = env_int("ASSISTANT_USER_RATE_LIMIT", 30)
+ASSISTANT_USER_RATE_WINDOW = env_int("ASSISTANT_USER_RATE_WINDOW", 3600)
 # ASSISTANT_TIMEOUT: seconds one assistant reply may take before the apology is sent.
 ASSISTANT_TIMEOUT = env_float("ASSISTANT_TIMEOUT", 30)
 # ASSISTANT_MAX_CONCURRENCY: assistant requests in flight at once per worker.
