@@ -25,11 +25,14 @@ def emulator_token(
     lifetime: int = 3600,
     issued_at: int | None = None,
     project_id: str | None = None,
+    claims: dict | None = None,
 ) -> str:
-    """An ID token shaped like the Firebase Auth Emulator's."""
+    """An ID token shaped like the Firebase Auth Emulator's; `claims`: custom claims, e.g.
+    the operator claim (CHAT_STAFF_CLAIM)."""
     project = project_id or settings.FIREBASE_PROJECT_ID
     iat = int(time.time()) if issued_at is None else issued_at
-    claims: dict = {
+    payload: dict = {
+        **(claims or {}),
         "iss": f"https://securetoken.google.com/{project}",
         "aud": project,
         "auth_time": iat,
@@ -40,7 +43,7 @@ def emulator_token(
         "firebase": {"identities": {}, "sign_in_provider": "custom"},
     }
     if name is not None:
-        claims["name"] = name
+        payload["name"] = name
     if email is not None:
-        claims["email"] = email
-    return f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}."
+        payload["email"] = email
+    return f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(payload)}."

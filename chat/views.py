@@ -1,47 +1,49 @@
-"""HTTP companions of the chat (protocol §8): presence across all workers, Bearer token."""
+"""HTTP companions of the chat (protocol §8, §11): presence across all workers.
+
+`/stats` is for operators: a token with the CHAT_STAFF_CLAIM claim, or Django staff signed in
+to the admin. Anyone else signed in gets 403 NOT_ALLOWED (the route is public knowledge; the
+refusal reveals nothing about any room). `/users/{room_id}` answers whoever `chat.access` lets
+read the room, and 404 ROOM_FORBIDDEN to everyone else, whether the room exists or not.
+"""
 
 from __future__ import annotations
 
 from django.http import HttpRequest, JsonResponse
-from django.views.decorators.http import require_GET
 
-from chat.auth import AuthFailure, verify_token
-from chat.protocol import ERROR_MESSAGES, ROOM_ID_RE, Close, ErrorCode
+from chat.access import Action, Refused, room_authorize
+from chat.http import HttpError, error_response, method_not_allowed, request_identity
+from chat.protocol import ROOM_ID_RE, ErrorCode
 from chat.sessions import chat_stats, room_presence
 
-_STATUS = {4001: 401, 4003: 401, 4013: 503}
+
+def _operator(request: HttpRequest) -> bool:
+    """Whether the caller is an operator; HttpError 401/503 if they are not signed in."""
+    if request.user.is_active and request.user.is_staff:
+        return True
+    return request_identity(request).staff
 
 
-def _auth_error(request: HttpRequest) -> JsonResponse | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    close = None
-    if scheme.lower() != "bearer" or not token.strip():
-        close = Close.NO_TOKEN
-    else:
-        try:
-            verify_token(token.strip())
-        except AuthFailure as refusal:
-            close = refusal.close
-    if close is None:
-        return None
-    code = close.value.error
-    response = JsonResponse(
-        {"error_code": str(code), "message": ERROR_MESSAGES[code]}, status=_STATUS[close.value.code]
-    )
-    response["WWW-Authenticate"] = "Bearer"
-    return response
-
-
-@require_GET
 def stats(request: HttpRequest) -> JsonResponse:
-    return _auth_error(request) or JsonResponse(chat_stats())
+    if request.method != "GET":
+        return method_not_allowed(["GET"])
+    try:
+        if not _operator(request):
+            return error_response(403, ErrorCode.NOT_ALLOWED)
+    except HttpError as error:
+        return error.response()
+    return JsonResponse(chat_stats())
 
 
-@require_GET
 def room_users(request: HttpRequest, room_id: str) -> JsonResponse:
-    if error := _auth_error(request):
-        return error
-    if not ROOM_ID_RE.fullmatch(room_id):
-        code = ErrorCode.INVALID_ROOM
-        return JsonResponse({"error_code": str(code), "message": ERROR_MESSAGES[code]}, status=404)
+    if request.method != "GET":
+        return method_not_allowed(["GET"])
+    try:
+        identity = request_identity(request)
+        if not ROOM_ID_RE.fullmatch(room_id):
+            raise Refused(ErrorCode.ROOM_FORBIDDEN)
+        room_authorize(user_id=identity.user_id, room_id=room_id, action=Action.READ)
+    except HttpError as error:
+        return error.response()
+    except Refused:
+        return error_response(404, ErrorCode.ROOM_FORBIDDEN)
     return JsonResponse({"room_id": room_id, "users": room_presence(room_id=room_id)})
