@@ -26,6 +26,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from chat.auth import emulator_mode
 from chat.devtokens import emulator_token
+from chat.protocol import AI_USER_ID, CONTENT_MAX_CHARS, ROOM_ID_RE
 
 DEV_NAME_MAX_CHARS = 50
 DEV_TOKEN_LIFETIME = 3600
@@ -60,7 +61,16 @@ def client_config() -> dict[str, Any]:
         }
     else:
         sign_in = {"method": "none"}
-    return {"signIn": sign_in, "socketPath": "/api/v1/ws/", "sampleDataUrl": static(SAMPLE_DATA)}
+    return {
+        "signIn": sign_in,
+        "socketPath": "/api/v1/ws/",
+        # The rooms API (protocol §11): `rooms`, `rooms/direct` under it, Bearer token.
+        "apiBase": "/api/v1/",
+        "roomIdPattern": ROOM_ID_RE.pattern,
+        "aiUserId": AI_USER_ID,
+        "maxMessageChars": CONTENT_MAX_CHARS,
+        "sampleDataUrl": static(SAMPLE_DATA),
+    }
 
 
 @require_GET

@@ -1,13 +1,19 @@
 """The browser client end to end: the page at `/` in headless Chromium (Debian's chromium and
 chromium-driver), driven by Selenium, against a real daphne worker (tests/servers.py).
 
-Two browser sessions sign in with the dev sign-in form, chat in one room, see each other's
-presence and typing, reload, ask the assistant; one runs the health analysis on the sample
-file; one rides out a server restart and catches up on what it missed.
+Rooms are deny by default (protocol §11): the server starts with the public room `lobby`
+seeded as `scripts/serve` does (`manage.py createroom`), and a user reaches a room only
+through the rooms list or an invitation link (`#room=<id>`). Browser sessions sign in with the
+dev sign-in form, find the public room in the list, chat there, see each other's presence and
+typing, reload, ask the assistant; one messages another in a direct room; one starts a private
+room with another as member and both chat in it; a non-member's invitation link to a private
+room is refused without a reconnect loop; one runs the health analysis on the sample file;
+one rides out a server restart and catches up on what it missed.
 
 Screenshots go to each test's output directory (the path is printed). With UPDATE_SCREENSHOT=1
-the two-users-chatting state is also written to docs/screenshot.png (the README's picture).
-Without Chromium the tests fail under CI (CI=true; `.ci/run` installs it) and skip elsewhere.
+the two-users-chatting state (in their private room) is also written to docs/screenshot.png
+(the README's picture). Without Chromium the tests fail under CI (CI=true; `.ci/run` installs
+it) and skip elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -51,6 +61,17 @@ WAIT = 15  # seconds: the bound of every wait (a reconnect after a restart is th
 JOIN_HISTORY = 5
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
 TOKEN_IN_URL = re.compile(r"([?&]token=)[^&'\s]+")
+LOBBY = "lobby"  # the public room the server starts with
+# Run in a page before its own scripts: records the path of every WebSocket it opens.
+COUNT_SOCKETS = """
+window.clarityTestSockets = [];
+window.WebSocket = class extends window.WebSocket {
+  constructor(url, ...rest) {
+    super(url, ...rest);
+    window.clarityTestSockets.push(new URL(url).pathname);
+  }
+};
+"""
 
 
 def _truthy(name: str) -> bool:
@@ -91,12 +112,21 @@ def server(tmp_path_factory) -> Iterator[list[Worker]]:
         "ASSISTANT_PROVIDER": "builtin",
         "ASSISTANT_MODE": "mention",
         "CHAT_HISTORY_ON_JOIN": str(JOIN_HISTORY),
+        "CHAT_OPEN_ROOMS": "0",  # deny by default, as deployed: rooms come from createroom
     }
     directory = tmp_path_factory.mktemp("browser-server")
     with run_workers(directory, env=env, ports=[port]) as workers:
+        create_room(workers, directory, LOBBY, "--kind", "public", "--name", "Lobby")
         yield workers
         for worker in workers:
             print(worker.logs())
+
+
+def create_room(server: list[Worker], log_dir: Path, room: str, *options: str) -> None:
+    """`manage.py createroom` in the workers' database (rooms are not made by joining)."""
+    manage(
+        ["createroom", room, *options, "--if-missing"], server[0].env, log_dir / f"room-{room}.log"
+    )
 
 
 class ChatPage:
@@ -125,8 +155,9 @@ class ChatPage:
     def describe(self) -> str:
         """What the page shows, for failure messages."""
         return (
-            f"status: {self.status()!r}\nmessages: {self.messages()}\n"
-            f"presence: {self.presence()}\nalerts: {self.text('#alerts')!r}"
+            f"status: {self.status()!r} room: {self.room()!r}\nmessages: {self.messages()}\n"
+            f"presence: {self.presence()}\nalerts: {self.text('#alerts')!r}\n"
+            f"my rooms: {self.rooms('my-rooms')}\npublic rooms: {self.rooms('public-rooms')}"
         )
 
     def text(self, css: str) -> str:
@@ -157,9 +188,29 @@ class ChatPage:
             "return [...document.querySelectorAll('#presence .name')].map(n => n.textContent)"
         )
 
-    def open(self, base_url: str, room: str) -> None:
-        """Load the page on this room; sign in with the dev form unless the tab still is."""
-        self.driver.get(f"{base_url}/#room={room}")
+    def room(self) -> str:
+        """The id of the room open on the page ('' for none)."""
+        return self.js("return document.getElementById('room-title').dataset.roomId ?? ''")
+
+    def rooms(self, section: str) -> list[dict]:
+        """The entries of one rooms list: `my-rooms` or `public-rooms`."""
+        return self.js(
+            """return [...document.querySelectorAll(`#${arguments[0]} .room-entry`)].map(b => ({
+                id: b.dataset.roomId,
+                kind: b.dataset.kind,
+                name: b.querySelector('.room-name').textContent,
+                sub: b.querySelector('.room-sub').textContent,
+                current: b.getAttribute('aria-current') === 'true',
+            }))""",
+            section,
+        )
+
+    def listed(self, section: str, room: str) -> dict | None:
+        return next((entry for entry in self.rooms(section) if entry["id"] == room), None)
+
+    def sign_in(self, base_url: str, fragment: str = "") -> None:
+        """Load the page (at `fragment`); sign in with the dev form unless the tab still is."""
+        self.driver.get(f"{base_url}/{fragment}")
         self.wait(
             lambda: self.find("#dev-name").is_displayed() or self.find("#chat").is_displayed(),
             "the sign-in form or the chat",
@@ -167,9 +218,51 @@ class ChatPage:
         if self.find("#dev-name").is_displayed():
             self.find("#dev-name").send_keys(self.name)
             self.find("#dev-sign-in button[type=submit]").click()
+        self.wait(lambda: self.find("#chat").is_displayed(), "the signed-in page")
+
+    def open(self, base_url: str, room: str) -> None:
+        """Load the page on this room's link and wait for the connection."""
+        self.sign_in(base_url, f"#room={room}")
+        self.wait_in_room(room)
+
+    def wait_in_room(self, room: str) -> None:
         self.wait(
-            lambda: self.text("#room-title") == f"#{room}" and self.status() == "open",
-            f"the connection to {room}",
+            lambda: self.room() == room and self.status() == "open", f"the connection to {room}"
+        )
+
+    def click_room(self, section: str, room: str) -> None:
+        """Open a room by clicking its entry in the list."""
+
+        def clicked() -> bool:
+            # The list may be redrawn (a refresh answered) between finding and clicking.
+            try:
+                self.find(f'#{section} .room-entry[data-room-id="{room}"]').click()
+            except (NoSuchElementException, StaleElementReferenceException):
+                return False
+            return True
+
+        self.wait(clicked, f"{room} in {section}")
+        self.wait_in_room(room)
+
+    def refresh_rooms(self, section: str, room: str) -> dict:
+        """Refresh the rooms list and wait for this room (made by someone else) to show."""
+        self.find("#rooms-refresh").click()
+        return self.wait(lambda: self.listed(section, room), f"{room} in {section}")
+
+    def submit(self, details: str, fields: dict[str, str]) -> None:
+        """Fill in and submit one of the rooms list's forms (`new-room`, `direct`)."""
+        if not self.find(f"#{details}").get_attribute("open"):
+            self.find(f"#{details} summary").click()
+        for field_id, value in fields.items():
+            self.find(f"#{field_id}").clear()
+            self.find(f"#{field_id}").send_keys(value)
+        self.find(f"#{details} button[type=submit]").click()
+
+    def form_error(self, details: str) -> str:
+        return self.js(
+            "const p = document.querySelector(`#${arguments[0]} .form-error`);"
+            "return p.hidden ? '' : p.textContent",
+            details,
         )
 
     def wait_connected(self) -> None:
@@ -246,11 +339,37 @@ def base_url(server: list[Worker]) -> str:
     return server[0].http_url
 
 
-def test_two_users_chat_type_see_presence_ask_the_assistant_and_reload(server, ana, ben, tmp_path):
-    room = "garden"
-    ana.open(base_url(server), room)
+@pytest.fixture(scope="module")
+def cleo(browsers) -> ChatPage:
+    page = browsers("Cleo")
+    page.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": COUNT_SOCKETS})
+    return page
+
+
+def test_two_users_find_the_public_room_chat_type_ask_the_assistant_and_reload(
+    server, ana, ben, tmp_path
+):
+    ana.sign_in(base_url(server))
+    lobby = ana.wait(lambda: ana.listed("public-rooms", LOBBY), "the lobby among public rooms")
+    assert lobby["name"] == "Lobby" and lobby["kind"] == "public"
+    # Nothing is joined before the user picks a room.
+    assert ana.room() == "" and ana.find("#no-room").is_displayed()
+    assert not ana.find("#message-input").is_enabled()
+    assert ana.status() == "offline"
+
+    ana.click_room("public-rooms", LOBBY)
     ana.wait_presence(["Ana"])
-    ben.open(base_url(server), room)
+    assert ana.text("#room-title") == "Lobby"
+    # Joining made Ana a member: the lobby moves to her own rooms, marked as open.
+    ana.wait(
+        lambda: (
+            (ana.listed("my-rooms", LOBBY) or {}).get("current")
+            and not ana.listed("public-rooms", LOBBY)
+        ),
+        "the lobby among Ana's rooms",
+    )
+    ben.sign_in(base_url(server))
+    ben.click_room("public-rooms", LOBBY)
     ben.wait_presence(["Ana", "Ben"])
     ana.wait_presence(["Ana", "Ben"])
     assert ana.text("#online-count") == "2 online"
@@ -274,25 +393,134 @@ def test_two_users_chat_type_see_presence_ask_the_assistant_and_reload(server, a
 
     ben.type("I will try a fixed wake-up time")
     ana.wait(lambda: ana.text("#typing") == "Ben is typing…", "Ben's typing indicator")
+    ben.find("#send").click()
+    for page in (ben, ana):
+        page.wait_message("Ben", "I will try a fixed wake-up time")
+    ana.wait(lambda: ana.text("#typing") == "", "Ben's typing indicator to clear")
+    ana.screenshot(tmp_path, "lobby")
+
+    # A reload signs in again by itself, reopens the room of the address (#room=lobby) and
+    # shows its stored history.
+    before = [m for m in ben.messages() if m["id"] is not None][-JOIN_HISTORY:]
+    ben.driver.refresh()
+    ben.wait_in_room(LOBBY)
+    ben.wait(lambda: ben.messages() == before, "the history after a reload")
+    ana.wait_presence(["Ana", "Ben"])
+
+
+def test_message_a_user_opens_a_direct_room_both_see(server, ana, ben, tmp_path):
+    ben.sign_in(base_url(server))
+    # A direct room with oneself is refused: the server's message shows in the form.
+    ben.submit("direct", {"direct-user": "dev-ben"})
+    ben.wait(lambda: ben.form_error("direct"), "the refusal of a direct room with oneself")
+    assert "a direct room needs another user" in ben.form_error("direct")
+    assert ben.room() == ""
+
+    ben.submit("direct", {"direct-user": "dev-ana"})
+    ben.wait(lambda: ben.room() != "" and ben.status() == "open", "the direct room")
+    direct = ben.room()
+    assert ben.form_error("direct") == ""
+    # Listed under the other person's name.
+    ben.wait(lambda: ben.listed("my-rooms", direct), "the direct room in Ben's list")
+    assert ben.listed("my-rooms", direct)["name"] == "Ana"
+    assert ben.listed("my-rooms", direct)["kind"] == "direct"
+    assert ben.text("#room-title") == "Ana" and ben.text("#room-kind") == "Direct message"
+
+    ana.sign_in(base_url(server))
+    entry = ana.refresh_rooms("my-rooms", direct)
+    assert entry["name"] == "Ben" and entry["kind"] == "direct"
+    ana.click_room("my-rooms", direct)
+    ana.wait_presence(["Ana", "Ben"])
+    ana.send("Just between us: the lobby is busy today")
+    ben.wait_message("Ana", "Just between us: the lobby is busy today")
+    ben.send("Agreed!")
+    ana.wait_message("Ben", "Agreed!")
+    # Opening it again from the form finds the same room.
+    ana.submit("direct", {"direct-user": "dev-ben"})
+    ana.wait(lambda: not ana.find("#direct").get_attribute("open"), "the form to close")
+    assert ana.room() == direct
+    ana.screenshot(tmp_path, "direct-room")
+
+
+def test_new_room_with_a_member_both_chat_in_it(server, ana, ben, tmp_path):
+    ana.sign_in(base_url(server))
+    previous = ana.room()
+    ana.submit("new-room", {"new-room-name": "Sleep study", "new-room-members": "dev-ben,"})
+    ana.wait(lambda: ana.room() not in {"", previous} and ana.status() == "open", "the new room")
+    room = ana.room()
+    assert ana.text("#room-title") == "Sleep study"
+    assert ana.text("#room-kind") == "Private room"
+    ana.wait(lambda: ana.listed("my-rooms", room), "the new room in Ana's list")
+    assert not ana.listed("public-rooms", room)
+    assert ana.messages() == []
+
+    ben.sign_in(base_url(server))
+    entry = ben.refresh_rooms("my-rooms", room)
+    assert entry["name"] == "Sleep study" and entry["kind"] == "private"
+    ben.click_room("my-rooms", room)
+    for page in (ana, ben):
+        page.wait_presence(["Ana", "Ben"])
+    ben.send("Thanks for the invite! Shall we compare our sleep logs?")
+    ana.wait_message("Ben", "Thanks for the invite! Shall we compare our sleep logs?")
+    # The open room's entry follows its newest message.
+    ana.wait(
+        lambda: ana.listed("my-rooms", room)["sub"].startswith("Ben: Thanks for the invite!"),
+        "the newest message in the rooms list",
+    )
+    ana.send("@ai How regular should bedtimes be?")
+    for page in (ana, ben):
+        page.wait(
+            lambda page=page: any(
+                m["author"] == "AI assistant" and "How regular should bedtimes be" in m["body"]
+                for m in page.messages()
+            ),
+            "the assistant's answer",
+        )
+    ben.type("Within half an hour, I read")
+    ana.wait(lambda: ana.text("#typing") == "Ben is typing…", "Ben's typing indicator")
     shot = ana.screenshot(tmp_path, "two-users-chatting")
     ben.screenshot(tmp_path, "two-users-chatting-ben")
     if _truthy("UPDATE_SCREENSHOT"):
         shutil.copyfile(shot, SCREENSHOT)
         print(f"screenshot: {SCREENSHOT}")
     ben.find("#send").click()
-    for page in (ben, ana):
-        page.wait_message("Ben", "I will try a fixed wake-up time")
-    ana.wait(lambda: ana.text("#typing") == "", "Ben's typing indicator to clear")
+    ana.wait_message("Ben", "Within half an hour, I read")
 
-    # A reload signs in again by itself and shows the room's stored history.
-    before = [m for m in ben.messages() if m["id"] is not None][-JOIN_HISTORY:]
-    ben.driver.refresh()
-    ben.wait_connected()
-    ben.wait(lambda: ben.messages() == before, "the history after a reload")
-    ana.wait_presence(["Ana", "Ben"])
+
+def test_a_non_member_cannot_open_a_private_room_by_its_link(server, cleo, tmp_path):
+    room = "ana-and-ben"
+    create_room(server, tmp_path, room, "--kind", "private", "--owner", "dev-ana")
+    manage(
+        [
+            "shell",
+            "-c",
+            "from chat.history import message_store\n"
+            f"message_store(room_id={room!r}, user_id='dev-ana', username='Ana',"
+            " content='members only', metadata=None, client_message_id=None)\n",
+        ],
+        server[0].env,
+        tmp_path / "insert-private.log",
+    )
+    cleo.sign_in(base_url(server), f"#room={room}")
+    cleo.wait(lambda: "You are not a member of this room" in cleo.text("#alerts"), "the refusal")
+    # Back to the list: no room open, nothing of the room shown, no reconnection scheduled.
+    cleo.wait(lambda: cleo.find("#no-room").is_displayed(), "the rooms list")
+    assert cleo.status() == "closed", cleo.describe()
+    assert cleo.room() == "" and cleo.messages() == [] and cleo.presence() == []
+    assert "room=" not in cleo.js("return location.hash")
+    cleo.wait(lambda: cleo.listed("public-rooms", LOBBY), "the public rooms")
+    assert not cleo.listed("my-rooms", room) and not cleo.listed("public-rooms", room)
+    # The list answered after the refusal; still the one socket.
+    assert cleo.js("return window.clarityTestSockets") == [f"/api/v1/ws/{room}"]
+    cleo.screenshot(tmp_path, "refused")
+
+    # The public room still opens from the list.
+    cleo.click_room("public-rooms", LOBBY)
+    assert "members only" not in cleo.bodies()
 
 
 def test_health_analysis_of_the_sample_file(server, ana, tmp_path):
+    create_room(server, tmp_path, "wellness", "--kind", "public")
     ana.open(base_url(server), "wellness")
     ana.find("#analyze").click()
     ana.wait(
@@ -323,6 +551,7 @@ def test_health_analysis_of_the_sample_file(server, ana, tmp_path):
 
 def test_reconnect_after_a_server_restart_fetches_missed_messages(server, ana, tmp_path):
     room = "relay"
+    create_room(server, tmp_path, room, "--kind", "public")
     ana.open(base_url(server), room)
     ana.send("before the restart")
     worker = server[0]
@@ -360,7 +589,7 @@ def test_reconnect_after_a_server_restart_fetches_missed_messages(server, ana, t
 def test_reconnect_backoff_is_exponential_jittered_and_capped(server, ana):
     """The client's own delay function, run in the browser: each step doubles from 0.5 s up
     to 30 s, and its jitter keeps a delay between half the step and the whole step."""
-    ana.open(base_url(server), "backoff")
+    ana.sign_in(base_url(server))
     attempts = [0, 1, 2, 3, 5, 6, 7, 12, 40]
     low, high = ana.driver.execute_async_script(
         """const [url, attempts, done] = arguments;

@@ -1,17 +1,25 @@
-// Clarity Chat in the browser: sign in, pick a room, chat, see who is online and typing, ask
-// the assistant, run a health analysis on sample data. Speaks the wire protocol v1.
+// Clarity Chat in the browser: sign in, pick one of your rooms or a public one, start a
+// private room or a direct conversation, chat, see who is online and typing, ask the
+// assistant, run a health analysis on sample data. Speaks the wire protocol v1.1 (rooms and
+// membership, §11).
 //
 // User content is only ever put on the page as text (textContent), never parsed as HTML.
 
-import { RoomConnection } from "./connection.js";
+import { ROOM_REFUSED_CLOSE, RoomConnection } from "./connection.js";
+import { RoomsApi } from "./rooms.js";
 import { DevSignIn } from "./signin.js";
 
 const config = JSON.parse(document.getElementById("clarity-config").textContent);
 const $ = (id) => document.getElementById(id);
 
-const ROOM_ID = /^[A-Za-z0-9_.-]{1,64}$/;
-const AI_USER_ID = "AI";
+const ROOM_ID = new RegExp(config.roomIdPattern);
+const AI_USER_ID = config.aiUserId;
 const AI_MENTION = "@ai";
+const KIND_LABELS = {
+  public: "Public room",
+  private: "Private room",
+  direct: "Direct message",
+};
 // The server withdraws an unrefreshed is_typing:true after 10 s; this client expires it
 // itself a little later, in case the withdrawal never arrives (e.g. the socket dropped).
 const OTHERS_TYPING_EXPIRY_MS = 11000;
@@ -31,8 +39,16 @@ const METRICS = [
 
 const state = {
   signIn: null,
+  api: null,
   me: null,
   connection: null,
+  myRooms: [], // GET rooms: the user's rooms
+  publicRooms: [], // GET rooms?kind=public
+  roomsLoad: 0, // the latest list request; older answers are dropped
+  roomsLoaded: false,
+  roomsDrawn: "", // what the lists show, to redraw them only when it changes
+  analysing: false,
+  lastFrame: null, // the latest frame of this room's connection
   messages: new Map(), // stored message id → its <li>
   newestId: 0,
   presence: new Map(), // user id → presence entry
@@ -107,17 +123,25 @@ function roomInAddress() {
 function signedIn(user) {
   state.me = user;
   $("account-name").textContent = user.name;
+  $("my-uid").textContent = user.uid;
   $("account").hidden = false;
   $("sign-in").hidden = true;
   $("chat").hidden = false;
-  joinRoom(roomInAddress() || $("room-input").value);
-  $("message-input").focus();
+  refreshRooms();
+  const room = roomInAddress();
+  if (room) joinRoom(room);
+  else showNoRoom();
 }
 
 async function signOut() {
   leaveRoom();
   await state.signIn.signOut();
   state.me = null;
+  state.myRooms = [];
+  state.publicRooms = [];
+  state.roomsLoad += 1;
+  state.roomsLoaded = false;
+  renderRooms();
   $("account").hidden = true;
   $("chat").hidden = true;
   $("sign-in").hidden = false;
@@ -165,22 +189,30 @@ function leaveRoom() {
   state.messages.clear();
   state.newestId = 0;
   state.lastSent = null;
+  state.lastFrame = null;
   $("messages").replaceChildren();
   renderPresence();
   renderTyping();
 }
 
+// The room's link (`#room=<id>`) is what the address bar shows while it is open: it can be
+// shared as an invitation (it opens the room for anyone allowed in).
 function joinRoom(room) {
   if (!ROOM_ID.test(room)) {
-    showAlert("A room name has 1-64 letters, digits, dots, dashes or underscores.");
+    showAlert("That link does not name a room.");
+    if (state.connection === null) showNoRoom();
+    return;
+  }
+  if (state.connection?.room === room && !state.connection.stopped) {
+    state.connection.retryNow();
     return;
   }
   leaveRoom();
-  $("room-input").value = room;
   history.replaceState(null, "", `#room=${encodeURIComponent(room)}`);
-  $("room-title").textContent = `#${room}`;
+  setRoomOpen(true);
   const connection = new RoomConnection({ room, tokens: state.signIn, socketUrl });
   state.connection = connection;
+  renderRooms();
   connection.addEventListener("state", (event) => {
     if (state.connection === connection) connectionState(event.detail);
   });
@@ -188,6 +220,22 @@ function joinRoom(room) {
     if (state.connection === connection) handleFrame(event.detail);
   });
   connection.open();
+  $("message-input").focus();
+}
+
+// No room open: the rooms list is where to go next.
+function showNoRoom() {
+  leaveRoom();
+  history.replaceState(null, "", location.pathname + location.search);
+  setRoomOpen(false);
+  renderRooms();
+}
+
+function setRoomOpen(open) {
+  $("no-room").hidden = open;
+  $("messages").hidden = !open;
+  for (const id of ["message-input", "send", "ask-ai"]) $(id).disabled = !open;
+  $("analyze").disabled = !open || state.analysing;
 }
 
 function setStatus(kind, text) {
@@ -197,16 +245,24 @@ function setStatus(kind, text) {
 }
 
 function connectionState({ state: kind, code, reason, delay }) {
-  const room = state.connection?.room ?? "";
   if (kind === "connecting") setStatus("connecting", "Connecting…");
   else if (kind === "open") {
-    setStatus("open", `Connected to #${room}`);
+    renderRoomHeader();
     if (state.connection.sessions > 1) addNotice("Reconnected");
-  }
-  else if (kind === "waiting") {
+    // Joining a public room makes the user a member; after a drop, rooms may have changed.
+    refreshRooms();
+  } else if (kind === "waiting") {
     setStatus("waiting", `Connection lost, retrying in ${Math.ceil(delay / 1000)} s…`);
   } else if (kind === "closed" && code) {
-    setStatus("closed", `Disconnected: ${reason || `close code ${code}`}`);
+    // The close often carries no reason; a refusal's error frame, sent just before, does.
+    const refusal = state.lastFrame?.type === "error" ? state.lastFrame.message : "";
+    const why = reason || refusal || `close code ${code}`;
+    setStatus("closed", `Disconnected: ${why}`);
+    // Not retried (a room this user may not, or no longer, be in): back to the list.
+    if (code === ROOM_REFUSED_CLOSE) {
+      showNoRoom();
+      refreshRooms();
+    }
   }
 }
 
@@ -214,6 +270,184 @@ function send(frame) {
   if (state.connection?.send(frame)) return true;
   showAlert("Not connected: nothing was sent. Reconnecting…", "warning", { key: "offline" });
   return false;
+}
+
+// --- the rooms list ----------------------------------------------------------------------
+
+function roomLabel(entry) {
+  return entry.name || entry.room_id;
+}
+
+function findRoom(roomId) {
+  return (
+    state.myRooms.find((entry) => entry.room_id === roomId) ||
+    state.publicRooms.find((entry) => entry.room_id === roomId) ||
+    null
+  );
+}
+
+function currentEntry() {
+  const room = state.connection?.room;
+  return room ? findRoom(room) || { room_id: room } : null;
+}
+
+// A room the API just answered (created or opened): listed at once, before the next refresh.
+function adoptRoom(entry) {
+  state.myRooms = [entry, ...state.myRooms.filter((known) => known.room_id !== entry.room_id)];
+}
+
+async function refreshRooms() {
+  if (state.me === null) return;
+  state.roomsLoad += 1;
+  const load = state.roomsLoad;
+  const [mine, open] = await Promise.allSettled([state.api.mine(), state.api.publicRooms()]);
+  if (load !== state.roomsLoad) return;
+  const failure = [mine, open].find((answer) => answer.status === "rejected");
+  if (failure) {
+    showAlert(`Could not load the rooms: ${failure.reason.message}`, "error", { key: "rooms" });
+  }
+  if (mine.status === "fulfilled") state.myRooms = listOf(mine.value);
+  if (open.status === "fulfilled") state.publicRooms = listOf(open.value);
+  state.roomsLoaded = true;
+  renderRooms();
+}
+
+function listOf(answer) {
+  return Array.isArray(answer) ? answer.filter((entry) => typeof entry?.room_id === "string") : [];
+}
+
+function renderRooms() {
+  renderRoomHeader();
+  // Redrawn only when something changed: an entry under the pointer stays put.
+  const drawn = JSON.stringify([
+    state.roomsLoaded,
+    state.myRooms,
+    state.publicRooms,
+    state.connection?.room,
+  ]);
+  if (drawn === state.roomsDrawn) return;
+  state.roomsDrawn = drawn;
+  const mine = new Set(state.myRooms.map((entry) => entry.room_id));
+  $("my-rooms").replaceChildren(...state.myRooms.map((entry) => roomItem(entry, mySubtitle(entry))));
+  $("public-rooms").replaceChildren(
+    ...state.publicRooms
+      .filter((entry) => !mine.has(entry.room_id))
+      .map((entry) => roomItem(entry, publicSubtitle(entry))),
+  );
+  // "No rooms yet" only once the server said so, not while the first answer is awaited.
+  for (const list of [$("my-rooms"), $("public-rooms")]) list.dataset.loaded = state.roomsLoaded;
+}
+
+function roomItem(entry, subtitle) {
+  const button = el(
+    "button",
+    { className: "room-entry", data: { roomId: entry.room_id, kind: entry.kind || "" } },
+    el("span", { className: "room-name", text: roomLabel(entry) }),
+    el("span", { className: "room-sub", text: subtitle }),
+  );
+  button.type = "button";
+  button.title = entry.room_id;
+  if (entry.room_id === state.connection?.room) button.setAttribute("aria-current", "true");
+  if (entry.unread_count > 0) {
+    button.append(el("span", { className: "badge", text: entry.unread_count }));
+  }
+  button.addEventListener("click", () => joinRoom(entry.room_id));
+  return el("li", {}, button);
+}
+
+function mySubtitle(entry) {
+  const last = entry.last_message;
+  const parts = [];
+  if (last && typeof last === "object") {
+    const author = last.user_id === AI_USER_ID ? "AI assistant" : last.username || last.user_id;
+    parts.push(`${author}: ${last.content ?? "(deleted)"}`);
+  } else {
+    parts.push(KIND_LABELS[entry.kind] || entry.kind || "");
+  }
+  if (entry.muted) parts.push("muted");
+  return parts.filter(Boolean).join(" · ");
+}
+
+function publicSubtitle(entry) {
+  const count = entry.member_count;
+  const members = typeof count === "number" && `${count} ${count === 1 ? "member" : "members"}`;
+  return [entry.description, members].filter(Boolean).join(" · ") || KIND_LABELS.public;
+}
+
+function renderRoomHeader() {
+  const entry = currentEntry();
+  if (state.connection?.isOpen) setStatus("open", `Connected to ${roomLabel(entry)}`);
+  $("room-title").textContent = entry ? roomLabel(entry) : "No room open";
+  $("room-title").dataset.roomId = entry?.room_id ?? "";
+  const kind = $("room-kind");
+  kind.textContent = KIND_LABELS[entry?.kind] ?? "";
+  kind.hidden = !kind.textContent;
+}
+
+// Runs one API call for a form: its button is disabled meanwhile, and a failure is shown
+// in the form, in the server's words.
+async function submitting(form, action) {
+  const problem = form.querySelector(".form-error");
+  const button = form.querySelector("button[type=submit]");
+  problem.hidden = true;
+  button.disabled = true;
+  try {
+    await action();
+  } catch (error) {
+    problem.textContent = apiErrorText(error);
+    problem.hidden = false;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// The server's message is generic ("Invalid request", "Not allowed"); its details say what
+// was wrong: the fields at fault ({loc, msg} entries), or the limit reached.
+function apiErrorText(error) {
+  const details = error.details ?? {};
+  const problems = (Array.isArray(details.errors) ? details.errors : []).map((item) =>
+    [[item?.loc ?? []].flat().join("."), item?.msg].filter(Boolean).join(": "),
+  );
+  if (details.limit) problems.push(`limit ${details.limit} is ${details.max}`);
+  const said = problems.filter(Boolean).join("; ");
+  return said ? `${error.message}: ${said}` : error.message;
+}
+
+// The open room's entry shows its newest message without waiting for the next refresh.
+function noteLastMessage(frame) {
+  const entry = state.myRooms.find((known) => known.room_id === state.connection?.room);
+  const shown = Number(entry?.last_message?.message_id ?? 0);
+  if (!entry || frame.message_id === null || Number(frame.message_id) <= shown) return;
+  entry.last_message = frame;
+  renderRooms();
+}
+
+function openedRoom(form, entry) {
+  form.reset();
+  form.closest("details").open = false;
+  adoptRoom(entry);
+  joinRoom(entry.room_id);
+  refreshRooms();
+}
+
+function wireRooms() {
+  $("rooms-refresh").addEventListener("click", refreshRooms);
+  $("new-room-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const form = event.currentTarget;
+    const name = $("new-room-name").value.trim();
+    // The creator is the owner anyway.
+    const members = [...new Set($("new-room-members").value.split(/[\s,]+/))].filter(
+      (uid) => uid && uid !== state.me.uid,
+    );
+    submitting(form, async () => openedRoom(form, await state.api.create({ name, members })));
+  });
+  $("direct-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const form = event.currentTarget;
+    const userId = $("direct-user").value.trim();
+    submitting(form, async () => openedRoom(form, await state.api.direct(userId)));
+  });
 }
 
 // --- inbound frames -----------------------------------------------------------------------
@@ -235,6 +469,7 @@ const handlers = {
   },
   history(frame) {
     frame.messages.forEach(addMessage);
+    if (frame.messages.length) noteLastMessage(frame.messages.at(-1));
   },
   message(frame) {
     if (state.lastSent && frame.client_message_id === state.lastSent.clientId) {
@@ -244,6 +479,7 @@ const handlers = {
     // already shows.
     if (frame.metadata?.analysis) return;
     addMessage(frame);
+    noteLastMessage(frame);
   },
   system(frame) {
     addNotice(frame.content);
@@ -258,6 +494,7 @@ const handlers = {
 };
 
 function handleFrame(frame) {
+  state.lastFrame = frame;
   handlers[frame.type]?.(frame);
 }
 
@@ -266,8 +503,15 @@ function showError(frame) {
     rateLimited(Number(frame.details.retry_after));
     return;
   }
+  if (frame.error_code === "ROOM_FORBIDDEN") {
+    // The server gives the same answer whether the room exists or not.
+    showAlert("You are not a member of this room (or it does not exist).", "error", {
+      key: "room",
+    });
+    return;
+  }
   showAlert(`${frame.error_code}: ${frame.message}`);
-  if (frame.error_code === "HEALTH_ANALYSIS_ERROR") $("analyze").disabled = false;
+  if (frame.error_code === "HEALTH_ANALYSIS_ERROR") analysisDone();
 }
 
 function rateLimited(seconds) {
@@ -354,6 +598,7 @@ function renderPresence() {
       const avatar = el("span", { className: "avatar", text: initial(name) });
       avatar.style.setProperty("--hue", hue(user.user_id));
       const li = el("li", { data: { userId: user.user_id } }, avatar);
+      li.title = user.user_id;
       li.append(el("span", { className: "name", text: name }));
       if (user.user_id === state.me?.uid) li.append(el("span", { className: "you", text: "(you)" }));
       if (user.connection_count > 1) {
@@ -441,16 +686,13 @@ function wireComposer() {
     const mentioned = question.slice(0, AI_MENTION.length).toLowerCase() === AI_MENTION;
     sendMessage(mentioned ? question : `${AI_MENTION} ${question}`);
   });
-  $("room-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    joinRoom($("room-input").value.trim());
-  });
 }
 
 // --- health analysis ----------------------------------------------------------------------
 
 async function analyzeSample() {
   const button = $("analyze");
+  state.analysing = true;
   button.disabled = true;
   $("insight").hidden = true;
   $("analysis-progress").value = 0;
@@ -466,15 +708,20 @@ async function analyzeSample() {
     $("analysis-status").textContent = `Sent ${points.length.toLocaleString()} data points…`;
   } catch (error) {
     $("analysis-status").textContent = `Could not start: ${error.message}`;
-    button.disabled = false;
+    analysisDone();
   }
+}
+
+function analysisDone() {
+  state.analysing = false;
+  $("analyze").disabled = state.connection === null;
 }
 
 function showProgress(frame) {
   $("analysis-progress").value = frame.progress;
   $("analysis-status").textContent = `${frame.status} · ${frame.progress}%`;
   $("analysis-status").dataset.status = frame.status;
-  if (frame.status === "completed" || frame.status === "failed") $("analyze").disabled = false;
+  if (frame.status === "completed" || frame.status === "failed") analysisDone();
 }
 
 function showInsight(frame) {
@@ -496,14 +743,19 @@ function showInsight(frame) {
 
 async function start() {
   wireComposer();
+  wireRooms();
   $("analyze").addEventListener("click", analyzeSample);
   window.addEventListener("online", () => state.connection?.retryNow());
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") refreshRooms();
+  });
   window.addEventListener("hashchange", () => {
     const room = roomInAddress();
     if (state.me && room && room !== state.connection?.room) joinRoom(room);
   });
   state.signIn = await createSignIn();
   if (state.signIn === null) return;
+  state.api = new RoomsApi({ base: config.apiBase, tokens: state.signIn });
   wireSignIn();
   state.signIn.addEventListener("token", (event) => state.connection?.updateToken(event.detail));
   try {

@@ -1,4 +1,4 @@
-// One chat room over the Clarity Chat wire protocol v1: the socket, reconnection with capped
+// One chat room over the Clarity Chat wire protocol: the socket, reconnection with capped
 // exponential backoff and jitter, client heartbeats, and catching up on missed messages.
 //
 // Events: "frame" (detail: every server frame, parsed) and "state" (detail: {state, code,
@@ -9,9 +9,11 @@ export const BACKOFF_BASE_MS = 500;
 export const BACKOFF_CAP_MS = 30000;
 const CATCH_UP_PAGE = 100;
 
-// Close codes after which retrying cannot help (protocol §10): bad, closed or full room; too
+// Close codes after which retrying cannot help (protocol §10, §11): a room the user may not
+// join (not a member, banned, removed, or no such room), an invalid, closed or full room; too
 // many sockets for this user; terminated by an operator.
-const FINAL_CLOSES = new Set([4004, 4008, 4010]);
+export const ROOM_REFUSED_CLOSE = 4004;
+const FINAL_CLOSES = new Set([ROOM_REFUSED_CLOSE, 4008, 4010]);
 const AUTH_CLOSES = new Set([4001, 4003]);
 const RATE_LIMIT_CLOSE = 4029;
 const MAX_AUTH_RETRIES = 2;
