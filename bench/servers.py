@@ -94,6 +94,7 @@ def base_env(overrides: Mapping[str, str | None]) -> dict[str, str]:
         "CHAT_RATE_LIMIT_WINDOW": str(RATE_WINDOW),
         "CHAT_MAX_CONNECTIONS_PER_USER": "3",
         "CHAT_ALLOW_NO_ORIGIN": "1",  # the generator sends no Origin, as native apps
+        "CHAT_OPEN_ROOMS": "1",  # the generator's rooms are made public on first join (v1)
         "CHAT_SHUTDOWN_GRACE": "5",
         "REDIS_URL": None,
         "REDIS_PREFIX": None,

@@ -91,15 +91,29 @@ class ChatClient:
             await self.communicator.disconnect()
 
 
+def room_ensure(room_id: str, *, kind: str = "public") -> None:
+    """Test set-up: the room exists (rooms are no longer made by joining, protocol §11)."""
+    from chat.models import Room
+
+    Room.objects.get_or_create(name=room_id, defaults={"kind": kind})
+
+
 async def open_socket(
     room: str = "lobby",
     *,
     token: str | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
     path: str | None = None,
+    public_room: bool = False,
 ) -> ChatClient:
-    """Open a socket; returns the client once the server accepted the handshake."""
+    """Open a socket; returns the client once the server accepted the handshake.
+    `public_room`: make `room` a public room first if it does not exist."""
+    from channels.db import database_sync_to_async
+
     from clarity_project.asgi import application
+
+    if public_room and path is None:
+        await database_sync_to_async(room_ensure)(room)
 
     url = path or f"/api/v1/ws/{room}"
     if token is not None:
@@ -113,8 +127,14 @@ async def open_socket(
 async def join(
     room: str = "lobby", uid: str = "alice", name: str | None = None, **kw
 ) -> ChatClient:
-    """Open a socket with a valid token and read the join frames (ack, presence, history)."""
-    client = await open_socket(room, token=token_for(uid, name), **kw)
+    """Open a socket with a valid token and read the join frames (ack, presence, history).
+    The room is made public if it does not exist, unless `public_room=False`."""
+    kw.setdefault("public_room", True)
+    return await read_join(await open_socket(room, token=token_for(uid, name), **kw))
+
+
+async def read_join(client: ChatClient) -> ChatClient:
+    """Read the join frames of a socket that must have been let in."""
     client.ack = await client.recv()
     assert client.ack["type"] == "connection_ack", client.ack
     client.presence = await client.recv()

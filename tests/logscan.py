@@ -20,6 +20,7 @@ What counts as a finding:
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -36,6 +37,10 @@ SAMPLE_FILE = ROOT / "chat" / "static" / "chat" / "sample-health.json"
 RUN = 8
 
 TOKEN_RE = re.compile(r"eyJ[A-Za-z0-9_-]{10,}(?:\.[A-Za-z0-9_-]*){0,2}")
+# How much of a candidate must decode to printable JSON text for it to count as a token:
+# random base64url (a room's opaque id) holds `eyJ` now and then, but its 12 bytes are all
+# printable only about once in 20,000 such cases; a JWT segment's always are.
+TOKEN_TEXT_CHARS = 16
 _QUOTE = r"""\\?["']"""
 PAYLOAD_RES = [
     re.compile(
@@ -113,10 +118,22 @@ def suite_runs() -> set[tuple[float, ...]]:
     return known_runs([*_sent, payload_values({"content": json.loads(SAMPLE_FILE.read_text())})])
 
 
+def _json_text(candidate: str) -> bool:
+    """Whether the candidate's first characters decode (base64url) to printable text, as a
+    JWT segment's JSON does."""
+    head = candidate[:TOKEN_TEXT_CHARS]
+    try:
+        decoded = base64.urlsafe_b64decode(head + "=" * (-len(head) % 4))
+    except ValueError:
+        return False
+    return all(32 <= byte < 127 for byte in decoded)
+
+
 def scan_line(text: str, runs: set[tuple[float, ...]]) -> Iterator[tuple[str, str]]:
     """(kind, redacted excerpt) of each finding in one line of log text."""
     for match in TOKEN_RE.finditer(text):
-        yield "token", match.group()[:12] + "…"
+        if _json_text(match.group()):
+            yield "token", match.group()[:12] + "…"
     for pattern in PAYLOAD_RES:
         for match in pattern.finditer(text):
             yield "health payload", text[match.start() : match.start() + 40]

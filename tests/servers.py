@@ -56,6 +56,10 @@ BASE_ENV: dict[str, str | None] = {
     "REDIS_URL": None,
     "FIREBASE_CREDENTIALS": None,
     "FIREBASE_CHECK_REVOKED": None,
+    # v1 rooms (a room is made public on first join): these clusters test distribution,
+    # not membership. Tests of membership across workers set it to "0" and make their rooms
+    # through the HTTP API (tests/test_distributed.py).
+    "CHAT_OPEN_ROOMS": "1",
 }
 
 

@@ -115,7 +115,7 @@ async def test_health_socket_counts_towards_the_connection_cap(clients):
     await clients.join("two", "alice")
     health = await open_health("alice")
     assert (await health.recv())["type"] == "connection_ack"
-    fourth = await clients.open("three", token=token_for("alice"))
+    fourth = await clients.open("three", token=token_for("alice"), public_room=True)
     await fourth.expect_refusal("TOO_MANY_CONNECTIONS", 4008)
     await health.close()
 

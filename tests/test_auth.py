@@ -40,7 +40,7 @@ from firebase_admin import _auth_utils, _token_gen
 from chat.auth import EMULATOR_ENV, emulator_mode
 from chat.checks import emulator_only_in_debug
 from chat.devtokens import emulator_token
-from tests.conftest import ChatClient, open_socket, token_for
+from tests.conftest import ChatClient, open_socket, read_join, token_for
 
 PROJECT = "clarity-test"  # set by tests/bootstrap.py
 ISSUER = f"https://securetoken.google.com/{PROJECT}"
@@ -143,16 +143,6 @@ async def assert_refused(
     """Open a socket with this token: the server must send one error frame, then close."""
     client = await open_socket(token=token, **kwargs)
     return await client.expect_refusal(error_code, close_code)
-
-
-async def read_join(client: ChatClient) -> ChatClient:
-    """Read the three join frames (as conftest's `join`, for a token of our own making)."""
-    client.ack = await client.recv_type("connection_ack")
-    client.presence = await client.recv()
-    assert client.presence["type"] == "presence", client.presence
-    client.history = await client.recv()
-    assert client.history["type"] == "history", client.history
-    return client
 
 
 def presence_username(client: ChatClient, user_id: str) -> str:
@@ -285,7 +275,7 @@ class TestEmulatorMode:
     async def test_username_comes_from_the_token(self, clients, claims, username):
         uid = "bob1234567890xyz"
         client = await read_join(
-            await clients.open(token=unsigned_token(claims_for(uid, **claims)))
+            await clients.open(token=unsigned_token(claims_for(uid, **claims)), public_room=True)
         )
         assert client.ack["user_id"] == uid
         assert presence_username(client, uid) == username
@@ -299,13 +289,17 @@ class TestEmulatorMode:
 
     async def test_bearer_header_instead_of_query_param(self, clients):
         header = f"Bearer {token_for('alice')}".encode()
-        client = await read_join(await clients.open(headers=[(b"authorization", header)]))
+        client = await read_join(
+            await clients.open(headers=[(b"authorization", header)], public_room=True)
+        )
         assert client.ack["user_id"] == "alice"
 
     async def test_query_param_takes_precedence_over_header(self, clients):
         header = f"Bearer {token_for('mallory')}".encode()
         client = await read_join(
-            await clients.open(token=token_for("alice"), headers=[(b"authorization", header)])
+            await clients.open(
+                token=token_for("alice"), headers=[(b"authorization", header)], public_room=True
+            )
         )
         assert client.ack["user_id"] == "alice"
 
@@ -338,7 +332,7 @@ class TestEmulatorMode:
     async def test_expired_within_clock_skew_is_accepted(self, clients, settings):
         settings.FIREBASE_CLOCK_SKEW_SECONDS = 10
         token = token_for("alice", issued_at=int(time.time()) - 3605, lifetime=3600)
-        client = await read_join(await clients.open(token=token))
+        client = await read_join(await clients.open(token=token, public_room=True))
         assert client.ack["user_id"] == "alice"
 
     async def test_issued_in_the_future_beyond_skew(self, settings):
@@ -348,7 +342,9 @@ class TestEmulatorMode:
     async def test_issued_in_the_future_within_skew_is_accepted(self, clients, settings):
         settings.FIREBASE_CLOCK_SKEW_SECONDS = 10
         client = await read_join(
-            await clients.open(token=token_for("alice", issued_at=int(time.time()) + 5))
+            await clients.open(
+                token=token_for("alice", issued_at=int(time.time()) + 5), public_room=True
+            )
         )
         assert client.ack["user_id"] == "alice"
 
@@ -412,13 +408,15 @@ def _future_iat(claims: dict) -> None:
 class TestSignedTokens:
     async def test_valid_token_joins(self, clients, google):
         token = google.token("alice", name="Alice Liddell")
-        client = await read_join(await clients.open(token=token))
+        client = await read_join(await clients.open(token=token, public_room=True))
         assert client.ack["user_id"] == "alice"
         assert presence_username(client, "alice") == "Alice Liddell"
 
     async def test_valid_token_in_bearer_header(self, clients, google):
         header = f"Bearer {google.token('alice')}".encode()
-        client = await read_join(await clients.open(headers=[(b"authorization", header)]))
+        client = await read_join(
+            await clients.open(headers=[(b"authorization", header)], public_room=True)
+        )
         assert client.ack["user_id"] == "alice"
 
     @pytest.mark.parametrize(
@@ -475,21 +473,21 @@ class TestCertificateEndpoint:
     async def test_certificates_fetched_from_a_worker_thread_through_the_mock(
         self, clients, google
     ):
-        await read_join(await clients.open(token=google.token("alice")))
+        await read_join(await clients.open(token=google.token("alice"), public_room=True))
         assert google.fetches == 1
         assert google.fetch_threads[0] != threading.main_thread().name
 
     async def test_certificates_cached_across_connections(self, clients, google):
-        first = await read_join(await clients.open(token=google.token("alice")))
-        second = await read_join(await clients.open(token=google.token("bob")))
+        first = await read_join(await clients.open(token=google.token("alice"), public_room=True))
+        second = await read_join(await clients.open(token=google.token("bob"), public_room=True))
         assert (first.ack["user_id"], second.ack["user_id"]) == ("alice", "bob")
         assert google.fetches == 1  # the SDK honoured Cache-Control
 
     async def test_without_cache_headers_every_connection_fetches(self, clients, google):
         # Documents the SDK: caching depends on Google's Cache-Control *and* Date headers.
         google.cacheable = False
-        await read_join(await clients.open(token=google.token("alice")))
-        await read_join(await clients.open(token=google.token("bob")))
+        await read_join(await clients.open(token=google.token("alice"), public_room=True))
+        await read_join(await clients.open(token=google.token("bob"), public_room=True))
         assert google.fetches == 2
 
     @pytest.mark.parametrize(
@@ -507,12 +505,12 @@ class TestCertificateEndpoint:
         google.failure = 500
         await assert_refused(google.token("alice"), "AUTH_UNAVAILABLE", 4013)
         google.failure = None
-        client = await read_join(await clients.open(token=google.token("alice")))
+        client = await read_join(await clients.open(token=google.token("alice"), public_room=True))
         assert client.ack["user_id"] == "alice"
 
     async def test_refresh_during_outage_keeps_the_session(self, clients, google):
         google.cacheable = False
-        client = await read_join(await clients.open(token=google.token("alice")))
+        client = await read_join(await clients.open(token=google.token("alice"), public_room=True))
         google.failure = requests.ConnectionError("connection refused")
         await client.send({"type": "auth", "token": google.token("alice")})
         await client.expect_error("AUTH_UNAVAILABLE")
@@ -571,7 +569,7 @@ def toolkit(google, http, settings, tmp_path, service_account_key) -> FakeIdenti
 class TestRevocation:
     async def test_active_user_joins(self, clients, google, toolkit):
         toolkit.users["alice"] = {"validSince": str(int(time.time()) - 3600)}
-        client = await read_join(await clients.open(token=google.token("alice")))
+        client = await read_join(await clients.open(token=google.token("alice"), public_room=True))
         assert client.ack["user_id"] == "alice"
         assert toolkit.lookups == [["alice"]]
 
@@ -612,7 +610,7 @@ class TestTokenRefresh:
         assert ack["message_id"] is None
 
     async def test_same_user_signed_refresh(self, clients, google):
-        client = await read_join(await clients.open(token=google.token("alice")))
+        client = await read_join(await clients.open(token=google.token("alice"), public_room=True))
         await client.send({"type": "auth", "token": google.token("alice")})
         assert (await client.recv())["type"] == "auth_ack"
 
@@ -636,7 +634,7 @@ class TestTokenRefresh:
         await client.expect_refusal("AUTH_INVALID", 4003)
 
     async def test_unsigned_refresh_refused_when_emulator_mode_is_off(self, clients, google):
-        client = await read_join(await clients.open(token=google.token("alice")))
+        client = await read_join(await clients.open(token=google.token("alice"), public_room=True))
         await client.send({"type": "auth", "token": emulator_token(uid="alice")})
         await client.expect_refusal("AUTH_INVALID", 4003)
 
@@ -658,7 +656,7 @@ class TestTokenExpiry:
     async def test_socket_closed_when_the_token_expires(self, clients, settings):
         settings.FIREBASE_CLOCK_SKEW_SECONDS = 0
         token = token_for("alice", issued_at=int(time.time()), lifetime=2)
-        client = await read_join(await clients.open(token=token))
+        client = await read_join(await clients.open(token=token, public_room=True))
         error = await client.expect_error("AUTH_EXPIRED", timeout=4)
         assert error["message"] == "Token expired"
         await client.expect_close(4003)
@@ -667,7 +665,9 @@ class TestTokenExpiry:
         settings.FIREBASE_CLOCK_SKEW_SECONDS = 0
         now = int(time.time())
         client = await read_join(
-            await clients.open(token=token_for("alice", issued_at=now, lifetime=2))
+            await clients.open(
+                token=token_for("alice", issued_at=now, lifetime=2), public_room=True
+            )
         )
         await client.send({"type": "auth", "token": token_for("alice", issued_at=now)})
         assert (await client.recv())["type"] == "auth_ack"
@@ -750,11 +750,13 @@ class TestTokensNeverLogged:
         expired = token_for("carol", issued_at=1_000_000_000)
         foreign = unsigned_token(claims_for("dave", aud="other-project"))
 
-        client = await read_join(await clients.open(token=valid))
+        client = await read_join(await clients.open(token=valid, public_room=True))
         await client.send({"type": "auth", "token": refresh})
         assert (await client.recv())["type"] == "auth_ack"
         await read_join(
-            await clients.open(headers=[(b"authorization", f"Bearer {header_token}".encode())])
+            await clients.open(
+                headers=[(b"authorization", f"Bearer {header_token}".encode())], public_room=True
+            )
         )
         await client.recv_type("user_joined")  # bob's arrival, announced to alice
         for bad in (garbage, expired, foreign):
@@ -769,7 +771,7 @@ class TestTokensNeverLogged:
         valid = google.token("alice")
         forged = impostor_key.sign(claims_for("mallory"))
         unsigned = unsigned_token(claims_for("mallory"), kid=KID)
-        await read_join(await clients.open(token=valid))
+        await read_join(await clients.open(token=valid, public_room=True))
         await assert_refused(forged)
         await assert_refused(unsigned)
         google.failure = 500

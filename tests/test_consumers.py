@@ -8,9 +8,9 @@ import json
 import pytest
 from channels.db import database_sync_to_async
 
-from chat.models import ChatMessage, ChatSession, Room
+from chat.models import ChatMessage, ChatSession, Role, Room, RoomKind, RoomMember
 from chat.protocol import ERROR_MESSAGES, ErrorCode
-from tests.conftest import open_socket, token_for
+from tests.conftest import open_socket, room_ensure, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -53,13 +53,39 @@ async def test_join_sends_ack_presence_history_in_order(clients, settings):
 
 
 async def test_both_chat_paths_are_served(clients):
+    await database_sync_to_async(room_ensure)("legacy")
     old = await clients.open(path="/api/v1/chat/legacy", token=token_for("alice"))
     assert (await old.recv())["type"] == "connection_ack"
+    # The older path follows the same rule: an unknown room is refused, not made.
+    unknown = await clients.open(path="/api/v1/chat/nowhere", token=token_for("alice"))
+    await unknown.expect_refusal("ROOM_FORBIDDEN", 4004)
 
 
-async def test_room_is_created_on_first_join(clients):
-    await clients.join("new-room_1.x", "alice")
-    assert await database_sync_to_async(Room.objects.filter(name="new-room_1.x").exists)()
+def room_traces(room_id: str) -> tuple[bool, int, int]:
+    """Whether the room exists, and its sessions and member rows."""
+    return (
+        Room.objects.filter(name=room_id).exists(),
+        ChatSession.objects.filter(room_id=room_id).count(),
+        RoomMember.objects.filter(room_id=room_id).count(),
+    )
+
+
+async def test_with_open_rooms_an_unknown_room_is_created_public_on_first_join(clients, settings):
+    settings.CHAT_OPEN_ROOMS = True
+    await clients.join("new-room_1.x", "alice", public_room=False)
+    room = await database_sync_to_async(Room.objects.get)(name="new-room_1.x")
+    assert room.kind == RoomKind.PUBLIC
+    members = await database_sync_to_async(list)(
+        RoomMember.objects.filter(room=room).values_list("user_id", "role", "banned")
+    )
+    assert members == [("alice", Role.MEMBER, False)]
+
+
+async def test_by_default_an_unknown_room_is_refused_and_not_created(clients):
+    client = await clients.open("new-room_1.x", token=token_for("alice"))
+    error = await client.expect_refusal("ROOM_FORBIDDEN", 4004)
+    assert error["message"] == "Room not found"
+    assert await database_sync_to_async(room_traces)("new-room_1.x") == (False, 0, 0)
 
 
 async def test_join_and_leave_notices_go_to_others_once_per_user(clients):
@@ -114,7 +140,7 @@ async def test_sessions_are_recorded_and_closed(clients):
 
 @pytest.mark.parametrize(
     "room",
-    ["bad room", "x" * 65, "colon:x", "é", "health_analysis_bob", "a/b", ""],
+    ["bad room", "x" * 65, "colon:x", "é", "a/b", ""],
 )
 async def test_invalid_rooms_are_refused(clients, room):
     client = await clients.open(path=f"/api/v1/ws/{room}", token=token_for("alice"))
@@ -122,18 +148,45 @@ async def test_invalid_rooms_are_refused(clients, room):
     assert error["message"] == "Invalid room"
 
 
-async def test_own_health_room_is_allowed(clients):
-    await clients.join("health_analysis_alice", "alice")
+async def open_health_room(uid: str) -> None:
+    """The user's personal room exists: made by their health-analysis socket."""
+    health = await open_socket(path=f"/api/v1/ws/health-analysis/{uid}", token=token_for(uid))
+    assert (await health.recv())["type"] == "connection_ack"
+    await health.close()
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["opened-before", "never-opened"])
+async def test_health_rooms_are_forbidden_over_the_chat_path(clients, exists):
+    """Another user's personal room, and the user's own, are no chat rooms (protocol §11)."""
+    if exists:
+        for uid in ("alice", "bob"):
+            await open_health_room(uid)
+        kinds = await database_sync_to_async(dict)(
+            Room.objects.filter(name__startswith="health_analysis_").values_list("name", "kind")
+        )
+        assert kinds == {f"health_analysis_{uid}": RoomKind.PERSONAL for uid in ("alice", "bob")}
+    for room in ("health_analysis_bob", "health_analysis_alice"):
+        client = await clients.open(room, token=token_for("alice"))
+        error = await client.expect_refusal("ROOM_FORBIDDEN", 4004)
+        assert error["message"] == "Room not found"
+    chat_sessions = ChatSession.objects.filter(
+        room__name__startswith="health_analysis_", endpoint="chat"
+    )
+    assert await database_sync_to_async(chat_sessions.count)() == 0
 
 
 async def test_closed_room_refuses_new_joins(clients):
-    await database_sync_to_async(Room.objects.create)(name="shut", is_closed=True)
+    await database_sync_to_async(Room.objects.create)(
+        name="shut", kind=RoomKind.PUBLIC, is_closed=True
+    )
     client = await clients.open("shut", token=token_for("alice"))
     await client.expect_refusal("ROOM_CLOSED", 4004)
 
 
 async def test_full_room_refuses_new_users_but_not_more_sockets(clients):
-    await database_sync_to_async(Room.objects.create)(name="small", max_users=1)
+    await database_sync_to_async(Room.objects.create)(
+        name="small", kind=RoomKind.PUBLIC, max_users=1
+    )
     await clients.join("small", "alice")
     await clients.join("small", "alice")  # same user, second socket
     bob = await clients.open("small", token=token_for("bob"))
@@ -144,7 +197,7 @@ async def test_fourth_socket_of_a_user_is_refused_across_rooms(clients):
     await clients.join("one", "alice")
     await clients.join("two", "alice")
     await clients.join("three", "alice")
-    fourth = await clients.open("four", token=token_for("alice"))
+    fourth = await clients.open("four", token=token_for("alice"), public_room=True)
     await fourth.expect_refusal("TOO_MANY_CONNECTIONS", 4008)
     await clients.join("four", "bob")  # other users are unaffected
 
@@ -245,13 +298,21 @@ async def test_history_paging_before_and_after(clients):
 
 async def test_history_pages_never_exceed_the_largest_frame_the_server_sends(clients, settings):
     """Large messages: a page holds as many as fit in CHAT_WS_MAX_FRAME_SIZE, the rest are
-    left for the next page (has_more), instead of a frame the socket cannot send (1011)."""
-    settings.CHAT_WS_MAX_FRAME_SIZE = 200_000
+    left for the next page (has_more), instead of a frame the socket cannot send (1011).
+
+    Messages are as large as a client may make them (2,000 characters of content, about 4 KB
+    of metadata, protocol §11): about 6.2 KB encoded each, so three fit in the page's budget
+    (the frame size less HISTORY_ENVELOPE_BYTES) and four do not."""
+    settings.CHAT_WS_MAX_FRAME_SIZE = 22_500
     alice = await clients.join("lobby", "alice")
     ids = []
     for n in range(6):
         await alice.send(
-            {"type": "message", "content": f"m{n}", "metadata": {"blob": "x" * 50_000}}
+            {
+                "type": "message",
+                "content": f"m{n}" + "y" * 1990,
+                "metadata": {"blob": "x" * 4000},
+            }
         )
         ids.append((await alice.recv_type("message"))["message_id"])
 

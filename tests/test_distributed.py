@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -603,25 +604,37 @@ async def test_http_stats_and_room_users_reflect_both_workers(net: Net):
     await net.join(a, room2, carol_id, "Carol")
     await net.join(a, room2, alice_id, "Alice")
     token = token_for(net.uid("observer"), "Observer")
+    operator = token_for(net.uid("operator"), "Operator", claims={"clarity_staff": True})
 
-    stats = await http_get(f"{a.http_url}/api/v1/ws/chat/stats", token=token)
+    assert (await http_get(f"{a.http_url}/api/v1/ws/chat/stats", token=token)).status_code == 403
+    stats = await http_get(f"{a.http_url}/api/v1/ws/chat/stats", token=operator)
     assert stats.status_code == 200, stats.text
     assert stats.json() == {
         "total_users": 3,
         "total_connections": 6,
         "rooms": {room1: 2, room2: 2},
     }
-    users = await http_get(f"{a.http_url}/api/v1/ws/chat/users/{room1}", token=token)
+    # A room's presence is for its members (protocol §11): Alice is in both rooms.
+    member = token_for(alice_id, "Alice")
+    users = await http_get(f"{a.http_url}/api/v1/ws/chat/users/{room1}", token=member)
     assert users.status_code == 200, users.text
     body = users.json()
     assert body["room_id"] == room1
     assert presence_of(body) == [(alice_id, 2), (bob_id, 1)]
     assert [user["username"] for user in body["users"]] == ["Alice", "Bob"]
     assert all(user["connected_at"].endswith("Z") for user in body["users"])
-    users2 = (await http_get(f"{b.http_url}/api/v1/ws/chat/users/{room2}", token=token)).json()
+    users2 = (await http_get(f"{b.http_url}/api/v1/ws/chat/users/{room2}", token=member)).json()
     assert sorted(presence_of(users2)) == [(alice_id, 1), (carol_id, 2)]
-    empty = await http_get(f"{a.http_url}/api/v1/ws/chat/users/{net.room('nobody')}", token=token)
-    assert empty.status_code == 200 and empty.json()["users"] == []
+    # A room the caller is not in, and one that does not exist, get the same answer.
+    outside = await http_get(f"{b.http_url}/api/v1/ws/chat/users/{room1}", token=token)
+    nobody = await http_get(f"{a.http_url}/api/v1/ws/chat/users/{net.room('nobody')}", token=token)
+    for refused in (outside, nobody):
+        assert refused.status_code == 404, refused.text
+        assert refused.json() == {
+            "error_code": "ROOM_FORBIDDEN",
+            "message": "Room not found",
+            "details": None,
+        }
 
     for path in ("/api/v1/ws/chat/stats", f"/api/v1/ws/chat/users/{room1}"):
         for auth, code in (
@@ -1073,3 +1086,81 @@ async def test_stress_no_message_lost_after_sockets_close(net: Net):
             lost_rounds.append((round_, counts[:4]))
         await asyncio.gather(*(writer.close() for writer in writers))
     assert lost_rounds == [], f"messages lost (round, received per writer): {lost_rounds}"
+
+
+# --- membership across workers (protocol §11) ---------------------------------------------------
+
+
+async def http_call(method: str, url: str, *, token: str, body: Any = None):
+    with http() as session:
+        return await asyncio.to_thread(
+            session.request,
+            method,
+            url,
+            headers={"Authorization": f"Bearer {token}"},
+            json=body,
+            timeout=10,
+        )
+
+
+async def test_removed_member_is_closed_on_every_worker_before_the_removal_answers(net: Net):
+    """A private room made through worker A's API; its member has a socket on each worker.
+    Worker B's DELETE answers only once both sockets got ROOM_FORBIDDEN and close 4004 and
+    their sessions ended; an outsider is refused on both workers; the removed member can
+    neither rejoin nor read another byte of the room."""
+    cluster = net.cluster
+    a, b = cluster.a, cluster.b
+    owner, member, outsider = net.uid("olive"), net.uid("mike"), net.uid("oscar")
+    created = await http_call(
+        "POST",
+        f"{a.http_url}/api/v1/rooms",
+        token=token_for(owner, "Olive"),
+        body={"name": "Care team", "kind": "private", "members": [member]},
+    )
+    assert created.status_code == 201, created.text
+    room = created.json()["room_id"]
+    assert created.json()["kind"] == "private" and created.json()["role"] == "owner"
+
+    for worker in (a, b):
+        intruder = await net.open(worker, room, outsider, "Oscar")
+        error = await intruder.expect_error("ROOM_FORBIDDEN")
+        assert room not in json.dumps(error)
+        await intruder.expect_close(4004)
+    olive = await net.join(b, room, owner, "Olive")
+    mike_a = await net.join(a, room, member, "Mike")
+    await expect_joined(olive, "Mike", member)
+    mike_b = await net.join(b, room, member, "Mike")
+    await olive.send({"type": "message", "content": "before removal"})
+    for client in (olive, mike_a, mike_b):
+        assert (await client.recv_type("message"))["content"] == "before removal"
+
+    removed = await http_call(
+        "DELETE", f"{b.http_url}/api/v1/rooms/{room}/members/{member}", token=token_for(owner)
+    )
+    assert removed.status_code == 200, removed.text
+    assert removed.json() == {
+        "room_id": room,
+        "user_id": member,
+        "removed": True,
+        "sockets_closed": 2,
+    }
+    # Already true when the request answered: no waiting here.
+    assert cluster.db.open_sessions(member) == []
+    ended = cluster.db.rows(
+        "SELECT close_code, close_reason FROM chat_chatsession WHERE user_id = %s", member
+    )
+    assert sorted(ended) == [(4004, "room_forbidden"), (4004, "room_forbidden")]
+    for client in (mike_a, mike_b):
+        error = await client.expect_error("ROOM_FORBIDDEN")
+        assert error["details"] is None and room not in json.dumps(error)
+        await client.expect_close(4004)
+    await expect_left(olive, "Mike", member)
+
+    await olive.send({"type": "message", "content": "after removal"})
+    assert (await olive.recv_type("message"))["content"] == "after removal"
+    for worker in (a, b):
+        again = await net.open(worker, room, member, "Mike")
+        await again.expect_error("ROOM_FORBIDDEN")
+        await again.expect_close(4004)
+    users = await http_get(f"{a.http_url}/api/v1/ws/chat/users/{room}", token=token_for(member))
+    assert users.status_code == 404 and users.json()["error_code"] == "ROOM_FORBIDDEN"

@@ -889,9 +889,10 @@ async def test_churn_leaves_no_sessions_presence_keys_or_subscriptions(cluster: 
                 *rooms,
             )
         )
-        # Presence (over HTTP, from both workers): each room holds just its observer.
-        token = token_for(observers[0].uid)
+        # Presence (over HTTP, from both workers, asked by the room's member): each room
+        # holds just its observer.
         for r, room in enumerate(rooms):
+            token = token_for(observers[r].uid)
             for worker in (a, b):
                 body = (
                     await http_get(f"{worker.http_url}/api/v1/ws/chat/users/{room}", token=token)

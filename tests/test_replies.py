@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 
 from chat.assistant.base import APOLOGY
 from chat.assistant.builtin import LABEL
-from chat.models import ChatMessage, Room
+from chat.models import ChatMessage, Room, RoomKind
 from tests.gemini_api import model_says
 from tests.test_analysis import day_of_minutes, read_analysis
 
@@ -47,7 +47,9 @@ async def test_always_mode_answers_every_message_in_the_room(clients, settings):
 
 async def test_mention_mode_answers_only_messages_starting_with_at_ai(clients, settings):
     settings.ASSISTANT_MODE = "always"
-    await database_sync_to_async(Room.objects.create)(name="quiet", assistant_mode="mention")
+    await database_sync_to_async(Room.objects.create)(
+        name="quiet", kind=RoomKind.PUBLIC, assistant_mode="mention"
+    )
     alice = await clients.join("quiet", "alice")
     await ask(alice, "just chatting")
     await alice.expect_silence(0.3)
@@ -59,7 +61,9 @@ async def test_mention_mode_answers_only_messages_starting_with_at_ai(clients, s
 
 async def test_off_mode_never_answers(clients, settings):
     settings.ASSISTANT_MODE = "always"
-    await database_sync_to_async(Room.objects.create)(name="humans", assistant_mode="off")
+    await database_sync_to_async(Room.objects.create)(
+        name="humans", kind=RoomKind.PUBLIC, assistant_mode="off"
+    )
     alice = await clients.join("humans", "alice")
     await ask(alice, "@ai are you there?")
     await alice.expect_silence(0.3)
@@ -67,7 +71,9 @@ async def test_off_mode_never_answers(clients, settings):
 
 async def test_mode_changed_by_an_operator_applies_to_open_sockets(clients, settings):
     settings.ASSISTANT_MODE = "always"
-    await database_sync_to_async(Room.objects.create)(name="switch", assistant_mode="off")
+    await database_sync_to_async(Room.objects.create)(
+        name="switch", kind=RoomKind.PUBLIC, assistant_mode="off"
+    )
     alice = await clients.join("switch", "alice")
     await ask(alice, "anyone?")
     await alice.expect_silence(0.3)

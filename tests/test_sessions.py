@@ -109,8 +109,9 @@ async def test_stats_and_room_users(clients):
     await clients.join("other", "carol")
     http = AsyncClient()
     auth = {"Authorization": f"Bearer {token_for('alice')}"}
+    operator = {"Authorization": f"Bearer {token_for('olga', claims={'clarity_staff': True})}"}
 
-    stats = (await http.get("/api/v1/ws/chat/stats", headers=auth)).json()
+    stats = (await http.get("/api/v1/ws/chat/stats", headers=operator)).json()
     assert stats == {"total_users": 3, "total_connections": 4, "rooms": {"lobby": 2, "other": 1}}
 
     body = (await http.get("/api/v1/ws/chat/users/lobby", headers=auth)).json()

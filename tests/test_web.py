@@ -11,6 +11,7 @@ from channels.testing import ApplicationCommunicator
 from django.test import Client
 
 from chat.auth import EMULATOR_ENV, verify_token
+from chat.protocol import ROOM_ID_RE
 from chat.web import dev_uid
 
 
@@ -35,16 +36,23 @@ def production(settings, monkeypatch):
     return settings
 
 
-def test_page_renders_room_form_and_dev_sign_in(client):
+def test_page_renders_the_rooms_list_and_dev_sign_in(client):
+    """Rooms are deny by default (protocol §11): the page lists the user's and the public
+    rooms and has forms to start a private or a direct room, instead of a free room id."""
     response = client.get("/")
     assert response.status_code == 200
     html = response.content.decode()
-    assert '<form id="room-form"' in html and 'id="room-input"' in html
+    for element in ('id="my-rooms"', 'id="public-rooms"', 'id="new-room-form"', 'id="direct-form"'):
+        assert element in html, element
     assert 'id="dev-sign-in"' in html and "Dev sign-in" in html
     assert "csrfmiddlewaretoken" in html
     assert config(response) == {
         "signIn": {"method": "dev", "tokenUrl": "/dev/token"},
         "socketPath": "/api/v1/ws/",
+        "apiBase": "/api/v1/",
+        "roomIdPattern": ROOM_ID_RE.pattern,
+        "aiUserId": "AI",
+        "maxMessageChars": 2000,
         "sampleDataUrl": "/static/chat/sample-health.json",
     }
 
