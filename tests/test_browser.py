@@ -166,6 +166,15 @@ class ChatPage:
     def status(self) -> str:
         return self.js("return document.getElementById('connection-status').dataset.state")
 
+    def wait_answer(self, question: str) -> None:
+        """Until the assistant's answer quoting `question` is shown."""
+        self.wait(
+            lambda: any(
+                m["author"] == "AI assistant" and question in m["body"] for m in self.messages()
+            ),
+            "the assistant's answer",
+        )
+
     def messages(self) -> list[dict]:
         return self.js(
             """return [...document.querySelectorAll('#messages li.message')].map(li => ({
@@ -383,13 +392,7 @@ def test_two_users_find_the_public_room_chat_type_ask_the_assistant_and_reload(
 
     ana.send("@ai Any tips for a steadier sleep schedule?")
     for page in (ana, ben):
-        page.wait(
-            lambda page=page: any(
-                m["author"] == "AI assistant" and "steadier sleep schedule" in m["body"]
-                for m in page.messages()
-            ),
-            "the assistant's answer",
-        )
+        page.wait_answer("steadier sleep schedule")
 
     ben.type("I will try a fixed wake-up time")
     ana.wait(lambda: ana.text("#typing") == "Ben is typing…", "Ben's typing indicator")
@@ -469,13 +472,7 @@ def test_new_room_with_a_member_both_chat_in_it(server, ana, ben, tmp_path):
     )
     ana.send("@ai How regular should bedtimes be?")
     for page in (ana, ben):
-        page.wait(
-            lambda page=page: any(
-                m["author"] == "AI assistant" and "How regular should bedtimes be" in m["body"]
-                for m in page.messages()
-            ),
-            "the assistant's answer",
-        )
+        page.wait_answer("How regular should bedtimes be")
     ben.type("Within half an hour, I read")
     ana.wait(lambda: ana.text("#typing") == "Ben is typing…", "Ben's typing indicator")
     shot = ana.screenshot(tmp_path, "two-users-chatting")
