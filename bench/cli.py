@@ -50,11 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-seconds", type=float, help="duration of each fixed-rate step")
     parser.add_argument("--connections", type=int, help="sockets in the connection storm")
     parser.add_argument(
-        "--channel-layer",
-        choices=["pubsub", "core"],
-        help="channels-redis layer for the Redis scenarios (CHANNEL_LAYER; default pubsub)",
-    )
-    parser.add_argument(
         "--baseline-layer",
         choices=["project", "stock"],
         help="the baseline's layer class: the project's own, as Clarity (default), or the "
@@ -81,7 +76,6 @@ def options_from(args: argparse.Namespace) -> Options:
         "room_size": args.room_size,
         "step_seconds": args.step_seconds,
         "connections": args.connections,
-        "channel_layer": args.channel_layer,
         "baseline_layer": args.baseline_layer,
     }
     return dataclasses.replace(
@@ -140,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             "LOG_LEVEL": "WARNING",
             "daphne": "-e tcp:port=P:interface=127.0.0.1:backlog=1024 -v 0",
             "database": "sqlite" if args.sqlite else "sqlite (memory), postgresql (redis)",
-            "channel_layer": f"memory / redis {options.channel_layer} (CHANNEL_LAYER)",
+            "channel_layer": "memory / redis pub/sub",
             "baseline_layer": options.baseline_layer,
         },
         "machine": machine_info(),

@@ -63,7 +63,6 @@ class Options:
     connections: int = 5000  # connection storm size
     burst: int = 500  # sockets opened at once in the storm
     hold_seconds: float = 10.0
-    channel_layer: str = "pubsub"
     baseline_layer: str = "project"  # or "stock": the baseline on channels' own layer class
 
     @classmethod
@@ -179,7 +178,6 @@ class Bench:
             databases=self.database(scenario.layer),
             log_dir=self.work_dir,
             label=f"{scenario.name}-{kind.value}",
-            channel_layer=self.options.channel_layer,
             baseline_layer=self.options.baseline_layer,
         )
 

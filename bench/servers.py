@@ -330,7 +330,6 @@ def deploy(
     databases: Databases,
     log_dir: Path,
     label: str,
-    channel_layer: str = "pubsub",
     baseline_layer: str = "project",
 ) -> Iterator[Deployment]:
     """Fresh servers for one measurement; always stopped (and their Redis keys deleted).
@@ -341,7 +340,7 @@ def deploy(
     prefix = ""
     if layer is Layer.REDIS:
         prefix = f"bench-{uuid.uuid4().hex[:10]}"
-        overrides.update(REDIS_URL=REDIS_URL, REDIS_PREFIX=prefix, CHANNEL_LAYER=channel_layer)
+        overrides.update(REDIS_URL=REDIS_URL, REDIS_PREFIX=prefix)
     env = base_env(overrides)
     servers: list[Server] = []
     try:

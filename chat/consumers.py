@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 
-from chat import metrics, worker
+from chat import metrics
 from chat.access import Action, Refused, room_authorize
 from chat.analysis import health_analysis
 from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
+from chat.context import WorkerContext
 from chat.history import messages_page
 from chat.inbound import decode_frame, parse_message, well_formed_heartbeat
 from chat.logs import bind_log_context
@@ -45,6 +44,8 @@ from chat.protocol import (
     Inbound,
     MessageType,
     TypingIn,
+    connection_ack_frame,
+    echo_timestamp,
     encode,
     error_frame,
     frame,
@@ -52,26 +53,27 @@ from chat.protocol import (
     iso,
     now_iso,
 )
-from chat.ratelimit import Rule, rate_limit_hit
+from chat.ratelimit import rate_limit_hit
 from chat.replies import assistant_reply, room_assistant_mode, wants_reply
-from chat.rooms import membership_notices, room_event, room_group, room_id_problem, user_group
+from chat.rooms import (
+    membership_notices,
+    room_event,
+    room_group,
+    room_id_problem,
+    user_group,
+    worker_group,
+)
 from chat.sessions import SessionRefused, room_presence, session_close, session_open
+from chat.timers import Due, SocketTimers
 
 logger = logging.getLogger(__name__)
 
 
-def _seconds(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
-
-
-def _echo_timestamp(value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return value
+def scope_header(scope: dict, name: bytes) -> str:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
 
 
 class SessionConsumer(AsyncWebsocketConsumer):
@@ -82,6 +84,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
     schemas: dict[str, type[Inbound]]
     large_types: frozenset[str]
     handlers: dict
+
+    def __init__(self, *, worker: WorkerContext) -> None:
+        super().__init__()
+        self.worker = worker
 
     def target_room(self) -> tuple[str, Close | None]:
         """The room this socket is for, and why the user may not have it (or None)."""
@@ -109,19 +115,16 @@ class SessionConsumer(AsyncWebsocketConsumer):
     # --- connection ---------------------------------------------------------------------
 
     async def connect(self) -> None:
+        self.config = self.worker.config
         self.identity: Identity | None = None
         self.session_id: str | None = None
         self.room_id: str = ""
         self.closing: Close | None = None
         self.tasks: set[asyncio.Task] = set()
-        self.typing_deadline: float | None = None
         self.messages_sent = 0
-        self.loop = asyncio.get_running_loop()
-        self.last_inbound = self.loop.time()
-        # One timer per socket, armed for its earliest deadline (no task while it waits).
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_work: asyncio.Task | None = None
-        self.next_heartbeat = self.next_renewal = 0.0
+        self.timers = SocketTimers(
+            clock=self.worker.clock, intervals=self.config.timers, on_due=self.on_timers
+        )
         # Accept first, so every refusal below reaches the client as an error frame and a
         # typed close code (closing before accept would be a bare HTTP 403).
         await self.accept()
@@ -136,11 +139,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 room_id=self.room_id,
                 endpoint=self.endpoint,
                 channel_name=self.channel_name,
-                worker_id=worker.WORKER_ID,
+                worker_id=self.worker.worker_id,
                 client_address=(self.scope.get("client") or ["", 0])[0] or "",
-                user_agent=self._header(b"user-agent"),
-                max_connections=settings.CHAT_MAX_CONNECTIONS_PER_USER,
-                open_rooms=settings.CHAT_OPEN_ROOMS,
+                user_agent=scope_header(self.scope, b"user-agent"),
+                max_connections=self.config.max_connections_per_user,
+                open_rooms=self.config.open_rooms,
             )
         except (AuthFailure, SessionRefused) as refusal:
             return await self.end(refusal.close)
@@ -153,17 +156,24 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.room_kind = opened.room_kind
         metrics.CONNECTIONS_OPEN.labels(self.endpoint).inc()
         try:
-            for group in self.groups_joined():
-                await self.channel_layer.group_add(group, self.channel_name)
-            await self.send_frame(self._connection_ack())
+            await self.join_groups()
+            await self.send_frame(
+                connection_ack_frame(
+                    user_id=self.identity.user_id,
+                    session_id=self.session_id,
+                    room_id=self.room_id,
+                    heartbeat_interval=self.config.timers.heartbeat,
+                    connection_timeout=self.config.timers.connection_timeout,
+                    max_message_size=self.config.max_message_size,
+                    rate_limit=self.config.message_rule.max_requests,
+                )
+            )
             await self.joined(first_in_room=opened.first_in_room)
         except Exception:
             # The session is open: `disconnect` ends it after this close.
             logger.exception("join failed session=%s", self.session_id)
             return await self.end(Close.SERVICE_UNAVAILABLE)
-        self.next_heartbeat = self.loop.time() + settings.CHAT_HEARTBEAT_INTERVAL
-        self.next_renewal = self.loop.time() + settings.CHANNEL_LAYER_GROUP_EXPIRY / 2
-        self.arm_timer()
+        self.timers.start(token_expires_at=self.identity.expires_at)
         logger.info(
             "session opened session=%s user=%s room=%s",
             self.session_id,
@@ -173,44 +183,29 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     def groups_joined(self) -> list[str]:
         """The room, this user's sockets (private results), this worker's sockets (shutdown)."""
-        return [room_group(self.room_id), user_group(self.identity.user_id), worker.worker_group()]
+        return [
+            room_group(self.room_id),
+            user_group(self.identity.user_id),
+            worker_group(self.worker.worker_id),
+        ]
 
-    def _header(self, name: bytes) -> str:
-        for key, value in self.scope.get("headers", []):
-            if key.lower() == name:
-                return value.decode("latin-1")
-        return ""
-
-    def _connection_ack(self) -> dict:
-        return frame(
-            MessageType.CONNECTION_ACK,
-            user_id=self.identity.user_id,
-            session_id=self.session_id,
-            server_info={
-                "server_time": now_iso(),
-                "heartbeat_interval": _seconds(settings.CHAT_HEARTBEAT_INTERVAL),
-                "connection_timeout": _seconds(settings.CHAT_CONNECTION_TIMEOUT),
-                "max_message_size": settings.CHAT_MAX_MESSAGE_SIZE,
-                "rate_limit": settings.CHAT_MESSAGE_RATE_LIMIT,
-                "room_id": self.room_id,
-            },
-        )
+    async def join_groups(self) -> None:
+        """Join (or renew: a layer may expire memberships) every group of this socket."""
+        for group in self.groups_joined():
+            await self.channel_layer.group_add(group, self.channel_name)
 
     async def disconnect(self, code: int) -> None:
-        for pending in (self.timer, self.timer_work):
-            if pending is not None:
-                pending.cancel()
+        self.timers.stop()
         if self.session_id is None:
             return
         session_id, self.session_id = self.session_id, None
-        self.scope["clarity.worker"].session_toucher.forget(session_id=session_id)
+        self.worker.session_toucher.forget(session_id=session_id)
         metrics.CONNECTIONS_OPEN.labels(self.endpoint).dec()
         # Each step on its own: a channel layer that is down (Redis restarting) must not keep
         # the session from being ended.
-        if self.typing_deadline is not None:
-            self.typing_deadline = None
+        if self.timers.typing_withdraw():
             await self.best_effort(
-                "typing withdrawal", self.broadcast, self._typing_frame(is_typing=False)
+                "typing withdrawal", self.broadcast, self.typing_frame(is_typing=False)
             )
         for group in self.groups_joined():
             await self.best_effort(
@@ -221,7 +216,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 session_id=session_id,
                 close_code=self.closing.value.code if self.closing else code,
                 close_reason=self.closing.name.lower() if self.closing else "client",
-                last_seen=datetime.now(UTC),
+                last_seen=self.worker.clock.now(),
                 messages_sent=self.messages_sent,
             )
         except Exception:
@@ -244,71 +239,33 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if self.closing is not None:
             return
         self.closing = close
-        if self.timer is not None:  # nothing more is due on a closing socket
-            self.timer.cancel()
-            self.timer = None
+        # Nothing more is due on a closing socket (the timer work closing it runs on).
+        self.timers.stop(cancel_work=False)
         counter = metrics.CLOSES if self.session_id else metrics.CONNECTIONS_REFUSED
         counter.labels(close.value.code).inc()
         await self.send_frame(error_frame(close.value.error))
         await self.close(code=close.value.code, reason=close.value.reason)
 
-    # --- timers -------------------------------------------------------------------------
+    # --- timers (chat/timers.py) ----------------------------------------------------------
 
-    def deadline(self) -> float:
-        """When this socket next has something to do (loop time)."""
-        now = self.loop.time()
-        token_deadline = now + (self.identity.expires_at - datetime.now(UTC)).total_seconds()
-        return min(
-            self.next_heartbeat,
-            self.last_inbound + settings.CHAT_CONNECTION_TIMEOUT,
-            token_deadline,
-            self.typing_deadline if self.typing_deadline else math.inf,
-            self.next_renewal,
-        )
-
-    def arm_timer(self) -> None:
-        """(Re)arm the socket's timer for its earliest deadline. Deadlines that only move
-        later (inbound frames, token refresh) need no re-arming: the timer fires, finds
-        nothing due yet, and re-arms."""
-        if self.closing is not None or self.session_id is None:
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_at(self.deadline(), self.on_timer)
-
-    def on_timer(self) -> None:
-        self.timer = None
-        self.timer_work = asyncio.create_task(self.on_deadline())
-
-    async def on_deadline(self) -> None:
-        """Server heartbeats, idle timeout, token expiry, typing expiry, group renewal."""
-        try:
-            now = self.loop.time()
-            if now >= self.last_inbound + settings.CHAT_CONNECTION_TIMEOUT:
-                return await self.end(Close.CONNECTION_TIMEOUT)
-            if datetime.now(UTC) >= self.identity.expires_at:
-                return await self.end(Close.TOKEN_EXPIRED)
-            if self.typing_deadline is not None and now >= self.typing_deadline:
-                self.typing_deadline = None
-                await self.broadcast(self._typing_frame(is_typing=False))
-            if now >= self.next_heartbeat:
-                self.next_heartbeat = now + settings.CHAT_HEARTBEAT_INTERVAL
-                await self.send_frame(frame(MessageType.HEARTBEAT, client_timestamp=None))
-                self.touch()
-            if now >= self.next_renewal:
-                self.next_renewal = now + settings.CHANNEL_LAYER_GROUP_EXPIRY / 2
-                await self.channel_layer.group_add(room_group(self.room_id), self.channel_name)
-        except Exception:
-            logger.exception("timer work failed session=%s", self.session_id)
-        finally:
-            self.timer_work = None
-            self.arm_timer()
+    async def on_timers(self, due: frozenset[Due]) -> None:
+        if Due.IDLE in due:
+            return await self.end(Close.CONNECTION_TIMEOUT)
+        if Due.TOKEN_EXPIRED in due:
+            return await self.end(Close.TOKEN_EXPIRED)
+        if Due.TYPING_EXPIRED in due:
+            await self.broadcast(self.typing_frame(is_typing=False))
+        if Due.HEARTBEAT in due:
+            await self.send_frame(frame(MessageType.HEARTBEAT, client_timestamp=None))
+            self.touch()
+        if Due.RENEWAL in due:
+            await self.join_groups()
 
     def touch(self) -> None:
         """Note this session's liveness; the worker writes all of them in one statement."""
-        self.scope["clarity.worker"].session_toucher.note(
+        self.worker.session_toucher.note(
             session_id=self.session_id,
-            last_seen=datetime.now(UTC) - timedelta(seconds=self.loop.time() - self.last_inbound),
+            last_seen=self.worker.clock.now() - timedelta(seconds=self.timers.idle_for()),
             messages_sent=self.messages_sent,
         )
 
@@ -317,7 +274,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
         if self.session_id is None or self.closing is not None:
             return
-        self.last_inbound = self.loop.time()
+        self.timers.inbound()
         try:
             await self.receive_frame(text_data)
         except FrameError as err:
@@ -329,8 +286,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
     async def receive_frame(self, text: str | None) -> None:
         data = decode_frame(
             text,
-            max_size=settings.CHAT_MAX_MESSAGE_SIZE,
-            max_large_size=settings.CHAT_MAX_HEALTH_PAYLOAD_SIZE,
+            max_size=self.config.max_message_size,
+            max_large_size=self.config.max_health_payload_size,
             large_types=self.large_types,
         )
         heartbeat = well_formed_heartbeat(data)
@@ -338,12 +295,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             metrics.FRAMES_IN.labels(MessageType.HEARTBEAT).inc()
             return await self.on_heartbeat(heartbeat)
         verdict = await rate_limit_hit(
-            key=f"user:{self.identity.user_id}",
-            rule=Rule(
-                seconds=settings.CHAT_RATE_LIMIT_WINDOW,
-                max_requests=settings.CHAT_MESSAGE_RATE_LIMIT,
-                close_factor=settings.CHAT_RATE_LIMIT_CLOSE_FACTOR,
-            ),
+            key=f"user:{self.identity.user_id}", rule=self.config.message_rule
         )
         if verdict.abusive:
             return await self.end(Close.RATE_LIMITED)
@@ -361,7 +313,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         await self.send_frame(
             frame(
                 MessageType.HEARTBEAT_ACK,
-                client_timestamp=_echo_timestamp(message.client_timestamp),
+                client_timestamp=echo_timestamp(message.client_timestamp),
                 server_timestamp=now_iso(),
             )
         )
@@ -379,7 +331,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         # The display name is fixed for the socket's life (protocol §11): what the room was
         # shown on join stays true.
         self.identity = replace(identity, username=self.identity.username)
-        self.arm_timer()  # the new token may expire sooner than the old one
+        self.timers.token_renewed(expires_at=identity.expires_at)
         await self.send_frame(
             frame(
                 MessageType.AUTH_ACK, user_id=identity.user_id, expires_at=iso(identity.expires_at)
@@ -405,7 +357,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             metrics.ERRORS.labels(payload["error_code"]).inc()
         await self.send(text_data=encode(payload))
 
-    def _typing_frame(self, *, is_typing: bool) -> dict:
+    def typing_frame(self, *, is_typing: bool) -> dict:
         return frame(
             MessageType.TYPING,
             user_id=self.identity.user_id,
@@ -420,6 +372,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
     async def worker_shutdown(self, event: dict) -> None:
         """This worker is stopping (SIGTERM/SIGINT): the client should reconnect elsewhere."""
         await self.end(Close.SHUTDOWN)
+
+    async def layer_overflow(self, event: dict) -> None:
+        """This socket's channel-layer queue filled up (it reads slower than its rooms talk):
+        the layer dropped the queue and left this marker; close 4009 (protocol §16)."""
+        await self.end(Close.SLOW_CONSUMER)
 
     async def room_settings(self, event: dict) -> None:
         """An operator changed this room (admin): its assistant mode applies from now on."""
@@ -451,7 +408,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if event["frame_type"] == MessageType.ERROR:
             metrics.ERRORS.labels(event["error_code"]).inc()
         await self.send(text_data=event["text"])
-        self.scope["clarity.worker"].delivery_delays.delivered(sent_at=event["sent_at"])
+        self.worker.delivery_delays.delivered(sent_at=event["sent_at"])
 
     # --- background work off the receive path ---------------------------------------------
 
@@ -464,14 +421,14 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     async def _bounded(self, coroutine) -> None:
         try:
-            async with self.scope["clarity.worker"].assistant_slots:
+            async with self.worker.assistant_slots:
                 await coroutine
         except Exception:
             logger.exception("background work failed session=%s", self.session_id)
 
     def request_analysis(self, data: dict, *, invalid: ErrorCode) -> None:
         """Validate a health payload here (errors go straight back), analyse it off the path."""
-        payload = health_payload(data, max_points=settings.CHAT_MAX_DATA_POINTS, invalid=invalid)
+        payload = health_payload(data, max_points=self.config.max_data_points, invalid=invalid)
         self.spawn(self.analyse(payload))
 
     async def analyse(self, payload: HealthPayload) -> None:
@@ -482,7 +439,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_send(group, room_event(payload_frame))
 
         await health_analysis(
-            provider=self.scope["clarity.worker"].assistant,
+            provider=self.worker.assistant,
             user_id=self.identity.user_id,
             username=self.identity.username,
             payload=payload,
@@ -509,7 +466,7 @@ class ChatConsumer(SessionConsumer):
                 users=await database_sync_to_async(room_presence)(room_id=self.room_id),
             )
         )
-        await self.send_history(limit=settings.CHAT_HISTORY_ON_JOIN, request_id=None)
+        await self.send_history(limit=self.config.history_on_join, request_id=None)
         if first_in_room:
             await self.announce(joined=True)
 
@@ -518,7 +475,7 @@ class ChatConsumer(SessionConsumer):
             await self.announce(joined=False)
 
     async def on_message(self, message: ChatIn) -> None:
-        stored = await self.scope["clarity.worker"].message_writer.store(
+        stored = await self.worker.message_writer.store(
             room_id=self.room_id,
             user_id=self.identity.user_id,
             username=self.identity.username,
@@ -536,12 +493,7 @@ class ChatConsumer(SessionConsumer):
         """The assistant answers within the user's quota (ASSISTANT_USER_RATE_LIMIT); past
         it the message stands unanswered and the sender is told when to try again."""
         verdict = await rate_limit_hit(
-            key=f"assistant:{self.identity.user_id}",
-            rule=Rule(
-                seconds=settings.ASSISTANT_USER_RATE_WINDOW,
-                max_requests=settings.ASSISTANT_USER_RATE_LIMIT,
-                close_factor=0,  # over the quota is not abuse: the socket stays open
-            ),
+            key=f"assistant:{self.identity.user_id}", rule=self.config.assistant_rule
         )
         if verdict.limited:
             raise FrameError(
@@ -551,12 +503,8 @@ class ChatConsumer(SessionConsumer):
         self.spawn(self.answer(question))
 
     async def on_typing(self, message: TypingIn) -> None:
-        if message.is_typing:
-            self.typing_deadline = self.loop.time() + settings.CHAT_TYPING_TIMEOUT
-            self.arm_timer()
-        else:
-            self.typing_deadline = None
-        await self.broadcast(self._typing_frame(is_typing=message.is_typing))
+        self.timers.typing(is_typing=message.is_typing)
+        await self.broadcast(self.typing_frame(is_typing=message.is_typing))
 
     async def on_history(self, message: HistoryIn) -> None:
         await self.send_history(
@@ -584,7 +532,7 @@ class ChatConsumer(SessionConsumer):
                 limit=limit,
                 before=before,
                 after=after,
-                max_bytes=settings.CHAT_WS_MAX_FRAME_SIZE,
+                max_bytes=self.config.max_frame_size,
             )
 
         try:
@@ -612,7 +560,7 @@ class ChatConsumer(SessionConsumer):
 
     async def answer(self, question: dict) -> None:
         reply = await assistant_reply(
-            provider=self.scope["clarity.worker"].assistant,
+            provider=self.worker.assistant,
             question=question,
             user_id=self.identity.user_id,
             username=self.identity.username,

@@ -33,9 +33,13 @@ ASSISTANT_SECONDS = Histogram(
 REAPED_SESSIONS = Counter(
     "clarity_reaped_sessions_total", "Sessions of dead workers ended by this worker"
 )
+LAYER_OVERFLOWS = Counter(
+    "clarity_layer_overflows_total",
+    "Sockets whose channel-layer queue filled up (closed 4009 Client too slow)",
+)
 LAYER_DROPPED = Counter(
     "clarity_layer_dropped_total",
-    "Channel-layer messages dropped because a socket's queue was full (overload)",
+    "Channel-layer messages dropped for a socket whose queue filled up (overload)",
 )
 # Seconds late: from a few milliseconds (normal) to seconds (a worker far behind).
 DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)

@@ -89,6 +89,8 @@ class ErrorCode(StrEnum):
     ROOM_FORBIDDEN = "ROOM_FORBIDDEN"
     NOT_ALLOWED = "NOT_ALLOWED"
     INVALID_REQUEST = "INVALID_REQUEST"
+    # v1.1 (protocol §16)
+    SLOW_CONSUMER = "SLOW_CONSUMER"
 
 
 # The human-readable text of each error; `{name}` placeholders are filled from the details
@@ -120,6 +122,7 @@ ERROR_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.ROOM_FORBIDDEN: "Room not found",
     ErrorCode.NOT_ALLOWED: "Not allowed",
     ErrorCode.INVALID_REQUEST: "Invalid request",
+    ErrorCode.SLOW_CONSUMER: "Client too slow",
 }
 
 
@@ -147,6 +150,7 @@ class Close(Enum):
     ROOM_CLOSED = CloseSpec(4004, "Room closed", ErrorCode.ROOM_CLOSED)
     ROOM_FULL = CloseSpec(4004, "Room full", ErrorCode.ROOM_FULL)
     TOO_MANY_CONNECTIONS = CloseSpec(4008, "Too many connections", ErrorCode.TOO_MANY_CONNECTIONS)
+    SLOW_CONSUMER = CloseSpec(4009, "Client too slow", ErrorCode.SLOW_CONSUMER)
     SESSION_TERMINATED = CloseSpec(4010, "Session terminated", ErrorCode.SESSION_TERMINATED)
     SHUTDOWN = CloseSpec(4012, "Server shutdown", ErrorCode.SERVICE_UNAVAILABLE)
     AUTH_UNAVAILABLE = CloseSpec(4013, "Authentication unavailable", ErrorCode.AUTH_UNAVAILABLE)
@@ -375,6 +379,46 @@ def iso(moment: datetime) -> str:
 
 def now_iso() -> str:
     return iso(datetime.now(UTC))
+
+
+def echo_timestamp(value: str | None) -> str | None:
+    """A heartbeat's client_timestamp echoed back if it is an ISO timestamp, else null."""
+    if value is None:
+        return None
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return value
+
+
+def _seconds(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def connection_ack_frame(
+    *,
+    user_id: str,
+    session_id: str,
+    room_id: str,
+    heartbeat_interval: float,
+    connection_timeout: float,
+    max_message_size: int,
+    rate_limit: int,
+) -> dict[str, Any]:
+    return frame(
+        MessageType.CONNECTION_ACK,
+        user_id=user_id,
+        session_id=session_id,
+        server_info={
+            "server_time": now_iso(),
+            "heartbeat_interval": _seconds(heartbeat_interval),
+            "connection_timeout": _seconds(connection_timeout),
+            "max_message_size": max_message_size,
+            "rate_limit": rate_limit,
+            "room_id": room_id,
+        },
+    )
 
 
 def frame(type_: MessageType, *, message_id: str | None = None, **fields: Any) -> dict[str, Any]:

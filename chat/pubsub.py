@@ -1,5 +1,5 @@
-"""channels-redis' `RedisPubSubChannelLayer` (the Redis default), without its leaks, and
-recovering from a Redis restart.
+"""channels-redis' `RedisPubSubChannelLayer` (the channel layer whenever `REDIS_URL` is set),
+without its leaks, with bounded queues, and recovering from a Redis restart.
 
 1. A consumer's own channel (a Redis subscription and a queue in the worker) is released by
    the stock layer only when the consumer's pending `receive` is cancelled. A `receive` that
@@ -30,10 +30,33 @@ recovering from a Redis restart.
    group: during the outage that join fails and the consumer closes the socket 4013 (service
    unavailable, retry), after telling the client so.
 
+5. A channel's queue in the worker (`asyncio.Queue()`, filled by the shard's receive loop
+   for every message published to the channel or to one of its groups) had no bound: a
+   socket whose consumer fell behind its rooms grew the worker without limit. Here it is a
+   `chat.layers.ChannelQueue` of `capacity` (`CHANNEL_LAYER_CAPACITY`), which overflows as
+   the in-memory layer's does: queued messages dropped and counted, one `layer.overflow`
+   event (serialized as the layer serializes every message) left for the consumer, which
+   closes the socket 4009 (protocol §16).
+
 After a lost connection, redis-py's `PubSub` reconnects on the layer's next read (or command)
 and re-subscribes every channel and group it holds (its connect callback): group memberships
 come back by themselves (tests/test_faults.py measures how fast). Messages published while a
 worker was not subscribed are not delivered (pub/sub has no backlog).
+
+This module is the one adapter to the stock layer's private code (channels-redis 4.3.0,
+pinned in requirements.txt; re-read these on every upgrade). It relies on:
+`pubsub.RedisPubSubChannelLayer._get_layer`, `._layers`, `._args`, `._kwargs`;
+`pubsub.RedisPubSubLoopLayer.channels` (channel -> its queue), `.groups` (a group's Redis
+channel -> its local member channels), `._shards`, `._get_shard` and
+`._subscribe_to_channel`; `pubsub.RedisSingleShardConnection.host`, `.channel_layer`,
+`._redis`, `._pubsub`, `._lock`, `._subscribed_to`, `._ensure_redis`, `._ensure_receiver`
+and `._receive_message` (called by its receive loop with each pub/sub message);
+`pubsub.decode_hosts`, `utils.create_pool` and `utils._wrap_close`; and redis-py's
+`PubSub.channels` and `PubSub._normalize_keys`. No public API exists for any of it: the
+channel layer specification (and channels' `BaseChannelLayer`) covers only `send`,
+`receive`, `new_channel`, `group_add`/`group_discard`/`group_send` and `flush`, and this
+layer (Beta in channels-redis) takes no capacity, expiry or connection-retry settings and
+offers no hook for how a channel's messages are queued or when a channel is released.
 """
 
 from __future__ import annotations
@@ -49,6 +72,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from chat.layers import ChannelQueue, overflow_event
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +118,28 @@ class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
                 self._pubsub.channels.pop(key, None)
             self._subscribed_to.discard(channel)
 
+    def _receive_message(self, message: dict | None) -> None:
+        """One pub/sub message to its channel's queue, or to each local member's of its
+        group, through the bounded queue (5. in the module docstring)."""
+        if message is None:
+            return
+        name = message["channel"]
+        if isinstance(name, bytes):
+            name = name.decode()
+        queues = self.channel_layer.channels
+        if name in queues:
+            queues[name].offer(message["data"])
+        elif name in self.channel_layer.groups:
+            for channel in self.channel_layer.groups[name]:
+                queue = queues.get(channel)
+                if queue is not None:
+                    queue.offer(message["data"])
+
 
 class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
-    def __init__(self, hosts=None, *args, **kwargs):
+    def __init__(self, hosts=None, *args, capacity: int = 100, **kwargs):
         super().__init__(hosts, *args, **kwargs)
+        self.capacity = capacity
         self._shards = [
             RedisSingleShardConnection(host, self) for host in pubsub.decode_hosts(hosts)
         ]
@@ -121,6 +164,13 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
         if owner is not None:
             owner.add_done_callback(lambda _: self._release_soon(channel))
         return channel
+
+    async def _subscribe_to_channel(self, channel: str) -> None:
+        self.channels[channel] = ChannelQueue(channel, self.capacity, self._overflow_item)
+        await self._get_shard(channel).subscribe(channel)
+
+    def _overflow_item(self) -> bytes:
+        return self.channel_layer.serialize(overflow_event())
 
     async def group_add(self, group: str, channel: str) -> None:
         if channel in self._unsubscribed:

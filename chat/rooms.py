@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from typing import Any
 
@@ -21,6 +22,11 @@ def room_group(room_id: str) -> str:
 def user_group(user_id: str) -> str:
     """The group of all of one user's sockets (uids may hold characters group names can't)."""
     return "user." + hashlib.sha256(user_id.encode()).hexdigest()[:40]
+
+
+def worker_group(worker_id: str) -> str:
+    """The group of one worker's sockets (told to close when it shuts down)."""
+    return "worker." + re.sub(r"[^A-Za-z0-9_.-]", "-", worker_id)
 
 
 def room_id_problem(*, room_id: str) -> Close | None:

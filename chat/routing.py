@@ -1,14 +1,17 @@
 from django.urls import re_path
 
 from chat.consumers import ChatConsumer, HealthAnalysisConsumer
+from chat.context import WorkerContext
 
-# Both paths of the original for each consumer (protocol §1). Any other path under them is a
-# chat room id, validated by the consumer after accept, so a bad one is answered with
-# INVALID_ROOM / 4004 rather than a bare 403.
-websocket_urlpatterns = [
-    re_path(
-        r"^api/v1/(?:ws|chat)/health-analysis/(?P<user_id>[^/]+)$",
-        HealthAnalysisConsumer.as_asgi(),
-    ),
-    re_path(r"^api/v1/(?:ws|chat)/(?P<room_id>.*)$", ChatConsumer.as_asgi()),
-]
+
+def websocket_routes(*, worker: WorkerContext) -> list:
+    """Both paths of the original for each consumer (protocol §1). Any other path under them
+    is a chat room id, validated by the consumer after accept, so a bad one is answered with
+    INVALID_ROOM / 4004 rather than a bare 403. Each consumer gets this worker's context."""
+    return [
+        re_path(
+            r"^api/v1/(?:ws|chat)/health-analysis/(?P<user_id>[^/]+)$",
+            HealthAnalysisConsumer.as_asgi(worker=worker),
+        ),
+        re_path(r"^api/v1/(?:ws|chat)/(?P<room_id>.*)$", ChatConsumer.as_asgi(worker=worker)),
+    ]

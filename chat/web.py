@@ -26,11 +26,35 @@ from django.views.decorators.http import require_GET, require_POST
 
 from chat.auth import emulator_mode
 from chat.devtokens import emulator_token
-from chat.protocol import AI_USER_ID, CONTENT_MAX_CHARS, ROOM_ID_RE
+from chat.protocol import AI_USER_ID, CONTENT_MAX_CHARS, HISTORY_MAX_LIMIT, ROOM_ID_RE, Close
+from chat.replies import MENTION
 
 DEV_NAME_MAX_CHARS = 50
 DEV_TOKEN_LIFETIME = 3600
 SAMPLE_DATA = "chat/sample-health.json"
+
+# What a client does after each of the server's closes (protocol §10's "client should", §16).
+# A close in none of these groups (idle timeout 1000, shutdown 4012, unavailable 4013) is
+# retried with backoff, then the client catches up with `history` `after`.
+CLIENT_CLOSES: dict[str, tuple[Close, ...]] = {
+    # not retried: a room the user may not (or no longer) be in, too many sockets, an operator
+    "final": (
+        Close.INVALID_ROOM,
+        Close.ROOM_FORBIDDEN,
+        Close.ROOM_CLOSED,
+        Close.ROOM_FULL,
+        Close.TOO_MANY_CONNECTIONS,
+        Close.SESSION_TERMINATED,
+    ),
+    # of those, the room refusals: back to the rooms list
+    "roomRefused": (Close.INVALID_ROOM, Close.ROOM_FORBIDDEN, Close.ROOM_CLOSED, Close.ROOM_FULL),
+    # a new token, then reconnect
+    "auth": (Close.NO_TOKEN, Close.INVALID_TOKEN, Close.TOKEN_EXPIRED, Close.USER_ID_MISMATCH),
+    # back off: the longest wait before reconnecting
+    "rateLimited": (Close.RATE_LIMITED,),
+    # the socket fell behind its rooms: reconnect, then `history` `after`
+    "slow": (Close.SLOW_CONSUMER,),
+}
 
 
 def dev_sign_in_enabled() -> bool:
@@ -68,7 +92,15 @@ def client_config() -> dict[str, Any]:
         "apiBase": "/api/v1/",
         "roomIdPattern": ROOM_ID_RE.pattern,
         "aiUserId": AI_USER_ID,
+        "aiMention": MENTION,
         "maxMessageChars": CONTENT_MAX_CHARS,
+        "historyMaxLimit": HISTORY_MAX_LIMIT,
+        "closeCodes": {
+            group: sorted({close.value.code for close in closes})
+            for group, closes in CLIENT_CLOSES.items()
+        },
+        # seconds after which the server withdraws an unrefreshed is_typing:true
+        "typingTimeout": settings.CHAT_TYPING_TIMEOUT,
         "sampleDataUrl": static(SAMPLE_DATA),
     }
 

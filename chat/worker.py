@@ -1,23 +1,12 @@
-"""This process among the workers: its identity, its liveness key, and the reaping of
+"""This process among the workers: its identity, its housekeeping, and the reaping of
 workers that died without closing their sessions (SIGKILL, OOM, a lost machine).
 
-Each worker refreshes `worker:<id>` in the shared cache every CHAT_REAP_INTERVAL seconds
+Each worker refreshes its liveness key (chat/liveness.py) every CHAT_REAP_INTERVAL seconds
 with a CHAT_WORKER_TTL lifetime. Any live worker that finds open sessions owned by a worker
 without that key ends them (reason `worker_lost`), removes their channels from the room
 groups and tells the rooms those users left. `manage.py reapsessions` does the same on
-demand.
-
-A missing key means "dead" only if the cache could have kept it. Two faults make every key
-vanish while the workers live, and then nobody is reaped until each live worker has had a
-full CHAT_WORKER_TTL to mark itself again:
-
-- The cache lost its data (Redis restarted without persistence, flushed): seen by the cache
-  epoch. `workers:epoch` (no expiry) is written, together with `workers:warmup` (expiring
-  after CHAT_WORKER_TTL) in one transaction, by the first worker that finds it missing; while
-  the epoch is missing or the warmup key still there, liveness is unknown.
-- The cache was unreachable or stalled for this worker (keys expire on the cache's clock
-  meanwhile, even when it keeps its data): a failed or slow (over CHAT_REAP_INTERVAL) cache
-  call of this worker's keep-alive or reaper suspends its reaping for CHAT_WORKER_TTL.
+demand. A failed or slow (over CHAT_REAP_INTERVAL) liveness call of this worker suspends its
+reaping for CHAT_WORKER_TTL: keys may have expired meanwhile while their workers lived.
 """
 
 from __future__ import annotations
@@ -27,103 +16,28 @@ import contextvars
 import logging
 import math
 import os
-import re
 import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.core.cache import caches
-from django.core.cache.backends.locmem import LocMemCache
-from django.core.cache.backends.redis import RedisCache
 
-from chat.assistant.base import AssistantProvider, get_provider
+from chat.context import WorkerContext
+from chat.liveness import LivenessUnknown, worker_mark_alive, workers_dead
 from chat.metrics import REAPED_SESSIONS
-from chat.overload import DeliveryDelays, watch_overload
-from chat.rooms import membership_notices, room_group, user_group
+from chat.overload import watch_overload
+from chat.rooms import membership_notices, room_group, user_group, worker_group
 from chat.sessions import session_workers, sessions_open_on, sessions_reap
-from chat.touches import SessionToucher
-from chat.writer import MessageWriter
 
 logger = logging.getLogger(__name__)
 
 # Fixed for the life of the process and recorded on every session it opens.
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def worker_group(worker_id: str = WORKER_ID) -> str:
-    """The channel-layer group of a worker's sockets (told to close on shutdown)."""
-    return "worker." + re.sub(r"[^A-Za-z0-9_.-]", "-", worker_id)
-
-
-def liveness_key(worker_id: str) -> str:
-    return f"worker:{worker_id}"
-
-
-def liveness_is_shared() -> bool:
-    """Whether other processes can see this process's liveness key (not a local cache)."""
-    return not isinstance(caches["default"], LocMemCache)
-
-
-# The cache epoch: present while the cache has kept its data; the warmup key, written with
-# it, expires CHAT_WORKER_TTL later (by then every live worker has marked itself again).
-EPOCH_KEY = "workers:epoch"
-WARMUP_KEY = "workers:warmup"
-
-
-class LivenessUnknown(Exception):
-    """Missing liveness keys cannot be trusted now (the cache lost its data or stalled)."""
-
-
-def cache_epoch_begin() -> None:
-    """Start a new cache epoch (the cache lost its data): the warmup key and the epoch, both
-    or neither, so no worker sees an epoch without its warmup."""
-    cache, ttl = caches["default"], settings.CHAT_WORKER_TTL
-    if isinstance(cache, RedisCache):
-        warmup = cache.make_and_validate_key(WARMUP_KEY)
-        epoch = cache.make_and_validate_key(EPOCH_KEY)
-        pipe = cache._cache.get_client(epoch, write=True).pipeline(transaction=True)
-        pipe.set(warmup, 1, px=max(1, math.ceil(ttl * 1000)), nx=True)
-        pipe.set(epoch, int(time.time()), nx=True)
-        pipe.execute()
-    else:
-        cache.add(WARMUP_KEY, 1, timeout=ttl)
-        cache.add(EPOCH_KEY, int(time.time()), timeout=None)
-
-
-def worker_mark_alive() -> None:
-    cache = caches["default"]
-    cache.set(liveness_key(WORKER_ID), time.time(), timeout=settings.CHAT_WORKER_TTL)
-    if liveness_is_shared() and cache.get(EPOCH_KEY) is None:
-        logger.warning("cache epoch missing (cache restarted or flushed?): new epoch")
-        cache_epoch_begin()
-
-
-def workers_dead(*, worker_ids: set[str]) -> set[str]:
-    """The workers among these whose liveness key is missing; LivenessUnknown when missing
-    keys prove nothing (a new cache epoch, or a read slow enough for keys to have expired
-    while their workers' refreshes waited)."""
-    cache = caches["default"]
-    keys = [liveness_key(worker_id) for worker_id in worker_ids]
-    if not liveness_is_shared():
-        found = cache.get_many(keys)
-    else:
-        started = time.monotonic()
-        found = cache.get_many([EPOCH_KEY, WARMUP_KEY, *keys])
-        if EPOCH_KEY not in found:
-            cache_epoch_begin()
-            raise LivenessUnknown("cache epoch missing: the cache lost its data")
-        if WARMUP_KEY in found:
-            raise LivenessUnknown("new cache epoch: workers are still marking themselves alive")
-        if time.monotonic() - started > settings.CHAT_REAP_INTERVAL:
-            raise LivenessUnknown("liveness read too slow: the cache stalled")
-    return {worker_id for worker_id in worker_ids if liveness_key(worker_id) not in found}
 
 
 async def reap_dead_workers(
@@ -175,44 +89,18 @@ class WorkerLifecycle:
     server's own handler stops it. (daphne 4.2's own shutdown cannot do this: it fails with a
     KeyError while WebSockets are open and leaves the consumers pending.)
 
-    It is also the process context consumers find in `scope["clarity.worker"]`: the
-    assistant provider (one per process: it holds an HTTP connection pool) and the bound on
-    concurrent assistant/analysis work.
+    The consumers get what they need of the process (chat/context.py) from the routing, not
+    from here: this wrapper only runs the process's housekeeping around the application.
     """
 
-    def __init__(self, app):
+    def __init__(self, app, *, worker: WorkerContext) -> None:
         self.app = app
+        self.worker = worker
         self.task: asyncio.Task | None = None
-        self.assistant_slots: asyncio.Semaphore | None = None
         self.overload_task: asyncio.Task | None = None
-        self._per_loop: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}
-        self.delivery_delays = DeliveryDelays()
-        # When this worker's last cache call failed or stalled (monotonic): reaping waits a
+        # When this worker's last liveness call failed or stalled (monotonic): reaping waits a
         # full CHAT_WORKER_TTL after it (see the module docstring).
-        self.cache_trouble_at = -math.inf
-
-    def per_loop(self, name: str, factory: Callable[[], Any]) -> Any:
-        """One `factory()` per event loop (what it holds belongs to the loop: an HTTP client,
-        pending futures, a task): in a server, one per process."""
-        loop = asyncio.get_running_loop()
-        held = self._per_loop.get(name)
-        if held is None or held[0] is not loop:
-            held = self._per_loop[name] = (loop, factory())
-        return held[1]
-
-    @property
-    def assistant(self) -> AssistantProvider:
-        return self.per_loop("assistant", get_provider)
-
-    @property
-    def session_toucher(self) -> SessionToucher:
-        """Batched liveness writes of this worker's sessions."""
-        return self.per_loop("session_toucher", SessionToucher)
-
-    @property
-    def message_writer(self) -> MessageWriter:
-        """Batched storage of this worker's chat messages."""
-        return self.per_loop("message_writer", MessageWriter)
+        self.liveness_trouble_at = -math.inf
 
     _asgi_single_callable = True  # for asgiref: an ASGI 3 application all the same
 
@@ -221,7 +109,6 @@ class WorkerLifecycle:
         awaitable, so a socket holds no suspended frame of this middleware (~0.4 KB each)."""
         if scope["type"] not in {"websocket", "http"}:
             return self.app(scope, receive, send)
-        scope = {**scope, "clarity.worker": self}
         if not self.started():
             return self.start_then(self.app, scope, receive, send)
         return self.app(scope, receive, send)
@@ -240,12 +127,11 @@ class WorkerLifecycle:
             await self.mark_alive()
             if not self.started():
                 loop = asyncio.get_running_loop()
-                self.assistant_slots = asyncio.Semaphore(settings.ASSISTANT_MAX_CONCURRENCY)
                 self.task = loop.create_task(self.housekeeping())
                 self.overload_task = loop.create_task(
                     watch_overload(
-                        store_backlog=lambda: len(self.message_writer.pending),
-                        delays=self.delivery_delays,
+                        store_backlog=lambda: len(self.worker.message_writer.pending),
+                        delays=self.worker.delivery_delays,
                     )
                 )
                 self.chain_signal_handlers(loop)
@@ -276,10 +162,14 @@ class WorkerLifecycle:
     async def shutdown(self, server_handler, number, frame) -> None:
         logger.info("shutting down: closing this worker's sockets")
         try:
-            await get_channel_layer().group_send(worker_group(), {"type": "worker.shutdown"})
+            await get_channel_layer().group_send(
+                worker_group(self.worker.worker_id), {"type": "worker.shutdown"}
+            )
             deadline = time.monotonic() + settings.CHAT_SHUTDOWN_GRACE
             while time.monotonic() < deadline:
-                if not await database_sync_to_async(sessions_open_on)(worker_id=WORKER_ID):
+                if not await database_sync_to_async(sessions_open_on)(
+                    worker_id=self.worker.worker_id
+                ):
                     break
                 await asyncio.sleep(0.05)
             else:
@@ -290,13 +180,13 @@ class WorkerLifecycle:
             self.task.cancel()
         server_handler(number, frame)
 
-    def cache_trouble(self) -> None:
-        self.cache_trouble_at = time.monotonic()
+    def liveness_trouble(self) -> None:
+        self.liveness_trouble_at = time.monotonic()
 
     def liveness_trusted(self) -> bool:
-        """Whether this worker's cache calls have gone well for a full CHAT_WORKER_TTL (so
+        """Whether this worker's liveness calls have gone well for a full CHAT_WORKER_TTL (so
         every live worker has had the time to mark itself alive since)."""
-        return time.monotonic() - self.cache_trouble_at >= settings.CHAT_WORKER_TTL
+        return time.monotonic() - self.liveness_trouble_at >= settings.CHAT_WORKER_TTL
 
     async def housekeeping(self) -> None:
         # The liveness key is refreshed by a task of its own: the reap's database calls wait
@@ -309,12 +199,12 @@ class WorkerLifecycle:
                     try:
                         await reap_dead_workers(exclude={WORKER_ID}, strict=True)
                     except LivenessUnknown as unknown:
-                        self.cache_trouble()
+                        self.liveness_trouble()
                         logger.warning(
                             "not reaping for %s s: %s", settings.CHAT_WORKER_TTL, unknown
                         )
                     except Exception:
-                        self.cache_trouble()
+                        self.liveness_trouble()
                         logger.exception("worker housekeeping failed")
                 await asyncio.sleep(settings.CHAT_REAP_INTERVAL)
         finally:
@@ -326,18 +216,18 @@ class WorkerLifecycle:
             await asyncio.sleep(settings.CHAT_REAP_INTERVAL)
 
     async def mark_alive(self) -> None:
-        """Refresh this worker's liveness key; a failure or a stall is cache trouble (and
+        """Refresh this worker's liveness key; a failure or a stall is liveness trouble (and
         never reaches a client: the first request also comes through here)."""
 
         def timed() -> float:
             started = time.monotonic()
-            worker_mark_alive()
+            worker_mark_alive(worker_id=WORKER_ID)
             return time.monotonic() - started
 
         try:
             if await asyncio.to_thread(timed) > settings.CHAT_REAP_INTERVAL:
-                self.cache_trouble()
+                self.liveness_trouble()
                 logger.warning("worker liveness refresh stalled")
         except Exception:
-            self.cache_trouble()
+            self.liveness_trouble()
             logger.exception("worker liveness refresh failed")

@@ -18,19 +18,24 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from chat.checks import enforce_checks  # noqa: E402
+from chat.context import WorkerContext  # noqa: E402
 from chat.origins import OriginPolicy  # noqa: E402
-from chat.routing import websocket_urlpatterns  # noqa: E402
-from chat.worker import WorkerLifecycle  # noqa: E402
+from chat.routing import websocket_routes  # noqa: E402
+from chat.worker import WORKER_ID, WorkerLifecycle  # noqa: E402
 
 enforce_checks()
+
+# This process, as its sockets see it (chat/context.py).
+worker = WorkerContext(worker_id=WORKER_ID)
 
 application = WorkerLifecycle(
     ProtocolTypeRouter(
         {
             "http": ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app,
-            "websocket": OriginPolicy(URLRouter(websocket_urlpatterns)),
+            "websocket": OriginPolicy(URLRouter(websocket_routes(worker=worker))),
         }
-    )
+    ),
+    worker=worker,
 )
 
 # Everything loaded so far (Django, the apps, the libraries) lives as long as the process:

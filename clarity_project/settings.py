@@ -151,80 +151,70 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
-# --- Redis: channel layer and cache ---------------------------------------------------------
+# --- Redis: channel layer, shared state and cache --------------------------------------------
 
-# REDIS_URL: e.g. redis://127.0.0.1:6379/0. Unset: in-memory channel layer and local-memory
-# cache (one process only). Set: channels-redis layer and Django's Redis cache (many workers).
+# REDIS_URL: e.g. redis://127.0.0.1:6379/0. Unset: in-memory channel layer, shared state in
+# this process's memory and local-memory cache (one process only). Set: channels-redis'
+# pub/sub layer, shared state in Redis (chat/shared_state/: worker liveness, rate-limit
+# counters, the assistant's breaker) and Django's Redis cache (many workers).
 REDIS_URL = env_str("REDIS_URL")
-# REDIS_PREFIX: prefix of every Redis key this deployment writes (layer and cache), so several
-# deployments or test runs can share one Redis.
+# REDIS_PREFIX: prefix of every Redis key this deployment writes (layer, shared state, cache),
+# so several deployments or test runs can share one Redis.
 REDIS_PREFIX = env_str("REDIS_PREFIX", "clarity")
-# CHANNEL_LAYER_CAPACITY: messages a channel may queue before the layer drops them.
+# CHANNEL_LAYER_CAPACITY: messages a socket's channel may queue, in either layer. A socket
+# whose queue fills up (its consumer falls behind its rooms) has them dropped and is closed
+# 4009 `Client too slow` (protocol §16; chat/layers.py, chat/pubsub.py).
 CHANNEL_LAYER_CAPACITY = env_int("CHANNEL_LAYER_CAPACITY", 1000)
-# CHANNEL_LAYER_EXPIRY: seconds an undelivered layer message lives.
+# CHANNEL_LAYER_EXPIRY: seconds an undelivered message lives in the in-memory layer. (The
+# Redis layer hands each message to its worker's queue at once.)
 CHANNEL_LAYER_EXPIRY = env_int("CHANNEL_LAYER_EXPIRY", 60)
-# CHANNEL_LAYER_GROUP_EXPIRY: seconds a group membership lives in Redis unless renewed (the
-# `core` layer). Live sockets renew theirs every half of it; the reaper removes a dead
-# worker's channels at once, so this only bounds what a failed reap could leave behind.
+# CHANNEL_LAYER_GROUP_EXPIRY: seconds a group membership lives in the in-memory layer unless
+# renewed; live sockets renew theirs every half of it. (The Redis layer's memberships live
+# as long as their worker's connection to Redis.)
 CHANNEL_LAYER_GROUP_EXPIRY = env_int("CHANNEL_LAYER_GROUP_EXPIRY", 3600)
-# CHANNEL_LAYER: with REDIS_URL, `pubsub` (channels-redis' RedisPubSubChannelLayer: a group
-# message is published once and each worker fans it out to its own members; memberships die
-# with the worker's connection) or `core` (RedisChannelLayer: per-member queues in Redis). The
-# default is `pubsub`: with `core`, a socket closing while its worker waits on the shared
-# receive can lose the next message for that worker's other sockets
-# (tests/test_distributed.py reproduces it; django/channels_redis#366).
-CHANNEL_LAYER = env_str("CHANNEL_LAYER", "pubsub")
 
-if REDIS_URL and CHANNEL_LAYER == "pubsub":
+if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            # channels-redis' pub/sub layer without its channel leaks, surviving a Redis
-            # outage or restart (chat/pubsub.py).
+            # channels-redis' pub/sub layer without its channel leaks, with bounded queues,
+            # surviving a Redis outage or restart (chat/pubsub.py): a group message is
+            # published once and each worker fans it out to its own members. channels-redis'
+            # other layer (RedisChannelLayer) is not offered: a socket closing while its
+            # worker waits on the shared receive can lose the next message for that worker's
+            # other sockets (django/channels_redis#366), and its group_send drops silently
+            # for a full receiver.
             "BACKEND": "chat.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {
                 "hosts": [{"address": REDIS_URL, "max_connections": 1000}],
                 "prefix": f"{REDIS_PREFIX}:layer",
-            },
-        }
-    }
-elif REDIS_URL and CHANNEL_LAYER == "core":
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                # redis-py's asyncio pool defaults (100 connections, raise when exhausted; a
-                # 5 s socket timeout equal to the layer's blocking read) crash consumers under
-                # load, so both are set explicitly.
-                "hosts": [{"address": REDIS_URL, "max_connections": 1000, "socket_timeout": 30}],
-                "prefix": f"{REDIS_PREFIX}:layer",
                 "capacity": CHANNEL_LAYER_CAPACITY,
-                "expiry": CHANNEL_LAYER_EXPIRY,
-                "group_expiry": CHANNEL_LAYER_GROUP_EXPIRY,
             },
         }
     }
-elif REDIS_URL:
-    raise ImproperlyConfigured(f"CHANNEL_LAYER must be pubsub or core, got {CHANNEL_LAYER!r}")
 
 if REDIS_URL:
     CACHES = {
         "default": {
-            # Django's Redis cache, with one connection pool per process (chat/cache.py).
-            "BACKEND": "chat.cache.RedisCache",
+            # Django's own Redis cache, for Django and future use: the state the workers
+            # share (liveness, rate limits, the breaker) is in chat/shared_state/, with its
+            # own pools. Fail fast rather than stall a worker when Redis is unreachable.
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": f"{REDIS_PREFIX}:cache",
-            # Fail fast rather than stall a worker when Redis is unreachable. At most
-            # max_connections per worker and event loop; from the event loop, callers wait
-            # for a free one (chat/cache.py).
             "OPTIONS": {"socket_timeout": 5, "socket_connect_timeout": 2, "max_connections": 50},
         }
     }
 else:
     CHANNEL_LAYERS = {
         "default": {
-            # channels' in-memory layer, cheap on the fan-out path and counting its drops.
+            # channels' in-memory layer, cheap on the fan-out path, with bounded queues
+            # (chat/layers.py).
             "BACKEND": "chat.layers.InMemoryChannelLayer",
-            "CONFIG": {"capacity": CHANNEL_LAYER_CAPACITY, "expiry": CHANNEL_LAYER_EXPIRY},
+            "CONFIG": {
+                "capacity": CHANNEL_LAYER_CAPACITY,
+                "expiry": CHANNEL_LAYER_EXPIRY,
+                "group_expiry": CHANNEL_LAYER_GROUP_EXPIRY,
+            },
         }
     }
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
@@ -323,8 +313,6 @@ CHAT_CONNECTION_TIMEOUT = env_float("CHAT_CONNECTION_TIMEOUT", 300)
 CHAT_TYPING_TIMEOUT = env_float("CHAT_TYPING_TIMEOUT", 10)
 # CHAT_HISTORY_ON_JOIN: stored messages sent in the join `history` frame.
 CHAT_HISTORY_ON_JOIN = env_int("CHAT_HISTORY_ON_JOIN", 50)
-# CHAT_HISTORY_MAX_PAGE: the largest `limit` a history request may ask for.
-CHAT_HISTORY_MAX_PAGE = env_int("CHAT_HISTORY_MAX_PAGE", 100)
 # CHAT_WORKER_TTL: seconds a worker's liveness key lives; a dead worker's users are shown as
 # left within this plus CHAT_REAP_INTERVAL.
 CHAT_WORKER_TTL = env_float("CHAT_WORKER_TTL", 15)

@@ -1,5 +1,6 @@
-"""Fixtures: a fresh in-memory channel layer and cache per test, emulator tokens, and a small
-client that drives the real ASGI application through Channels' WebsocketCommunicator."""
+"""Fixtures: a fresh in-memory channel layer, shared state and cache per test, emulator
+tokens, and a small client that drives the real ASGI application through Channels'
+WebsocketCommunicator."""
 
 from __future__ import annotations
 
@@ -14,17 +15,23 @@ from channels.testing import WebsocketCommunicator
 from django.core.cache import caches
 
 from chat.devtokens import emulator_token
+from chat.shared_state import shared_state
 from tests.gemini_api import GENERATE_URL
 from tests.logscan import remember_sent
 
 
 @pytest.fixture(autouse=True)
 def fresh_shared_state():
-    channel_layers.backends.clear()
-    caches["default"].clear()
+    """Each test starts with an empty channel layer, shared state and cache."""
+
+    def clear() -> None:
+        channel_layers.backends.clear()
+        shared_state().clear()
+        caches["default"].clear()
+
+    clear()
     yield
-    channel_layers.backends.clear()
-    caches["default"].clear()
+    clear()
 
 
 def token_for(uid: str, name: str | None = None, **kwargs: Any) -> str:

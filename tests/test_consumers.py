@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -361,18 +360,6 @@ async def test_typing_is_relayed_to_the_room_including_the_sender(clients):
         assert typing["is_typing"] is True
 
 
-async def test_typing_expires_without_refresh(clients, settings):
-    settings.CHAT_TYPING_TIMEOUT = 0.3
-    alice = await clients.join("lobby", "alice")
-    bob = await clients.join("lobby", "bob")
-    await alice.recv_type("user_joined")
-    await bob.send({"type": "typing", "is_typing": True})
-    assert (await alice.recv())["is_typing"] is True
-    expired = await alice.recv(timeout=2)
-    assert expired["type"] == "typing" and expired["is_typing"] is False
-    assert expired["user_id"] == "bob"
-
-
 async def test_typing_is_withdrawn_when_the_socket_closes(clients):
     alice = await clients.join("lobby", "alice")
     bob = await clients.join("lobby", "bob")
@@ -404,37 +391,6 @@ async def test_heartbeat_ack_without_usable_timestamp(clients, payload):
     await alice.send({"type": "heartbeat", **payload})
     ack = await alice.recv()
     assert ack["type"] == "heartbeat_ack" and ack["client_timestamp"] is None
-
-
-async def test_server_sends_heartbeats(clients, settings):
-    settings.CHAT_HEARTBEAT_INTERVAL = 0.2
-    alice = await clients.join("lobby", "alice")
-    for _ in range(2):
-        beat = await alice.recv(timeout=1)
-        assert beat["type"] == "heartbeat" and beat["client_timestamp"] is None
-        assert_envelope(beat)
-
-
-async def test_idle_socket_is_closed_after_the_timeout(clients, settings):
-    settings.CHAT_CONNECTION_TIMEOUT = 0.4
-    alice = await clients.join("lobby", "alice")
-    error = await alice.expect_error("CONNECTION_TIMEOUT", timeout=2)
-    assert error["message"] == "Connection timeout"
-    await alice.expect_close(1000)
-    session = await database_sync_to_async(ChatSession.objects.get)(
-        session_id=alice.ack["session_id"]
-    )
-    assert session.close_code == 1000 and session.close_reason == "connection_timeout"
-
-
-async def test_inbound_frames_keep_the_socket_alive(clients, settings):
-    settings.CHAT_CONNECTION_TIMEOUT = 0.5
-    alice = await clients.join("lobby", "alice")
-    for _ in range(4):
-        await asyncio.sleep(0.2)
-        await alice.send({"type": "heartbeat"})
-        assert (await alice.recv())["type"] == "heartbeat_ack"
-    await alice.expect_error("CONNECTION_TIMEOUT", timeout=2)
 
 
 # --- the inbound pipeline and its error codes ------------------------------------------------

@@ -155,12 +155,12 @@ class Cluster(WorkerPair):
 
     def liveness_keys(self) -> list[str]:
         return [
-            key.decode() for key in self.redis.scan_iter(match=f"{self.prefix}:cache:*worker:*")
+            key.decode() for key in self.redis.scan_iter(match=f"{self.prefix}:state:worker:*")
         ]
 
     def refused_frames(self, user_id: str) -> int:
         """The rate limiter's count of this user's refused frames (current window)."""
-        keys = self.redis.scan_iter(match=f"{self.prefix}:cache:*rl:user:{user_id}:*:refused")
+        keys = self.redis.scan_iter(match=f"{self.prefix}:state:rl:user:{user_id}:*:refused")
         return max((int(self.redis.get(key) or 0) for key in keys), default=0)
 
 
@@ -1045,14 +1045,14 @@ async def test_sigterm_on_one_worker_closes_its_sockets_and_the_room_hears_at_on
 @pytest.mark.skipif(
     not os.environ.get("CHAT_STRESS"),
     reason="opt-in stress (CHAT_STRESS=1, ~30 s per database): no message lost after sockets "
-    "close; fails with CHANNEL_LAYER=core (django/channels_redis#366, django/channels#1683)",
+    "close (channels-redis' core layer lost some: django/channels_redis#366)",
 )
 async def test_stress_no_message_lost_after_sockets_close(net: Net):
     """Rounds of: six sockets close (their consumers' channel-layer receives are cancelled),
     then four writers exchange 80 messages. Every message must reach every writer. With
     channels-redis 4.3 core layer and redis-py 8, a round loses a message for all of one
-    worker's sockets now and then (3 rounds of 12 in one measurement), which is why the
-    default is CHANNEL_LAYER=pubsub (0 lost in 12 rounds per database)."""
+    worker's sockets now and then (3 rounds of 12 in one measurement), which is why only the
+    pub/sub layer is offered (0 lost in 12 rounds per database)."""
     workers = net.cluster.workers
     lost_rounds = []
     for round_ in range(int(os.environ.get("CHAT_STRESS_ROUNDS", "12"))):

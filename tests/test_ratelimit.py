@@ -1,48 +1,17 @@
-"""The rate limiter's rule arithmetic, on both real Django caches: local memory (one
-process) and Redis (the workers' shared cache; its one-script round trip), when Redis runs
-on 127.0.0.1:6379."""
-
-import socket
-import uuid
+"""The rate limiter's rule arithmetic, on both shared-state backends: this process's memory
+and Redis (its one-script round trip), when Redis runs on 127.0.0.1:6379."""
 
 import pytest
-import redis
-from django.core.cache import caches
 
 from chat.ratelimit import Rule, rate_limit_hit
+from tests.test_shared_state import use_backend
 
 
-def redis_answers() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), 0.5):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(autouse=True, params=["locmem", "redis"])
-def cache(request, settings):
-    if request.param == "redis":
-        if not redis_answers():
-            pytest.skip("no Redis on 127.0.0.1:6379")
-        prefix = f"ratelimit-test-{uuid.uuid4().hex}"
-        settings.CACHES = {
-            "default": {
-                "BACKEND": "chat.cache.RedisCache",
-                "LOCATION": "redis://127.0.0.1:6379/0",
-                "KEY_PREFIX": prefix,
-            }
-        }
-        from chat.cache import RedisCache
-
-        assert isinstance(caches["default"], RedisCache)
-        yield caches["default"]
-        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-        for key in client.scan_iter(f"{prefix}:*"):
-            client.delete(key)
-        client.close()
-    else:
-        yield caches["default"]
+@pytest.fixture(autouse=True, params=["memory", "redis"])
+def state(request, settings):
+    backend = use_backend(request.param, settings)
+    yield backend
+    backend.clear()
 
 
 RULE = Rule(seconds=60, max_requests=60, close_factor=3)

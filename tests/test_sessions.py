@@ -3,20 +3,20 @@ companions, the admin (pages and the terminate action) and `manage.py reapsessio
 
 from __future__ import annotations
 
-import asyncio
 import io
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
-from django.core.cache import caches
 from django.core.management import CommandError, call_command
 from django.test import AsyncClient
 from django.utils import timezone
 
+from chat.liveness import worker_mark_alive
 from chat.models import ChatMessage, ChatSession, ChatUser, Room
 from chat.sessions import SessionLiveness, sessions_touch
-from chat.worker import WORKER_ID, liveness_key, reap_dead_workers
+from chat.shared_state import shared_state
+from chat.worker import WORKER_ID, reap_dead_workers
 from tests.conftest import token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -57,7 +57,7 @@ async def test_dead_workers_sessions_are_ended_and_their_users_shown_as_left(cli
 
 async def test_live_workers_sessions_are_kept(clients):
     alice = await clients.join("lobby", "alice")
-    caches["default"].set(liveness_key("live-worker"), 1, timeout=60)
+    worker_mark_alive(worker_id="live-worker")
     await open_foreign_session(user_id="bob", room_id="lobby", worker_id="live-worker")
     assert await reap_dead_workers(exclude={WORKER_ID}) == 0
     await alice.expect_silence()
@@ -82,12 +82,12 @@ async def test_the_worker_reaps_by_itself(clients, settings):
 
 async def test_this_workers_own_sessions_are_never_reaped(clients):
     alice = await clients.join("lobby", "alice")
-    caches["default"].clear()  # even with its liveness key gone
+    shared_state().clear()  # even with its liveness key gone
     assert await reap_dead_workers(exclude={WORKER_ID}) == 0
     await alice.expect_silence()
 
 
-async def test_reapsessions_command_needs_a_shared_cache_or_all():
+async def test_reapsessions_command_needs_redis_or_all():
     await open_foreign_session(user_id="bob", room_id="lobby", worker_id="dead-worker")
     with pytest.raises(CommandError):
         await sync_to_async(call_command)("reapsessions")
@@ -200,26 +200,6 @@ async def test_room_admin_shows_members_now(clients, admin_http):
 
 
 # --- liveness, written in batches -------------------------------------------------------------
-
-
-async def test_heartbeats_write_every_sockets_liveness_in_one_batch(clients, settings):
-    settings.CHAT_HEARTBEAT_INTERVAL = 0.2
-    alice = await clients.join("lobby", "alice")
-    bob = await clients.join("lobby", "bob")
-    await alice.send({"type": "message", "content": "one"})
-    await alice.recv_type("message")
-    opened = await database_sync_to_async(ChatSession.objects.get)(
-        session_id=alice.ack["session_id"]
-    )
-    for client in (alice, bob):
-        await client.recv_type("heartbeat", timeout=2)
-    await asyncio.sleep(1.3)  # the batch is written within a second of the heartbeats
-
-    rows = await sync_to_async(list)(
-        ChatSession.objects.filter(user_id__in=["alice", "bob"]).order_by("user_id")
-    )
-    assert [row.messages_sent for row in rows] == [1, 0]
-    assert all(row.last_seen > opened.connected_at for row in rows)
 
 
 async def test_a_batch_never_rewrites_a_session_that_has_ended(clients):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+from pathlib import Path
 
 import pytest
 from channels.testing import ApplicationCommunicator
@@ -52,7 +54,18 @@ def test_page_renders_the_rooms_list_and_dev_sign_in(client):
         "apiBase": "/api/v1/",
         "roomIdPattern": ROOM_ID_RE.pattern,
         "aiUserId": "AI",
+        "aiMention": "@ai",
         "maxMessageChars": 2000,
+        "historyMaxLimit": 100,
+        # What the client does after each close (protocol §10, §11, §16)
+        "closeCodes": {
+            "final": [4004, 4008, 4010],
+            "roomRefused": [4004],
+            "auth": [4001, 4003],
+            "rateLimited": [4029],
+            "slow": [4009],
+        },
+        "typingTimeout": 10,
         "sampleDataUrl": "/static/chat/sample-health.json",
     }
 
@@ -165,3 +178,14 @@ async def test_sample_data_file_is_served():
     assert len(points) == 2 * 24 * 60
     assert points[0] == {"timestamp": "2025-06-01T00:00:00Z", "value": 0}
     assert len(body) <= 200_000
+
+
+def test_the_browser_client_reads_server_constants_from_its_config():
+    """Close codes, the assistant's id and mention, the room-id rule and the typing timeout
+    come from `client_config()`; a copy in the scripts would drift from the server."""
+    scripts = Path(__file__).resolve().parent.parent / "chat" / "static" / "chat"
+    for script in scripts.glob("*.js"):
+        source = script.read_text()
+        assert not re.findall(r"\b40(?!00)\d\d\b", source), f"{script.name}: a close code literal"
+        for constant in ('"AI"', "'AI'", '"@ai"', "A-Za-z0-9", "10000", "10 s"):
+            assert constant not in source, f"{script.name}: {constant}"

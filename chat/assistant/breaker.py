@@ -1,28 +1,29 @@
-"""A circuit breaker per provider, shared by every worker through the Django cache.
+"""A circuit breaker per provider, shared by every worker through the shared state
+(chat/shared_state/).
 
 Closed: calls go through; each failure increments a counter and any success resets it.
 After settings.ASSISTANT_BREAKER_FAILURES consecutive failures it opens: calls are refused,
 with no request to the provider, for settings.ASSISTANT_BREAKER_RESET seconds. Then it is
-half-open: the one caller that wins an atomic `cache.add` makes a trial call while the others
+half-open: the one caller that wins an atomic `add` makes a trial call while the others
 are still refused; the trial's success closes the breaker, its failure opens it again.
 
 The open period is stored as a deadline (wall-clock time) rather than as a key's expiry, so
-sub-second resets work on every cache backend (Redis rounds expiries down to whole seconds).
+the breaker's clock is the callers' (`now`), on either backend.
 A trial claim expires after max(reset, ASSISTANT_TIMEOUT), so a trial caller that vanished
 without reporting holds the breaker half-open no longer than that.
 
-The functions are synchronous cache calls: async callers run them with asyncio.to_thread,
+The functions are synchronous calls: async callers run them with asyncio.to_thread,
 so the event loop never waits on Redis.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.core.cache import caches
+
+from chat.shared_state import shared_state
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,17 @@ def _keys(name: str) -> tuple[str, str, str]:
 def breaker_allow(*, name: str, now: float | None = None) -> Permit:
     """May a call to provider `name` go ahead?"""
     now = time.time() if now is None else now
-    cache = caches["default"]
+    state = shared_state()
     failures_key, open_until_key, trial_key = _keys(name)
-    if (cache.get(failures_key) or 0) < settings.ASSISTANT_BREAKER_FAILURES:
+    found = state.get_many([failures_key, open_until_key])
+    if int(found.get(failures_key, 0)) < settings.ASSISTANT_BREAKER_FAILURES:
         return Permit(allowed=True)
-    # A missing deadline (evicted, or not yet written by the failing call) counts as elapsed.
-    open_until = cache.get(open_until_key) or 0.0
+    # A missing deadline (not yet written by the failing call) counts as elapsed.
+    open_until = float(found.get(open_until_key, 0.0))
     if now < open_until:
         return Permit(allowed=False, retry_after=open_until - now)
     trial_ttl = max(settings.ASSISTANT_BREAKER_RESET, settings.ASSISTANT_TIMEOUT)
-    if cache.add(trial_key, now, timeout=math.ceil(trial_ttl)):
+    if state.add(trial_key, now, ttl=trial_ttl):
         return Permit(allowed=True, trial=True)
     return Permit(allowed=False, retry_after=settings.ASSISTANT_BREAKER_RESET)
 
@@ -59,21 +61,16 @@ def breaker_allow(*, name: str, now: float | None = None) -> Permit:
 def breaker_record_success(*, name: str) -> None:
     """Close the breaker: the provider answered."""
     failures_key, _, trial_key = _keys(name)
-    caches["default"].delete_many([failures_key, trial_key])
+    shared_state().delete_many([failures_key, trial_key])
 
 
 def breaker_record_failure(*, name: str, now: float | None = None) -> None:
     """Count a failure; open the breaker (again) once there are enough in a row."""
     now = time.time() if now is None else now
-    cache = caches["default"]
+    state = shared_state()
     failures_key, open_until_key, trial_key = _keys(name)
     # No expiry: "consecutive" spans any quiet period, and only a success resets the count.
-    cache.add(failures_key, 0, timeout=None)
-    try:
-        failures = cache.incr(failures_key)
-    except ValueError:  # evicted between add and incr
-        cache.add(failures_key, 1, timeout=None)
-        failures = 1
+    failures, _ = state.count(failures_key, 1, ttl=None)
     if failures >= settings.ASSISTANT_BREAKER_FAILURES:
-        cache.set(open_until_key, now + settings.ASSISTANT_BREAKER_RESET, timeout=None)
-        cache.delete(trial_key)
+        state.set(open_until_key, now + settings.ASSISTANT_BREAKER_RESET, ttl=None)
+        state.delete_many([trial_key])

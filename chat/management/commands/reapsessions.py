@@ -1,13 +1,14 @@
 from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
-from chat.worker import liveness_is_shared, reap_dead_workers
+from chat.liveness import liveness_is_shared
+from chat.worker import reap_dead_workers
 
 
 class Command(BaseCommand):
     help = (
-        "End the open sessions of workers that are no longer alive (their liveness key in the "
-        "shared cache has expired) and tell their rooms those users left. Live workers do "
+        "End the open sessions of workers that are no longer alive (their liveness key in "
+        "Redis has expired) and tell their rooms those users left. Live workers do "
         "this by themselves every CHAT_REAP_INTERVAL seconds; this is the on-demand cleanup, "
         "like clearsessions."
     )
@@ -18,13 +19,13 @@ class Command(BaseCommand):
             action="store_true",
             dest="assume_all_dead",
             help="Treat every worker as dead: only when no server is running (required "
-            "without a shared cache, where this command cannot see the workers' liveness).",
+            "without Redis (REDIS_URL), where this command cannot see the workers' liveness).",
         )
 
     def handle(self, *args, assume_all_dead: bool, **options):
         if not assume_all_dead and not liveness_is_shared():
             raise CommandError(
-                "Worker liveness lives in a shared cache (REDIS_URL), which is not configured: "
+                "Worker liveness lives in Redis (REDIS_URL), which is not configured: "
                 "stop the server and use --all."
             )
         count = async_to_sync(reap_dead_workers)(assume_all_dead=assume_all_dead)

@@ -5,7 +5,7 @@
 //
 // User content is only ever put on the page as text (textContent), never parsed as HTML.
 
-import { ROOM_REFUSED_CLOSE, RoomConnection } from "./connection.js";
+import { RoomConnection } from "./connection.js";
 import { RoomsApi } from "./rooms.js";
 import { DevSignIn } from "./signin.js";
 
@@ -14,18 +14,22 @@ const $ = (id) => document.getElementById(id);
 
 const ROOM_ID = new RegExp(config.roomIdPattern);
 const AI_USER_ID = config.aiUserId;
-const AI_MENTION = "@ai";
+const AI_MENTION = config.aiMention;
+const ROOM_REFUSED_CLOSES = new Set(config.closeCodes.roomRefused);
+const SLOW_CLOSES = new Set(config.closeCodes.slow);
 const KIND_LABELS = {
   public: "Public room",
   private: "Private room",
   direct: "Direct message",
 };
-// The server withdraws an unrefreshed is_typing:true after 10 s; this client expires it
-// itself a little later, in case the withdrawal never arrives (e.g. the socket dropped).
-const OTHERS_TYPING_EXPIRY_MS = 11000;
+// The server withdraws an unrefreshed is_typing:true after `typingTimeout` seconds; this
+// client expires it itself a little later, in case the withdrawal never arrives (e.g. the
+// socket dropped).
+const TYPING_TIMEOUT_MS = config.typingTimeout * 1000;
+const OTHERS_TYPING_EXPIRY_MS = TYPING_TIMEOUT_MS + 1000;
 // While the user keeps typing, is_typing:true is repeated this often (well inside the
-// server's 10 s), and withdrawn after this long without a keystroke.
-const TYPING_REFRESH_MS = 5000;
+// server's timeout), and withdrawn after this long without a keystroke.
+const TYPING_REFRESH_MS = TYPING_TIMEOUT_MS / 2;
 const TYPING_IDLE_MS = 4000;
 const ALERT_MS = 8000;
 const METRICS = [
@@ -210,7 +214,13 @@ function joinRoom(room) {
   leaveRoom();
   history.replaceState(null, "", `#room=${encodeURIComponent(room)}`);
   setRoomOpen(true);
-  const connection = new RoomConnection({ room, tokens: state.signIn, socketUrl });
+  const connection = new RoomConnection({
+    room,
+    tokens: state.signIn,
+    socketUrl,
+    closeCodes: config.closeCodes,
+    catchUpPage: config.historyMaxLimit,
+  });
   state.connection = connection;
   renderRooms();
   connection.addEventListener("state", (event) => {
@@ -252,14 +262,17 @@ function connectionState({ state: kind, code, reason, delay }) {
     // Joining a public room makes the user a member; after a drop, rooms may have changed.
     refreshRooms();
   } else if (kind === "waiting") {
-    setStatus("waiting", `Connection lost, retrying in ${Math.ceil(delay / 1000)} s…`);
+    // A socket that fell behind its room was closed by the server; reconnecting fetches
+    // what it missed.
+    const what = SLOW_CLOSES.has(code) ? "Connection too slow" : "Connection lost";
+    setStatus("waiting", `${what}, retrying in ${Math.ceil(delay / 1000)} s…`);
   } else if (kind === "closed" && code) {
     // The close often carries no reason; a refusal's error frame, sent just before, does.
     const refusal = state.lastFrame?.type === "error" ? state.lastFrame.message : "";
     const why = reason || refusal || `close code ${code}`;
     setStatus("closed", `Disconnected: ${why}`);
     // Not retried (a room this user may not, or no longer, be in): back to the list.
-    if (code === ROOM_REFUSED_CLOSE) {
+    if (ROOM_REFUSED_CLOSES.has(code)) {
       showNoRoom();
       refreshRooms();
     }

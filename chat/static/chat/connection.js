@@ -7,15 +7,6 @@
 
 export const BACKOFF_BASE_MS = 500;
 export const BACKOFF_CAP_MS = 30000;
-const CATCH_UP_PAGE = 100;
-
-// Close codes after which retrying cannot help (protocol §10, §11): a room the user may not
-// join (not a member, banned, removed, or no such room), an invalid, closed or full room; too
-// many sockets for this user; terminated by an operator.
-export const ROOM_REFUSED_CLOSE = 4004;
-const FINAL_CLOSES = new Set([ROOM_REFUSED_CLOSE, 4008, 4010]);
-const AUTH_CLOSES = new Set([4001, 4003]);
-const RATE_LIMIT_CLOSE = 4029;
 const MAX_AUTH_RETRIES = 2;
 
 // Exponential backoff with "equal jitter": half the step is fixed, half random, so clients
@@ -32,12 +23,19 @@ function numericId(messageId) {
 
 export class RoomConnection extends EventTarget {
   // room: a valid room id; tokens: {getToken(force) → Promise<string>};
-  // socketUrl(room, token) → the WebSocket URL.
-  constructor({ room, tokens, socketUrl }) {
+  // socketUrl(room, token) → the WebSocket URL; closeCodes: the server's close codes grouped
+  // by what to do after them (the page's config: `final` are not retried, `auth` get a new
+  // token first, `rateLimited` wait the longest; any other is retried with backoff, then
+  // missed messages are fetched); catchUpPage: the largest `history` page the server gives.
+  constructor({ room, tokens, socketUrl, closeCodes, catchUpPage }) {
     super();
     this.room = room;
     this.tokens = tokens;
     this.socketUrl = socketUrl;
+    this.finalCloses = new Set(closeCodes.final);
+    this.authCloses = new Set(closeCodes.auth);
+    this.rateLimitedCloses = new Set(closeCodes.rateLimited);
+    this.catchUpPage = catchUpPage;
     this.socket = null;
     this.stopped = false;
     this.attempt = 0;
@@ -139,7 +137,12 @@ export class RoomConnection extends EventTarget {
   catchUp(after) {
     this.requestSeq += 1;
     this.catchUpRequest = `catch-up-${this.requestSeq}`;
-    this.send({ type: "history", after, limit: CATCH_UP_PAGE, request_id: this.catchUpRequest });
+    this.send({
+      type: "history",
+      after,
+      limit: this.catchUpPage,
+      request_id: this.catchUpRequest,
+    });
   }
 
   noteMessageId(messageId) {
@@ -151,12 +154,12 @@ export class RoomConnection extends EventTarget {
     this.stopHeartbeat();
     if (this.stopped) return;
     const { code, reason } = event;
-    if (FINAL_CLOSES.has(code)) {
+    if (this.finalCloses.has(code)) {
       this.stopped = true;
       this.emitState("closed", { code, reason });
       return;
     }
-    if (AUTH_CLOSES.has(code)) {
+    if (this.authCloses.has(code)) {
       if (this.authRetries >= MAX_AUTH_RETRIES) {
         this.stopped = true;
         this.emitState("closed", { code, reason });
@@ -169,7 +172,7 @@ export class RoomConnection extends EventTarget {
   }
 
   retry({ code, reason }) {
-    const delay = code === RATE_LIMIT_CLOSE ? BACKOFF_CAP_MS : backoffDelay(this.attempt);
+    const delay = this.rateLimitedCloses.has(code) ? BACKOFF_CAP_MS : backoffDelay(this.attempt);
     this.attempt += 1;
     this.emitState("waiting", { code, reason, delay });
     this.retryTimer = setTimeout(() => this.open(), delay);

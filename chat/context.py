@@ -1,0 +1,124 @@
+"""What a socket needs from the process it runs in, typed and passed explicitly.
+
+One `WorkerContext` per process, built in `clarity_project/asgi.py` and handed to each
+consumer by the routing (`Consumer.as_asgi(worker=...)`), as Django's `as_view(**initkwargs)`
+hands a view its configuration: the worker's identity, its clock, the settings a socket
+reads (one typed snapshot, rebuilt when a test changes a setting), and the per-process
+helpers that belong to the running event loop (the assistant's HTTP client, the batched
+writers, the bound on background work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+
+from chat.assistant.base import AssistantProvider, get_provider
+from chat.overload import DeliveryDelays
+from chat.ratelimit import Rule
+from chat.timers import Clock, LoopClock, TimerIntervals
+from chat.touches import SessionToucher
+from chat.writer import MessageWriter
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    """The settings a socket reads, read once (not one `settings` lookup per frame)."""
+
+    max_connections_per_user: int
+    open_rooms: bool
+    timers: TimerIntervals
+    max_message_size: int
+    max_health_payload_size: int
+    max_frame_size: int
+    max_data_points: int
+    history_on_join: int
+    message_rule: Rule
+    assistant_rule: Rule
+    assistant_max_concurrency: int
+
+    @classmethod
+    def from_settings(cls) -> SocketConfig:
+        return cls(
+            max_connections_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
+            open_rooms=settings.CHAT_OPEN_ROOMS,
+            timers=TimerIntervals(
+                heartbeat=settings.CHAT_HEARTBEAT_INTERVAL,
+                connection_timeout=settings.CHAT_CONNECTION_TIMEOUT,
+                typing_timeout=settings.CHAT_TYPING_TIMEOUT,
+                group_renewal=settings.CHANNEL_LAYER_GROUP_EXPIRY / 2,
+            ),
+            max_message_size=settings.CHAT_MAX_MESSAGE_SIZE,
+            max_health_payload_size=settings.CHAT_MAX_HEALTH_PAYLOAD_SIZE,
+            max_frame_size=settings.CHAT_WS_MAX_FRAME_SIZE,
+            max_data_points=settings.CHAT_MAX_DATA_POINTS,
+            history_on_join=settings.CHAT_HISTORY_ON_JOIN,
+            message_rule=Rule(
+                seconds=settings.CHAT_RATE_LIMIT_WINDOW,
+                max_requests=settings.CHAT_MESSAGE_RATE_LIMIT,
+                close_factor=settings.CHAT_RATE_LIMIT_CLOSE_FACTOR,
+            ),
+            assistant_rule=Rule(
+                seconds=settings.ASSISTANT_USER_RATE_WINDOW,
+                max_requests=settings.ASSISTANT_USER_RATE_LIMIT,
+                close_factor=0,  # over the assistant quota is not abuse: the socket stays open
+            ),
+            assistant_max_concurrency=settings.ASSISTANT_MAX_CONCURRENCY,
+        )
+
+
+class WorkerContext:
+    """This worker process, as its sockets see it."""
+
+    def __init__(self, *, worker_id: str, clock: Clock | None = None) -> None:
+        self.worker_id = worker_id
+        self.clock: Clock = clock or LoopClock()
+        self.delivery_delays = DeliveryDelays()
+        self._config: SocketConfig | None = None
+        self._per_loop: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}
+        setting_changed.connect(self._setting_changed)
+
+    def _setting_changed(self, **kwargs: Any) -> None:
+        self._config = None
+
+    @property
+    def config(self) -> SocketConfig:
+        if self._config is None:
+            self._config = SocketConfig.from_settings()
+        return self._config
+
+    def per_loop(self, name: str, factory: Callable[[], Any]) -> Any:
+        """One `factory()` per event loop (what it holds belongs to the loop: an HTTP client,
+        pending futures, a task): in a server, one per process."""
+        loop = asyncio.get_running_loop()
+        held = self._per_loop.get(name)
+        if held is None or held[0] is not loop:
+            held = self._per_loop[name] = (loop, factory())
+        return held[1]
+
+    @property
+    def assistant(self) -> AssistantProvider:
+        """The assistant provider (it holds an HTTP connection pool)."""
+        return self.per_loop("assistant", get_provider)
+
+    @property
+    def assistant_slots(self) -> asyncio.Semaphore:
+        """The bound on assistant and analysis work in flight on this worker."""
+        return self.per_loop(
+            "assistant_slots", lambda: asyncio.Semaphore(self.config.assistant_max_concurrency)
+        )
+
+    @property
+    def session_toucher(self) -> SessionToucher:
+        """Batched liveness writes of this worker's sessions."""
+        return self.per_loop("session_toucher", SessionToucher)
+
+    @property
+    def message_writer(self) -> MessageWriter:
+        """Batched storage of this worker's chat messages."""
+        return self.per_loop("message_writer", MessageWriter)
