@@ -22,6 +22,14 @@ channels' `InMemoryChannelLayer` also scans every channel and every group member
 (expiry, group expiry) but expires at most once per `clean_interval` seconds, enqueues group
 members in a plain loop and gives each member a shallow copy (room events hold only
 immutable values).
+
+With chat/pubsub.py, this module is an adapter to other packages' private code, for want of
+a public hook (the channel layer specification covers only send, receive, groups and flush;
+it says nothing of how a channel's messages are queued): channels' `InMemoryChannelLayer`
+keeps its queues in `channels` and its memberships in `groups`, and its expiry scan in
+`_clean_expired` (overridden here); `ChannelQueue` overrides `asyncio.Queue._get`, the hook
+the standard library's own `PriorityQueue` and `LifoQueue` override. Re-read them on every
+upgrade of channels (pinned in requirements.txt).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from chat.shared_state import shared_state
+
 READY_TIMEOUT = 2.0
 
 
@@ -29,10 +31,16 @@ def _database() -> None:
 
 
 def _cache() -> None:
+    """The shared state the workers rely on (liveness, rate limits) and Django's cache: the
+    same Redis with REDIS_URL."""
     key = f"readyz:{uuid.uuid4().hex}"
+    state = shared_state()
+    state.set(key, 1, ttl=5)
+    found = state.get_many([key])
+    state.delete_many([key])
     cache = caches["default"]
     cache.set(key, 1, timeout=5)
-    if cache.get(key) != 1:
+    if found != {key: 1} or cache.get(key) != 1:
         raise RuntimeError("cache did not return what was written")
     cache.delete(key)
 

@@ -24,6 +24,7 @@ async def test_readyz_checks_every_backing_service():
 
 
 async def test_readyz_reports_an_unreachable_cache(settings):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
     settings.CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
