@@ -21,8 +21,20 @@ without its leaks, with bounded queues, and recovering from a Redis restart.
 3. After a Redis restart, the layer's subscriber connection (held by its PubSub, not taken
    from the pool per command, where redis-py replaces dead connections) is dead, and it is
    only read while it holds a subscription: on a worker without sockets nothing noticed, and
-   the next sockets' SUBSCRIBEs failed (1011, their sessions left open). Here a command that
-   finds its connection lost is sent once more on a new one.
+   the next sockets' SUBSCRIBEs failed (1011, their sessions left open). And redis-py's
+   asyncio `PubSub` reconnects from whichever coroutine notices a lost connection (a
+   command, or the receive loop's read, which even connects a disconnected connection by
+   itself), so a command's reconnection handshake and the receive loop's read could wait on
+   one stream at once (`RuntimeError: readuntil() called while another coroutine is
+   already waiting`, the join failing with `SERVICE_UNAVAILABLE`). Here the subscriber
+   connection has a pool of its own whose connections never reconnect inside redis-py, and
+   this module reconnects it, always under the shard's lock: the receive loop passes that
+   lock before each read (reconnecting first if the connection is down), and a SUBSCRIBE
+   that finds the connection lost reconnects and is sent once more. A subscriber connection
+   left idle (no subscription) is renewed before its next SUBSCRIBE: nothing read it, so
+   nothing would have noticed it die. Reconnecting re-subscribes every channel and group the
+   worker holds (redis-py's connect callback). Publishes use the other pool, where a command
+   that finds its connection lost is sent once more on a new one.
 
 4. While Redis is unreachable, `new_channel` raised, before the consumer's `connect` could
    run: a socket opened during an outage got HTTP 500 at the handshake, with nothing to tell
@@ -38,9 +50,9 @@ without its leaks, with bounded queues, and recovering from a Redis restart.
    event (serialized as the layer serializes every message) left for the consumer, which
    closes the socket 4009 (protocol §16).
 
-After a lost connection, redis-py's `PubSub` reconnects on the layer's next read (or command)
-and re-subscribes every channel and group it holds (its connect callback): group memberships
-come back by themselves (tests/test_faults.py measures how fast). Messages published while a
+After a lost connection, the receive loop reconnects within RECONNECT_DELAY and
+re-subscribes every channel and group the worker holds: group memberships come back by
+themselves (tests/test_faults.py measures how fast). Messages published while a
 worker was not subscribed are not delivered (pub/sub has no backlog).
 
 This module is the one adapter to the stock layer's private code (channels-redis 4.3.0,
@@ -49,10 +61,11 @@ pinned in requirements.txt; re-read these on every upgrade). It relies on:
 `pubsub.RedisPubSubLoopLayer.channels` (channel -> its queue), `.groups` (a group's Redis
 channel -> its local member channels), `._shards`, `._get_shard` and
 `._subscribe_to_channel`; `pubsub.RedisSingleShardConnection.host`, `.channel_layer`,
-`._redis`, `._pubsub`, `._lock`, `._subscribed_to`, `._ensure_redis`, `._ensure_receiver`
-and `._receive_message` (called by its receive loop with each pub/sub message);
-`pubsub.decode_hosts`, `utils.create_pool` and `utils._wrap_close`; and redis-py's
-`PubSub.channels` and `PubSub._normalize_keys`. No public API exists for any of it: the
+`._redis`, `._pubsub`, `._lock`, `._subscribed_to`, `._receive_task`, `._ensure_redis`,
+`._ensure_receiver`, `._do_receiving` (its receive loop, replaced here) and
+`._receive_message`; `pubsub.decode_hosts`, `utils.create_pool`, `utils._close_redis` and
+`utils._wrap_close`; and redis-py's `PubSub.channels`, `PubSub.connection` and
+`PubSub._normalize_keys`. No public API exists for any of it: the
 channel layer specification (and channels' `BaseChannelLayer`) covers only `send`,
 `receive`, `new_channel`, `group_add`/`group_discard`/`group_send` and `flush`, and this
 layer (Beta in channels-redis) takes no capacity, expiry or connection-retry settings and
@@ -66,7 +79,7 @@ import logging
 import uuid
 
 from channels_redis import pubsub
-from channels_redis.utils import _wrap_close, create_pool
+from channels_redis.utils import _close_redis, _wrap_close, create_pool
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -78,17 +91,85 @@ from chat.layers import ChannelQueue, overflow_event
 logger = logging.getLogger(__name__)
 
 CONNECTION_LOST = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# Seconds between the receive loop's attempts to reconnect while Redis is unreachable.
+RECONNECT_DELAY = 0.1
+# Seconds a receive-loop read waits for a message before checking the connection again.
+READ_TIMEOUT = 0.1
 
 
 class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
+    _subscriber: aioredis.Redis | None = None
+
     def _ensure_redis(self) -> None:
         if self._redis is None:
-            # A command whose connection turns out to be lost is sent once more on a new one
-            # (redis-py's default: no retry). See 3. in the module docstring: the reconnection
-            # re-subscribes what the layer holds, then the command goes through.
+            # Publishing: a command whose connection turns out to be lost is sent once more
+            # on a new one (redis-py's default retries three times, with backoff).
             retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
             self._redis = aioredis.Redis(connection_pool=create_pool({"retry": retry, **self.host}))
-            self._pubsub = self._redis.pubsub()
+            # Subscribing: never reconnected inside redis-py (3. in the module docstring).
+            no_retry = Retry(NoBackoff(), 0)
+            self._subscriber = aioredis.Redis(
+                connection_pool=create_pool({"retry": no_retry, **self.host})
+            )
+            self._pubsub = self._subscriber.pubsub()
+
+    async def _reconnect(self) -> None:
+        """A new subscriber connection, re-subscribed to everything the worker holds (under
+        the lock; raises while Redis is unreachable)."""
+        connection = self._pubsub.connection
+        if connection is not None:
+            await connection.disconnect()
+        await self._pubsub.connect()
+
+    async def subscribe(self, channel: str) -> None:
+        async with self._lock:
+            if channel in self._subscribed_to:
+                return
+            self._ensure_redis()
+            self._ensure_receiver()
+            if not self._pubsub.subscribed and self._pubsub.connection is not None:
+                await self._pubsub.connection.disconnect()  # idle: renewed (3.)
+            try:
+                await self._pubsub.subscribe(channel)
+            except CONNECTION_LOST as lost:
+                logger.info("subscriber connection lost (%r): reconnecting", lost)
+                await self._reconnect()
+                await self._pubsub.subscribe(channel)
+            self._subscribed_to.add(channel)
+
+    async def _do_receiving(self) -> None:
+        """Read what Redis publishes to this worker's subscriptions, reconnecting (under the
+        lock) when the connection is lost. Between passing the lock and the read nothing
+        yields, so no command's reconnection shares the read's stream."""
+        while True:
+            try:
+                pubsub = self._pubsub
+                if pubsub is None or not pubsub.subscribed:
+                    await asyncio.sleep(READ_TIMEOUT)
+                    continue
+                async with self._lock:
+                    if pubsub is not self._pubsub or not pubsub.subscribed:  # changed meanwhile
+                        continue
+                    if pubsub.connection is None or not pubsub.connection.is_connected:
+                        await self._reconnect()
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=READ_TIMEOUT
+                )
+                self._receive_message(message)
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except CONNECTION_LOST as lost:
+                logger.debug("subscriber connection lost (%r): reconnecting", lost)
+                await asyncio.sleep(RECONNECT_DELAY)
+            except Exception:
+                logger.exception("unexpected exception in the channel layer's receive loop")
+                await asyncio.sleep(1)
+
+    async def flush(self) -> None:
+        await super().flush()
+        if self._subscriber is not None:
+            await _close_redis(self._subscriber)
+            self._subscriber = None
 
     async def publish(self, channel: str, message: bytes) -> None:
         """Without the shard's lock: concurrent publishes go out on the pool's connections at
