@@ -10,7 +10,8 @@ import subprocess
 
 import psutil
 
-from bench.servers import REDIS_URL, ROOT
+from bench.servers import REDIS_URL
+from chat.testing.processes import ROOT
 
 PACKAGES = ("Django", "channels", "daphne", "Twisted", "channels-redis", "redis", "websockets")
 

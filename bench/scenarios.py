@@ -166,7 +166,7 @@ class Bench:
 
     def close(self) -> None:
         for databases in self.databases.values():
-            databases.drop_all()
+            databases.drop()
 
     def deploy(
         self, scenario: Scenario, kind: ServerKind

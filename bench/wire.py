@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 from websockets.asyncio.client import ClientConnection
 
-from bench.servers import PROJECT_ID, ServerKind
+from bench.servers import ServerKind
+from chat.testing.processes import PROJECT_ID
 
 MARK = "BM"
 TOKEN_LIFETIME = 6 * 3600

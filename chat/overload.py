@@ -44,28 +44,29 @@ class DeliveryDelays:
         return longest
 
 
-async def watch_overload(
-    *, store_backlog: Callable[[], int], delays: DeliveryDelays, interval: float = 0.5
-) -> None:
-    """Every `interval`: how late the loop woke, how many messages wait to be stored, how
-    late room frames were delivered."""
-    loop = asyncio.get_running_loop()
-    warned_at = -math.inf
-    while True:
-        started = loop.time()
-        await asyncio.sleep(interval)
-        lag = max(loop.time() - started - interval, 0.0)
-        backlog = store_backlog()
-        delay = delays.take()
+class OverloadWatch:
+    """One worker's overload check, one look per tick, given how late the tick is and when
+    it is (`watch_overload` ticks it on the running loop): the decision without the timing."""
+
+    def __init__(self, *, store_backlog: Callable[[], int], delays: DeliveryDelays) -> None:
+        self.store_backlog = store_backlog
+        self.delays = delays
+        self.warned_at = -math.inf
+
+    def tick(self, *, lag: float, now: float) -> bool:
+        """One look: `lag` is how late this tick's timer woke, `now` the monotonic time.
+        Records the metrics; whether the worker is overloaded."""
+        backlog = self.store_backlog()
+        delay = self.delays.take()
         LOOP_LAG.observe(lag)
         WRITER_BACKLOG.set(backlog)
         DELIVERY_DELAY.observe(delay)
         limit = settings.CHAT_OVERLOAD_LAG
         if lag <= limit and delay <= limit and backlog <= settings.CHAT_OVERLOAD_BACKLOG:
-            continue
+            return False
         OVERLOADED.inc()
-        if loop.time() - warned_at >= WARNING_EVERY:
-            warned_at = loop.time()
+        if now - self.warned_at >= WARNING_EVERY:
+            self.warned_at = now
             logger.warning(
                 "worker overloaded: event loop %.0f ms late, room frames delivered up to "
                 "%.0f ms late, %d messages waiting to be stored",
@@ -73,3 +74,18 @@ async def watch_overload(
                 delay * 1000,
                 backlog,
             )
+        return True
+
+
+async def watch_overload(
+    *, store_backlog: Callable[[], int], delays: DeliveryDelays, interval: float = 0.5
+) -> None:
+    """Every `interval`: how late the loop woke, how many messages wait to be stored, how
+    late room frames were delivered."""
+    watch = OverloadWatch(store_backlog=store_backlog, delays=delays)
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval)
+        now = loop.time()
+        watch.tick(lag=max(now - started - interval, 0.0), now=now)

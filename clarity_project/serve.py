@@ -1,7 +1,8 @@
 """Start one daphne worker of this project: `python -m clarity_project.serve [daphne options]`.
 
-scripts/serve, the systemd unit (deploy/) and the test harness (tests/servers.py) all start
-workers this way, so what this adds to daphne's own command line holds everywhere:
+scripts/serve, the systemd unit (deploy/) and the cluster harness of the tests and the
+bench (chat/testing/) all start workers this way, so what this adds to daphne's own command
+line holds everywhere:
 
 - daphne's WebSocket message and frame limits are CHAT_WS_MAX_FRAME_SIZE (settings): a larger
   message is refused by daphne with close 1009 before the application reads it; anything up

@@ -10,12 +10,17 @@ from typing import Any
 
 import pytest
 import respx
-from channels.layers import channel_layers
+from channels.db import database_sync_to_async
+from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.core.cache import caches
 
 from chat.devtokens import emulator_token
+from chat.models import ChatSession
+from chat.protocol import MessageType, frame
+from chat.rooms import room_event
 from chat.shared_state import shared_state
+from chat.testing.client import heartbeat_probe
 from tests.gemini_api import GENERATE_URL
 from tests.logscan import remember_sent
 
@@ -89,13 +94,44 @@ class ChatClient:
         await self.expect_close(close_code)
         return error
 
-    async def expect_silence(self, timeout: float = 0.2) -> None:
-        assert await self.communicator.receive_nothing(timeout), "unexpected frame"
+    async def expect_nothing_pending(self) -> None:
+        """No frame sent to this open socket is unread. Two markers must each be the very next
+        frame: a heartbeat's ack (the socket's frames are handled one at a time, in order, so
+        whatever they caused was sent before it), then a frame put on the socket's channel-layer
+        queue (first in, first out: every room frame queued for it earlier comes first). The
+        ack alone is not enough: Channels handles a received frame before a channel-layer
+        message that became ready at the same moment. What the server may still do in the
+        background (an assistant reply) is not covered: first wait for what shows it decided."""
+        probe = heartbeat_probe()
+        await self.send(probe)
+        ack = await self.recv(timeout=5)
+        assert ack["type"] == "heartbeat_ack", ack
+        assert ack["client_timestamp"] == probe["client_timestamp"], (probe, ack)
+        marker = frame(
+            MessageType.SYSTEM, content=f"marker {probe['client_timestamp']}", level="info"
+        )
+        await get_channel_layer().send(await self.channel_name(), room_event(marker))
+        assert await self.recv(timeout=5) == marker
+
+    async def channel_name(self) -> str:
+        """The channel-layer name of this joined socket (its session row has it)."""
+        assert self.ack is not None, "the socket has not joined"
+        session = await database_sync_to_async(ChatSession.objects.get)(
+            session_id=self.ack["session_id"]
+        )
+        return session.channel_name
+
+    async def close_and_expect_nothing_more(self) -> None:
+        """For a socket the server closed: complete the close; nothing was sent after it. Once
+        the application has returned, everything it ever sent is in the output queue."""
+        await self.close()
+        queue = self.communicator.output_queue
+        assert queue.empty(), queue.get_nowait()
 
     async def close(self) -> None:
         if not self.closed:
             self.closed = True
-            await self.communicator.disconnect()
+            await self.communicator.disconnect(timeout=5)
 
 
 def room_ensure(room_id: str, *, kind: str = "public") -> None:

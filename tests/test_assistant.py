@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 
 import httpx
 import pytest
@@ -46,6 +45,7 @@ from chat.assistant.prompts import (
     parse_reply,
     sanitize_text,
 )
+from chat.testing.clock import ManualClock
 from tests.gemini_api import VERTEX_URL, model_says
 
 GOOD_REPLY = {
@@ -457,24 +457,37 @@ async def test_gemini_reuses_its_client(gemini, api):
     assert api.generate.call_count == 2
 
 
-async def test_gemini_timeout(gemini, api):
-    gemini.ASSISTANT_TIMEOUT = 0.3
+class SilentModel:
+    """A model that takes each request and never answers: only the timeout ends the call."""
 
-    received = []
+    def __init__(self) -> None:
+        self.received: list[httpx.Request] = []
+        self.abandoned = 0
 
-    async def slow(request):
-        received.append(request)
-        await asyncio.sleep(5)
-        return model_says(json.dumps(GOOD_REPLY))
+    async def __call__(self, request: httpx.Request) -> None:
+        self.received.append(request)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.abandoned += 1
 
-    api.generate.mock(side_effect=slow)
-    provider = GeminiProvider()
-    await provider._client_ready()  # time only the call, not the one-off client build
-    started = time.monotonic()
-    with pytest.raises(AssistantError):
+
+async def breaker_opened(provider: GeminiProvider) -> None:
+    """Five failing calls (ASSISTANT_BREAKER_FAILURES): the breaker is open."""
+    for _ in range(5):
+        with pytest.raises(AssistantError, match="Gemini call failed"):
+            await provider.reply(chat_request())
+    with pytest.raises(AssistantError, match="circuit open"):
         await provider.reply(chat_request())
-    assert 0.3 <= time.monotonic() - started < 1
-    assert len(received) == 1
+
+
+async def test_gemini_timeout(gemini, api):
+    gemini.ASSISTANT_TIMEOUT = 0.05
+    model = api.generate.side_effect = SilentModel()
+    with pytest.raises(AssistantError, match="TimeoutError"):
+        await GeminiProvider().reply(chat_request())
+    assert len(model.received) == 1
+    assert model.abandoned == 1  # the request was cancelled, not left running
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])
@@ -503,13 +516,7 @@ async def test_gemini_malformed_reply(gemini, api, response):
 
 async def test_gemini_breaker_opens_after_consecutive_failures(gemini, api):
     api.generate.mock(return_value=httpx.Response(500))
-    provider = GeminiProvider()
-    for _ in range(5):
-        with pytest.raises(AssistantError):
-            await provider.reply(chat_request())
-    assert api.generate.call_count == 5
-    with pytest.raises(AssistantError, match="circuit open"):
-        await provider.reply(chat_request())
+    await breaker_opened(GeminiProvider())
     assert api.generate.call_count == 5
     # The state is in the cache, shared by every worker: a fresh provider sees it open.
     with pytest.raises(AssistantError, match="circuit open"):
@@ -518,68 +525,66 @@ async def test_gemini_breaker_opens_after_consecutive_failures(gemini, api):
 
 
 async def test_gemini_timeouts_count_towards_the_breaker(gemini, api):
-    gemini.ASSISTANT_TIMEOUT = 0.1
+    gemini.ASSISTANT_TIMEOUT = 0.05
     gemini.ASSISTANT_BREAKER_FAILURES = 1
-
-    received = []
-
-    async def slow(request):
-        received.append(request)
-        await asyncio.sleep(1)
-
-    api.generate.mock(side_effect=slow)
-    with pytest.raises(AssistantError):
+    model = api.generate.side_effect = SilentModel()
+    with pytest.raises(AssistantError, match="TimeoutError"):
         await GeminiProvider().reply(chat_request())
     with pytest.raises(AssistantError, match="circuit open"):
         await GeminiProvider().reply(chat_request())
-    assert len(received) == 1
+    assert len(model.received) == 1
 
 
 async def test_gemini_breaker_trial_after_reset(gemini, api):
-    gemini.ASSISTANT_BREAKER_RESET = 0.2
+    gemini.ASSISTANT_BREAKER_RESET = 60
+    clock = ManualClock()
     api.generate.mock(return_value=httpx.Response(503))
-    provider = GeminiProvider()
-    for _ in range(5):
-        with pytest.raises(AssistantError):
-            await provider.reply(chat_request())
-    await asyncio.sleep(0.25)
+    provider = GeminiProvider(clock=clock)
+    await breaker_opened(provider)
+    await clock.advance(59)
+    with pytest.raises(AssistantError, match="circuit open"):
+        await provider.reply(chat_request())
+    await clock.advance(2)
 
     # Half-open: one trial goes through; a call during it is refused without a request.
-    trial_started = asyncio.Event()
+    trial_started, release = asyncio.Event(), asyncio.Event()
 
     async def slow_success(request):
         trial_started.set()
-        await asyncio.sleep(0.2)
+        await release.wait()
         return model_says(json.dumps(GOOD_REPLY))
 
     api.generate.mock(side_effect=slow_success)
     trial = asyncio.create_task(provider.reply(chat_request()))
-    await trial_started.wait()
+    await asyncio.wait_for(trial_started.wait(), 10)
     with pytest.raises(AssistantError, match="circuit open"):
-        await GeminiProvider().reply(chat_request())
+        await GeminiProvider(clock=clock).reply(chat_request())
+    release.set()
     assert (await trial).narrative == "Your sleep looks steady."
     assert api.generate.call_count == 6
 
     # The trial's success closed the breaker.
     api.generate.mock(side_effect=None, return_value=model_says(json.dumps(GOOD_REPLY)))
-    await GeminiProvider().reply(chat_request())
+    await GeminiProvider(clock=clock).reply(chat_request())
     await provider.reply(chat_request())
     assert api.generate.call_count == 8
 
 
 async def test_gemini_failed_trial_reopens(gemini, api):
-    gemini.ASSISTANT_BREAKER_RESET = 0.2
+    gemini.ASSISTANT_BREAKER_RESET = 60
+    clock = ManualClock()
     api.generate.mock(return_value=httpx.Response(500))
-    provider = GeminiProvider()
-    for _ in range(5):
-        with pytest.raises(AssistantError):
-            await provider.reply(chat_request())
-    await asyncio.sleep(0.25)
-    with pytest.raises(AssistantError):
+    provider = GeminiProvider(clock=clock)
+    await breaker_opened(provider)
+    await clock.advance(61)
+    with pytest.raises(AssistantError, match="Gemini call failed"):
         await provider.reply(chat_request())  # the trial, failing
     assert api.generate.call_count == 6
     with pytest.raises(AssistantError, match="circuit open"):
         await provider.reply(chat_request())
+    await clock.advance(59)
+    with pytest.raises(AssistantError, match="circuit open"):
+        await provider.reply(chat_request())  # open for a full reset period again
     assert api.generate.call_count == 6
 
 

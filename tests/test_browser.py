@@ -38,7 +38,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.servers import HOST, ROOT, Worker, free_ports, manage, run_workers, start_worker
+from chat.testing.processes import HOST, ROOT, Worker, free_ports, manage, worker_start
+from tests.servers import run_workers
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -125,7 +126,9 @@ def server(tmp_path_factory) -> Iterator[list[Worker]]:
 def create_room(server: list[Worker], log_dir: Path, room: str, *options: str) -> None:
     """`manage.py createroom` in the workers' database (rooms are not made by joining)."""
     manage(
-        ["createroom", room, *options, "--if-missing"], server[0].env, log_dir / f"room-{room}.log"
+        ["createroom", room, *options, "--if-missing"],
+        env=server[0].env,
+        log_path=log_dir / f"room-{room}.log",
     )
 
 
@@ -495,8 +498,8 @@ def test_a_non_member_cannot_open_a_private_room_by_its_link(server, cleo, tmp_p
             f"message_store(room_id={room!r}, user_id='dev-ana', username='Ana',"
             " content='members only', metadata=None, client_message_id=None)\n",
         ],
-        server[0].env,
-        tmp_path / "insert-private.log",
+        env=server[0].env,
+        log_path=tmp_path / "insert-private.log",
     )
     cleo.sign_in(base_url(server), f"#room={room}")
     cleo.wait(lambda: "You are not a member of this room" in cleo.text("#alerts"), "the refusal")
@@ -564,14 +567,16 @@ def test_reconnect_after_a_server_restart_fetches_missed_messages(server, ana, t
             f"    message_store(room_id={room!r}, user_id='dev-cleo', username='Cleo',"
             " content=text, metadata=None, client_message_id=None)\n",
         ],
-        worker.env,
-        tmp_path / "insert-missed.log",
+        env=worker.env,
+        log_path=tmp_path / "insert-missed.log",
     )
     assert not any(body.startswith("missed") for body in ana.bodies())
 
     worker.stop()  # SIGTERM: the page gets close 4012 and retries with backoff
     ana.wait(lambda: ana.status() in {"waiting", "connecting"}, "the drop to be noticed")
-    restarted = start_worker(1, worker.port, worker.env, worker.stdout_path.parent)
+    restarted = worker_start(
+        index=1, port=worker.port, env=worker.env, log_dir=worker.stdout_path.parent
+    )
     server[0] = restarted
     restarted.wait_listening(20)
     ana.wait_connected()

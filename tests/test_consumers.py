@@ -96,13 +96,13 @@ async def test_join_and_leave_notices_go_to_others_once_per_user(clients):
     user_joined = await alice.recv()
     assert user_joined["type"] == "user_joined"
     assert user_joined["user_id"] == "bob" and user_joined["status"] == "online"
-    await bob.expect_silence()  # the newcomer is not told about itself
+    await bob.expect_nothing_pending()  # the newcomer is not told about itself
 
     bob2 = await clients.join("lobby", "bob")  # a second socket: no notice
     assert [u["connection_count"] for u in bob2.presence["users"] if u["user_id"] == "bob"] == [2]
-    await alice.expect_silence()
+    await alice.expect_nothing_pending()
     await bob2.close()
-    await alice.expect_silence()  # bob still has a socket in the room
+    await alice.expect_nothing_pending()  # bob still has a socket in the room
 
     await bob.close()
     left = await alice.recv()
@@ -249,8 +249,8 @@ async def test_user_in_two_rooms_gets_each_rooms_traffic_on_its_own_socket(clien
     assert (await alice_a.recv())["type"] == "typing"
     await carol.send({"type": "message", "content": "for room b"})
     assert (await alice_b.recv())["content"] == "for room b"
-    await alice_a.expect_silence()
-    await alice_b.expect_silence()
+    await alice_a.expect_nothing_pending()
+    await alice_b.expect_nothing_pending()
 
 
 async def test_history_on_join_has_the_last_messages(clients, settings):
@@ -482,7 +482,7 @@ async def test_user_id_spoofing_is_refused(clients):
     await bob.expect_error("USER_ID_MISMATCH")
     await bob.send({"type": "typing", "is_typing": True, "user_id": "alice"})
     await bob.expect_error("USER_ID_MISMATCH")
-    await alice.expect_silence()
+    await alice.expect_nothing_pending()
     assert await database_sync_to_async(ChatMessage.objects.count)() == 0
 
 

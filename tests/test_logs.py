@@ -15,7 +15,8 @@ from asgiref.sync import sync_to_async
 
 from chat import worker
 from chat.logs import JsonFormatter, bind_log_context
-from tests.servers import ROOT, server_env
+from chat.testing.processes import ROOT
+from tests.servers import server_env
 
 
 class Records(logging.Handler):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from chat.logs import JsonFormatter
+from chat.testing.client import token_for
 from tests.logscan import (
     RUN,
     SAMPLE_FILE,
@@ -20,7 +21,6 @@ from tests.logscan import (
     scan_tree,
     suite_runs,
 )
-from tests.servers import token_for
 
 SAMPLE = payload_values({"content": json.loads(SAMPLE_FILE.read_text())})
 RUNS = known_runs([SAMPLE])

@@ -1,5 +1,7 @@
-"""Overload is visible (chat/overload.py): a late event loop or a storage backlog counts in
-`clarity_overload_ticks_total` and logs a warning; a worker keeping up stays quiet."""
+"""Overload is visible (chat/overload.py): a late event loop, a storage backlog or late room
+frames count in `clarity_overload_ticks_total` and log a warning, at most one per
+WARNING_EVERY; a worker keeping up stays quiet. The ticks are given their lag and time here:
+nothing blocks the loop or waits for time to pass."""
 
 from __future__ import annotations
 
@@ -10,58 +12,83 @@ import time
 
 from prometheus_client import REGISTRY
 
-from chat.overload import DeliveryDelays, watch_overload
+from chat.overload import WARNING_EVERY, DeliveryDelays, OverloadWatch, watch_overload
 
 
-async def watched(
-    backlog: list[int],
-    seconds: float,
-    *,
-    block: float = 0.0,
-    delays: DeliveryDelays | None = None,
-) -> int:
-    """Run the watch for `seconds` (blocking the loop for `block` s once); ticks counted."""
-    delays = delays or DeliveryDelays()
-    before = REGISTRY.get_sample_value("clarity_overload_ticks_total")
-    task = asyncio.create_task(
-        watch_overload(store_backlog=lambda: backlog[0], delays=delays, interval=0.05)
-    )
-    await asyncio.sleep(0.02)
-    if block:
-        time.sleep(block)  # the worker busy with something else: the loop cannot run
-    await asyncio.sleep(seconds)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return int(REGISTRY.get_sample_value("clarity_overload_ticks_total") - before)
+def overload_ticks() -> float:
+    return REGISTRY.get_sample_value("clarity_overload_ticks_total")
 
 
-async def test_a_worker_keeping_up_is_quiet(caplog, settings):
+def watch_of(backlog: int = 0, delays: DeliveryDelays | None = None) -> OverloadWatch:
+    return OverloadWatch(store_backlog=lambda: backlog, delays=delays or DeliveryDelays())
+
+
+def test_a_worker_keeping_up_is_quiet(caplog, settings):
+    settings.CHAT_OVERLOAD_LAG = 0.1
+    settings.CHAT_OVERLOAD_BACKLOG = 10
+    watch = watch_of(backlog=10)
+    before = overload_ticks()
     with caplog.at_level(logging.WARNING, logger="chat.overload"):
-        assert await watched([0], 0.3) == 0
+        assert not any(watch.tick(lag=lag, now=n * 0.5) for n, lag in enumerate([0, 0.05, 0.1]))
+    assert overload_ticks() == before
     assert not caplog.records
 
 
-async def test_a_late_event_loop_is_counted_and_logged_once(caplog, settings):
+def test_a_late_event_loop_is_counted_and_logged_once(caplog, settings):
     settings.CHAT_OVERLOAD_LAG = 0.1
+    watch = watch_of()
+    before = overload_ticks()
     with caplog.at_level(logging.WARNING, logger="chat.overload"):
-        assert await watched([0], 0.2, block=0.3) >= 1
+        assert watch.tick(lag=0.3, now=0)
+        assert watch.tick(lag=0.2, now=0.8)
+        assert not watch.tick(lag=0, now=1.3)
+    assert overload_ticks() == before + 2
     [record] = caplog.records
-    assert record.getMessage().startswith("worker overloaded: event loop")
+    assert record.getMessage().startswith("worker overloaded: event loop 300 ms late")
 
 
-async def test_messages_waiting_to_be_stored_count_as_overload(caplog, settings):
+def test_messages_waiting_to_be_stored_count_as_overload(caplog, settings):
     settings.CHAT_OVERLOAD_BACKLOG = 10
+    watch = watch_of(backlog=11)
+    before = overload_ticks()
     with caplog.at_level(logging.WARNING, logger="chat.overload"):
-        assert await watched([11], 0.3) >= 3
-    assert len(caplog.records) == 1  # one warning per WARNING_EVERY, not one per tick
+        assert all(watch.tick(lag=0, now=n * 0.5) for n in range(3))
+        assert len(caplog.records) == 1  # one warning per WARNING_EVERY, not one per tick
+        assert watch.tick(lag=0, now=WARNING_EVERY)
+    assert overload_ticks() == before + 4
+    assert len(caplog.records) == 2
     assert "11 messages waiting to be stored" in caplog.text
 
 
-async def test_room_frames_delivered_late_count_as_overload(caplog, settings):
+def test_room_frames_delivered_late_count_as_overload(caplog, settings):
     settings.CHAT_OVERLOAD_LAG = 0.1
     delays = DeliveryDelays()
     delays.delivered(sent_at=time.time() - 0.5)  # queued half a second on its way here
+    watch = watch_of(delays=delays)
     with caplog.at_level(logging.WARNING, logger="chat.overload"):
-        assert await watched([0], 0.3, delays=delays) == 1  # counted once: taken, then reset
+        assert watch.tick(lag=0, now=0)
+        assert not watch.tick(lag=0, now=0.5)  # counted once: taken, then reset
     assert "room frames delivered up to 5" in caplog.text
+
+
+async def test_the_watch_runs_on_the_event_loop(caplog, settings):
+    settings.CHAT_OVERLOAD_BACKLOG = 10
+    looked = asyncio.Event()
+
+    def backlog() -> int:
+        looked.set()
+        return 11
+
+    before = overload_ticks()
+    with caplog.at_level(logging.WARNING, logger="chat.overload"):
+        task = asyncio.create_task(
+            watch_overload(store_backlog=backlog, delays=DeliveryDelays(), interval=0.01)
+        )
+        try:
+            await asyncio.wait_for(looked.wait(), 10)  # a tick is one synchronous step
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert overload_ticks() >= before + 1
+    assert "11 messages waiting to be stored" in caplog.text

@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from chat.testing.client import ChatSocket, token_for
+from chat.testing.processes import ROOT, Worker
 from clarity_project.serve import daphne_arguments
-from tests.servers import ROOT, ChatSocket, Worker, run_workers, server_env, token_for
+from tests.servers import run_workers, server_env
 
 # Not the default, so the test shows that the launcher passes the setting to daphne.
 LIMIT = 1_200_000

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.servers import ChatSocket, Worker, run_workers
+from chat.testing.client import ChatSocket
+from chat.testing.processes import Worker
+from tests.servers import run_workers
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ async def test_two_users_chat_type_heartbeat_and_leave(sockets):
     user_joined = await alice.expect("user_joined")
     assert user_joined["user_id"] == "bob" and user_joined["username"] == "Bob"
     assert user_joined["status"] == "online"
-    await bob.expect_silence(0.1)  # no join notice about oneself
+    await bob.barrier()  # no join notice about oneself
 
     await alice.send({"type": "message", "content": "  hello bob  ", "message_id": "c-1"})
     to_alice = await alice.expect("message")
@@ -90,7 +92,7 @@ async def test_two_users_chat_type_heartbeat_and_leave(sockets):
     ack = await alice.expect("heartbeat_ack")
     assert ack["client_timestamp"] == stamp
     assert ack["server_timestamp"].endswith("Z")
-    await bob.expect_silence(0.1)  # the ack goes to the sender only
+    await bob.barrier()  # the ack goes to the sender only
 
     # Bob leaves while still "typing": the room sees the typing withdrawn, then the notices.
     await bob.close()
@@ -169,9 +171,13 @@ async def test_sigterm_closes_sockets_4012_and_ends_sessions(tmp_path):
             await client.expect_error("SERVICE_UNAVAILABLE", timeout=10)
             await client.expect_close(4012, timeout=10)
         assert worker.reap(timeout=15) == 0, worker.logs()
-    with sqlite3.connect(tmp_path / "e2e.sqlite3") as db:
-        rows = db.execute("select close_code, close_reason, disconnected_at from chat_chatsession")
-        assert [(code, reason) for code, reason, ended in rows if ended] == [
-            (4012, "shutdown"),
-            (4012, "shutdown"),
-        ]
+        # Read before run_workers ends: the workers' database goes with them.
+        database = worker.env["DATABASE_URL"].removeprefix("sqlite:///")
+        with sqlite3.connect(database) as db:
+            rows = db.execute(
+                "select close_code, close_reason, disconnected_at from chat_chatsession"
+            )
+            assert [(code, reason) for code, reason, ended in rows if ended] == [
+                (4012, "shutdown"),
+                (4012, "shutdown"),
+            ]

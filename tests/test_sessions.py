@@ -49,7 +49,7 @@ async def test_dead_workers_sessions_are_ended_and_their_users_shown_as_left(cli
     left = await alice.recv()
     assert left["type"] == "system" and left["content"] == "Bob left the chat"
     assert (await alice.recv())["type"] == "user_left"
-    await alice.expect_silence()  # once per user, not per session
+    await alice.expect_nothing_pending()  # once per user, not per session
     await database_sync_to_async(ghost.refresh_from_db)()
     assert ghost.disconnected_at is not None and ghost.close_reason == "worker_lost"
     assert await reap_dead_workers(exclude={WORKER_ID}) == 0
@@ -60,7 +60,7 @@ async def test_live_workers_sessions_are_kept(clients):
     worker_mark_alive(worker_id="live-worker")
     await open_foreign_session(user_id="bob", room_id="lobby", worker_id="live-worker")
     assert await reap_dead_workers(exclude={WORKER_ID}) == 0
-    await alice.expect_silence()
+    await alice.expect_nothing_pending()
 
 
 async def test_no_left_notice_while_the_user_is_still_connected_elsewhere(clients):
@@ -69,7 +69,7 @@ async def test_no_left_notice_while_the_user_is_still_connected_elsewhere(client
     await alice.recv_type("user_joined")
     await open_foreign_session(user_id="bob", room_id="lobby", worker_id="dead-worker")
     assert await reap_dead_workers(exclude={WORKER_ID}) == 1
-    await alice.expect_silence()
+    await alice.expect_nothing_pending()
 
 
 async def test_the_worker_reaps_by_itself(clients, settings):
@@ -84,7 +84,7 @@ async def test_this_workers_own_sessions_are_never_reaped(clients):
     alice = await clients.join("lobby", "alice")
     shared_state().clear()  # even with its liveness key gone
     assert await reap_dead_workers(exclude={WORKER_ID}) == 0
-    await alice.expect_silence()
+    await alice.expect_nothing_pending()
 
 
 async def test_reapsessions_command_needs_redis_or_all():

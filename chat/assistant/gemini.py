@@ -20,6 +20,7 @@ from google.genai import types
 from chat.assistant.base import AssistantError, AssistantReply, AssistantRequest
 from chat.assistant.breaker import breaker_allow, breaker_record_failure, breaker_record_success
 from chat.assistant.prompts import build_prompt, parse_reply
+from chat.timers import Clock, LoopClock
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _build_client() -> genai.Client:
 class GeminiProvider:
     name = "gemini"
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock | None = None) -> None:
         if not settings.GEMINI_API_KEY and not settings.GOOGLE_CLOUD_PROJECT:
             raise ImproperlyConfigured(
                 "ASSISTANT_PROVIDER=gemini needs GEMINI_API_KEY or GOOGLE_CLOUD_PROJECT"
@@ -68,6 +69,8 @@ class GeminiProvider:
         # Built on first use and then reused: it holds the HTTP connection pool. Two first
         # calls racing may each build one; the loser is simply dropped.
         self._client: genai.Client | None = None
+        # The breaker's notion of now (its open period is wall-clock time).
+        self.clock: Clock = clock or LoopClock()
 
     async def _client_ready(self) -> genai.Client:
         if self._client is None:
@@ -97,15 +100,18 @@ class GeminiProvider:
             raise AssistantError(f"no text in the model's reply (finish reason {reason})")
         return text
 
-    async def _record(self, record: Callable[..., None]) -> None:
+    def _now(self) -> float:
+        return self.clock.now().timestamp()
+
+    async def _record(self, record: Callable[..., None], **kwargs: float) -> None:
         try:
-            await asyncio.to_thread(record, name=self.name)
+            await asyncio.to_thread(record, name=self.name, **kwargs)
         except Exception:
             logger.warning("circuit breaker update failed for %s", self.name, exc_info=True)
 
     async def reply(self, request: AssistantRequest) -> AssistantReply:
         try:
-            permit = await asyncio.to_thread(breaker_allow, name=self.name)
+            permit = await asyncio.to_thread(breaker_allow, name=self.name, now=self._now())
         except Exception as exc:
             raise AssistantError("circuit breaker state unavailable") from exc
         if not permit.allowed:
@@ -117,7 +123,7 @@ class GeminiProvider:
                 text = await self._generate(client, request)
             reply = parse_reply(text=text, provider=self.name)
         except Exception as exc:
-            await self._record(breaker_record_failure)
+            await self._record(breaker_record_failure, now=self._now())
             if isinstance(exc, AssistantError):
                 raise
             raise AssistantError(f"Gemini call failed: {type(exc).__name__}") from exc
