@@ -766,15 +766,22 @@ async function start() {
     const room = roomInAddress();
     if (state.me && room && room !== state.connection?.room) joinRoom(room);
   });
+  // The sign-in card stays hidden until a returning user's sign-in has been tried, so it
+  // never shows (and takes input) only to vanish.
   state.signIn = await createSignIn();
-  if (state.signIn === null) return;
+  if (state.signIn === null) {
+    $("sign-in").hidden = false;
+    return;
+  }
   state.api = new RoomsApi({ base: config.apiBase, tokens: state.signIn });
   wireSignIn();
   state.signIn.addEventListener("token", (event) => state.connection?.updateToken(event.detail));
   try {
     const user = await state.signIn.restore();
     if (user) signedIn(user);
+    else $("sign-in").hidden = false;
   } catch (error) {
+    $("sign-in").hidden = false;
     showAlert(`Sign-in is unavailable: ${error.message}`);
   }
 }
