@@ -21,6 +21,7 @@ from chat.layers import InMemoryChannelLayer
 from chat.models import ChatSession
 from chat.protocol import Close, ErrorCode
 from chat.pubsub import RedisPubSubChannelLayer
+from chat.testing.waiting import until
 from tests.conftest import ChatClient, read_join, token_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -39,16 +40,6 @@ class LayerCounts:
         after = [REGISTRY.get_sample_value(name) or 0 for name in self.NAMES]
         overflows, dropped = (now - then for now, then in zip(after, self.before, strict=True))
         return overflows, dropped
-
-
-async def eventually(condition, *, what: str, timeout: float = 5) -> None:
-    """Wait until `condition()` holds, checking at every turn of the event loop."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await asyncio.sleep(0)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout} s: {what}") from None
 
 
 # --- the in-memory layer on its own ---------------------------------------------------------
@@ -155,11 +146,12 @@ async def test_a_socket_that_falls_behind_is_closed_4009_and_the_senders_go_on(c
         for member in senders:  # carol's join notices, the last frames before the flood
             while (await member.recv_type("user_joined"))["user_id"] != "carol":
                 pass
+
         # ... and her socket has taken its copies (it skips them) off its queue.
-        await eventually(
-            lambda: channel not in layer.channels or layer.channels[channel].empty(),
-            what="carol's join notices read",
-        )
+        async def notices_read() -> bool:
+            return channel not in layer.channels or layer.channels[channel].empty()
+
+        await until(notices_read, step=0, what="carol's join notices read")
 
         counts = LayerCounts()
         longest = 0

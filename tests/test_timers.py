@@ -14,7 +14,7 @@ from channels.layers import get_channel_layer
 from chat.models import ChatSession
 from chat.rooms import room_event, room_group, user_group, worker_group
 from chat.testing.clock import ManualClock
-from chat.testing.waiting import eventually
+from chat.testing.waiting import until
 from chat.timers import Due, SocketTimers, TimerIntervals
 from tests.conftest import read_join, token_for
 
@@ -259,7 +259,9 @@ async def test_heartbeats_write_every_sockets_liveness_in_one_batch(clients, clo
         rows = list(ChatSession.objects.filter(user_id__in=["alice", "bob"]).order_by("user_id"))
         return rows if rows[0].messages_sent == 1 else []
 
-    rows = await eventually(written, timeout=10, what="the liveness batch written")
+    rows = await until(
+        database_sync_to_async(written), timeout=10, what="the liveness batch written"
+    )
     assert [row.messages_sent for row in rows] == [1, 0]
     # Both written by the batch: their last inbound frame, by the clock that noted it (time
     # 0 on the manual clock: alice's message, bob's join).
