@@ -1,6 +1,7 @@
 from collections import deque
 
 from django.apps import AppConfig
+from django.contrib.admin import apps as admin_apps
 
 # With DEBUG, Django keeps the last 9,000 SQL statements of each database connection
 # (`connection.queries`) and empties the list at each HTTP request. WebSocket sessions are
@@ -27,3 +28,11 @@ class ChatConfig(AppConfig):
 
         post_save.connect(room_saved, sender=Room, dispatch_uid="chat.room_saved")
         connection_created.connect(cap_debug_query_log, dispatch_uid="chat.cap_debug_query_log")
+
+
+class ClarityAdminConfig(admin_apps.AdminConfig):
+    """Django's admin, with this project's site as `admin.site` (chat/adminsite.py). Named in
+    INSTALLED_APPS in place of `django.contrib.admin`; not the `chat` app's own config."""
+
+    default = False
+    default_site = "chat.adminsite.ClarityAdminSite"

@@ -1,7 +1,7 @@
 """System checks: configurations that must not start."""
 
 from django.conf import settings
-from django.core.checks import Error, register, run_checks
+from django.core.checks import Error, Warning, register, run_checks
 
 from chat.auth import emulator_mode
 
@@ -57,6 +57,21 @@ def assistant_configured(app_configs, **kwargs):
                 f"ASSISTANT_MODE={settings.ASSISTANT_MODE!r} is not a mode.",
                 hint="Use always, mention or off, or leave it empty (by room kind).",
                 id="chat.E004",
+            )
+        ]
+    return []
+
+
+@register(TAG)
+def admin_two_factor_in_production(app_configs, **kwargs):
+    if not settings.DEBUG and not settings.ADMIN_REQUIRE_2FA:
+        return [
+            Warning(
+                "ADMIN_REQUIRE_2FA is off while DEBUG is off.",
+                hint="The admin shows health data: production requires a second factor. "
+                "Give each staff user a device (manage.py addtotpdevice), then set "
+                "ADMIN_REQUIRE_2FA=1 (the default without DEBUG).",
+                id="chat.W001",
             )
         ]
     return []

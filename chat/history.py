@@ -40,14 +40,22 @@ def messages_store(*, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def message_frame(message: ChatMessage) -> dict[str, Any]:
-    """The `message` frame of a stored message; its timestamp is when it was stored."""
+    """The `message` frame of a stored message; its timestamp is when it was stored. An
+    edited message shows its current content and `metadata.edited_at`; a deleted one keeps
+    its place with `content: null` and only `metadata.deleted_at` (protocol §12)."""
+    content: str | None = message.content
+    metadata = message.metadata
+    if message.deleted_at is not None:
+        content, metadata = None, {"deleted_at": iso(message.deleted_at)}
+    elif message.edited_at is not None:
+        metadata = {**(metadata or {}), "edited_at": iso(message.edited_at)}
     payload = frame(
         MessageType.MESSAGE,
         message_id=str(message.pk),
-        content=message.content,
+        content=content,
         user_id=message.user_id,
         username=message.username,
-        metadata=message.metadata,
+        metadata=metadata,
         client_message_id=message.client_message_id,
         room_id=message.room_id,
     )

@@ -1,5 +1,6 @@
 import uuid
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -84,6 +85,13 @@ class ChatUser(models.Model):
     username = models.CharField(max_length=255)
     first_seen = models.DateTimeField(default=timezone.now)
 
+    class Meta:
+        # The admin's actions on one user's data (chat/userdata.py), each audited.
+        permissions = [
+            ("export_chatuser", "Can export a chat user's data"),
+            ("erase_chatuser", "Can erase a chat user's data"),
+        ]
+
     def __str__(self) -> str:
         return f"{self.username} ({self.user_id})"
 
@@ -96,12 +104,43 @@ class ChatMessage(models.Model):
     metadata = models.JSONField(null=True, blank=True)
     client_message_id = models.CharField(max_length=128, null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # Set by an edit (chat.edits.message_edit), which keeps what it replaced as a
+    # MessageVersion; history frames then carry it as `metadata.edited_at` (protocol §12).
+    edited_at = models.DateTimeField(null=True, blank=True)
+    # Set when the message is deleted, its content emptied and its metadata removed (an
+    # erasure, chat.userdata.user_erase): it keeps its id and place in the room's history,
+    # whose frames show it with `content: null` and `metadata.deleted_at` (protocol §12).
+    deleted_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["room", "id"], name="chat_message_room_id")]
 
     def __str__(self) -> str:
+        # No content: this is what the admin's pages, history and deletion pages name.
         return f"#{self.pk} {self.username} in {self.room_id}"
+
+
+class EditorKind(models.TextChoices):
+    USER = "user", "User (the author)"
+    OPERATOR = "operator", "Operator (the admin)"
+
+
+class MessageVersion(models.Model):
+    """What a message said until an edit replaced it: its content and metadata then, and who
+    replaced them when (`editor` is a user id or, for an operator, the staff username)."""
+
+    message = models.ForeignKey(ChatMessage, on_delete=models.CASCADE, related_name="versions")
+    content = models.TextField()
+    metadata = models.JSONField(null=True, blank=True)
+    edited_at = models.DateTimeField(default=timezone.now)
+    editor_kind = models.CharField(max_length=8, choices=EditorKind.choices)
+    editor = models.CharField(max_length=150)
+
+    class Meta:
+        indexes = [models.Index(fields=["message", "id"], name="chat_version_message_id")]
+
+    def __str__(self) -> str:
+        return f"#{self.message_id} before {self.edited_at:%Y-%m-%d %H:%M:%S}"
 
 
 class Endpoint(models.TextChoices):
@@ -153,3 +192,51 @@ class ChatSession(models.Model):
 
     def __str__(self) -> str:
         return f"{self.username} in {self.room_id} ({self.session_id})"
+
+
+class AuditAction(models.TextChoices):
+    VIEW = "view", "Viewed"
+    SEARCH = "search", "Searched"
+    ADD = "add", "Added"
+    CHANGE = "change", "Changed"
+    DELETE = "delete", "Deleted"
+    EXPORT = "export", "Exported"
+    LOGIN = "login", "Signed in"
+    LOGIN_REFUSED = "login_refused", "Sign-in refused"
+
+
+class ActorKind(models.TextChoices):
+    STAFF = "staff", "Staff (admin)"
+    USER = "user", "Chat user"
+    COMMAND = "command", "Operator (manage.py)"
+
+
+class AuditEntry(models.Model):
+    """One access to health data or the admin: who, when, what, from where (chat/audit.py).
+    Never what was read: a search is recorded by its length and fields, not its text.
+    Append-only: the admin shows entries to superusers and lets nobody change them."""
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor_kind = models.CharField(max_length=8, choices=ActorKind.choices)
+    # The staff username or chat user id, kept as it was (the account may change or go).
+    actor = models.CharField(max_length=150, db_index=True)
+    staff_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Empty for a chat user, a refused sign-in, or a deleted account.",
+    )
+    action = models.CharField(max_length=16, choices=AuditAction.choices)
+    model = models.CharField(max_length=100, blank=True, help_text="app_label.model")
+    object_id = models.CharField(max_length=255, blank=True)
+    details = models.JSONField(default=dict, blank=True)
+    client_address = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        verbose_name_plural = "audit entries"
+        indexes = [models.Index(fields=["model", "object_id"], name="chat_audit_object")]
+
+    def __str__(self) -> str:
+        return f"{self.actor} {self.action} {self.model} {self.object_id}".rstrip()

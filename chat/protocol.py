@@ -161,7 +161,7 @@ class Close(Enum):
 # --- Inbound schemas ------------------------------------------------------------------------
 
 
-def _storable_text(value: str) -> str:
+def storable_text(value: str) -> str:
     """Reject what no database or UTF-8 encoder takes: NUL and lone surrogates."""
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
@@ -177,10 +177,10 @@ def _storable_json(value: Any) -> Any:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            _storable_text(item)
+            storable_text(item)
         elif isinstance(item, dict):
             for key, inner in item.items():
-                _storable_text(key)
+                storable_text(key)
                 stack.append(inner)
         elif isinstance(item, list):
             stack.extend(item)
@@ -207,9 +207,9 @@ def _client_metadata(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-Text = Annotated[str, AfterValidator(_storable_text)]
+Text = Annotated[str, AfterValidator(storable_text)]
 ClientId = Annotated[
-    str, Field(min_length=1, max_length=CLIENT_ID_MAX_CHARS), AfterValidator(_storable_text)
+    str, Field(min_length=1, max_length=CLIENT_ID_MAX_CHARS), AfterValidator(storable_text)
 ]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json)]
 

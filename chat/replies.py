@@ -39,9 +39,10 @@ def wants_reply(*, mode: str, content: str) -> bool:
 
 
 def room_context(*, room_id: str, before_id: int, limit: int) -> list[tuple[str, str]]:
-    """The room's messages before the question, oldest first, as (username, content)."""
+    """The room's messages before the question, oldest first, as (username, content);
+    deleted ones left out."""
     rows = (
-        ChatMessage.objects.filter(room_id=room_id, id__lt=before_id)
+        ChatMessage.objects.filter(room_id=room_id, id__lt=before_id, deleted_at__isnull=True)
         .order_by("-id")
         .values_list("username", "content")[:limit]
     )

@@ -7,6 +7,7 @@ exact even when a user's sockets are on different workers.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -310,6 +311,23 @@ def sessions_terminate(*, session_ids: list[str]) -> int:
     for channel in channels:
         async_to_sync(layer.send)(channel, {"type": "session.terminate"})
     return len(channels)
+
+
+# How often `sessions_wait_ended` looks whether the sessions have ended.
+ENDED_POLL_SECONDS = 0.05
+
+
+def sessions_wait_ended(*, session_ids: list[str], timeout: float) -> int:
+    """Wait, at most `timeout` seconds, until these sessions have ended (their sockets, on
+    whichever worker, closed); how many are still open. Blocking: call from a thread."""
+    deadline = time.monotonic() + timeout
+    while True:
+        still_open = ChatSession.objects.filter(
+            session_id__in=session_ids, disconnected_at__isnull=True
+        ).count()
+        if not still_open or time.monotonic() >= deadline:
+            return still_open
+        time.sleep(ENDED_POLL_SECONDS)
 
 
 def sessions_open_on(*, worker_id: str) -> bool:

@@ -6,6 +6,7 @@ cache) only by environment variables. The README's configuration table lists the
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -70,14 +71,58 @@ if not SECRET_KEY:
 # ALLOWED_HOSTS: comma-separated host names this server answers for.
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 
+# --- HTTPS behind the TLS proxy (deploy/nginx.conf) ----------------------------------------
+# Production terminates TLS in nginx, which talks plain HTTP to the workers and says which
+# scheme the client used in X-Forwarded-Proto (it sets the header itself on every location,
+# replacing any a client sent). `manage.py check --deploy --fail-level WARNING` passes with
+# deploy/clarity.env.example's values (tests/test_deploy.py); the migrate unit runs it before
+# the workers start.
+
+# SECURE_PROXY_SSL_HEADER: the header through which the proxy tells the client's scheme
+# (`X-Forwarded-Proto`); a request is HTTPS when it says `https`. Empty (the default): the
+# scheme is the worker's own. Set it only behind a proxy that always overwrites the header,
+# or a client could claim HTTPS. (daphne's --proxy-headers, on in the systemd unit, reads the
+# same header; Django then reads it alike under any server.)
+_proxy_ssl_header = env_str("SECURE_PROXY_SSL_HEADER")
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https") if _proxy_ssl_header else None
+)
+# SECURE_SSL_REDIRECT: answer plain-HTTP requests with a redirect to HTTPS (nginx redirects
+# port 80 already; this catches anything that reached a worker another way). Off by default:
+# without TLS in front, every page would redirect to an address nothing serves. The probes'
+# endpoints are exempt, so the load balancer may ask a worker directly.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_REDIRECT_EXEMPT = [r"^(healthz|readyz|metrics)$"]
+# SECURE_HSTS_SECONDS: Strict-Transport-Security max-age on HTTPS responses: browsers then
+# refuse plain HTTP to this host for that long (production: 31536000, a year). 0 (default):
+# no header; enable it only once HTTPS works, it cannot be taken back before it expires.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+# SECURE_HSTS_INCLUDE_SUBDOMAINS / SECURE_HSTS_PRELOAD: the header's includeSubDomains and
+# preload directives (preload only allows submitting the domain to browsers' preload lists,
+# a separate, manual step).
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# SESSION_COOKIE_SECURE / CSRF_COOKIE_SECURE: the admin's session and CSRF cookies are sent
+# over HTTPS only. Default: on unless DEBUG (browsers accept them from http://localhost).
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
+# CSRF_TRUSTED_ORIGINS: comma-separated origins (https://chat.example.com) whose forms may
+# post to the admin, besides the request's own host and scheme.
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
 INSTALLED_APPS = [
     "daphne",  # first, so `runserver` serves ASGI (WebSockets included)
-    "django.contrib.admin",
+    # Django's admin with this project's site (chat/adminsite.py: two-factor sign-in when
+    # ADMIN_REQUIRE_2FA, sign-ins audited).
+    "chat.apps.ClarityAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "axes",
     "channels",
     "chat",
 ]
@@ -88,8 +133,16 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",  # request.user.is_verified(): signed in with 2FA
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last: turns a locked-out sign-in into its refusal
+]
+
+# django-axes first: it refuses a locked-out sign-in before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "clarity_project.urls"
@@ -267,7 +320,8 @@ CHAT_MAX_DIRECT_ROOMS_PER_USER = env_int("CHAT_MAX_DIRECT_ROOMS_PER_USER", 500)
 # Room.max_users for who may be in one at once).
 CHAT_MAX_MEMBERS_PER_ROOM = env_int("CHAT_MAX_MEMBERS_PER_ROOM", 200)
 # CHAT_REVOKE_TIMEOUT: seconds a member removal waits for the removed user's open sockets in
-# that room, on every worker, to be closed before it answers.
+# that room, on every worker, to be closed before it answers; an erasure of a user's data
+# waits as long for all of that user's sockets.
 CHAT_REVOKE_TIMEOUT = env_float("CHAT_REVOKE_TIMEOUT", 5)
 # CHAT_STAFF_CLAIM: the custom token claim (true) that makes a user an operator for the HTTP
 # companions (`/api/v1/ws/chat/stats`); Django staff signed in to the admin are operators too.
@@ -326,6 +380,20 @@ if CHAT_REAP_INTERVAL * 2 > CHAT_WORKER_TTL:
 # close with 4012 and their sessions to end before it exits.
 CHAT_SHUTDOWN_GRACE = env_float("CHAT_SHUTDOWN_GRACE", 10)
 
+# --- Retention (manage.py purgechat; chat/retention.py) -------------------------------------
+
+# CHAT_MESSAGE_RETENTION_DAYS: messages (with their earlier versions) older than this many
+# days are deleted by `manage.py purgechat` (daily: deploy/clarity-chat-purge.timer). 0 (the
+# default): kept forever.
+CHAT_MESSAGE_RETENTION_DAYS = env_int("CHAT_MESSAGE_RETENTION_DAYS", 0)
+# CHAT_SESSION_RETENTION_DAYS: sessions (connection records: client address, user agent,
+# times) that ended more than this many days ago are deleted by the same command; open
+# sessions never are. Separate from messages: these are the connection trail a security
+# review reads, often kept for a different time. 0 (the default): kept forever.
+CHAT_SESSION_RETENTION_DAYS = env_int("CHAT_SESSION_RETENTION_DAYS", 0)
+if CHAT_MESSAGE_RETENTION_DAYS < 0 or CHAT_SESSION_RETENTION_DAYS < 0:
+    raise ImproperlyConfigured("A retention is a number of days, 0 to keep forever")
+
 # --- Assistant and health analysis (protocol §7) ---------------------------------------------
 
 # ASSISTANT_PROVIDER: `builtin` (deterministic, no network; the embedded default) or `gemini`.
@@ -373,6 +441,42 @@ CHAT_ALLOWED_ORIGINS = env_list(
 # CHAT_ALLOW_NO_ORIGIN: accept handshakes without an Origin header (native apps).
 CHAT_ALLOW_NO_ORIGIN = env_bool("CHAT_ALLOW_NO_ORIGIN", True)
 
+# --- Admin (operators) -----------------------------------------------------------------------
+
+# The admin sees health data (chat content): who opens, searches, changes, deletes or exports
+# what is recorded (chat/audit.py, AuditEntry, readable by superusers only), from the address
+# Django sees, REMOTE_ADDR. Behind the proxy that is the client's address only if the proxy
+# sets it: daphne's --proxy-headers (the systemd unit) takes the first X-Forwarded-For entry,
+# so the proxy must overwrite that header, never append to one the client sent
+# (deploy/nginx.conf). Django itself never reads X-Forwarded-For.
+
+# ADMIN_REQUIRE_2FA: the admin signs in staff only with a password and a verified one-time
+# password device (TOTP, django-otp; `manage.py addtotpdevice <username>` makes one). Default:
+# on with DEBUG off; required in production (a system check warns when it is off there).
+ADMIN_REQUIRE_2FA = env_bool("ADMIN_REQUIRE_2FA", not DEBUG)
+# A device's secret is never shown again in the admin (whoever could read it could pass for
+# its owner): `manage.py addtotpdevice` prints it once, to the operator who makes it.
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True
+OTP_TOTP_ISSUER = "Clarity Chat"  # the account's name in the authenticator app
+# ADMIN_LOGIN_FAILURE_LIMIT / ADMIN_LOGIN_LOCKOUT: this many failed admin sign-ins within
+# ADMIN_LOGIN_LOCKOUT seconds lock the username (whatever the address) and, separately, the
+# client address (whatever the username: password spraying): further sign-ins are refused
+# (429), even with the right password, until ADMIN_LOGIN_LOCKOUT seconds pass without
+# another attempt. A successful sign-in clears the count. Counted in the database
+# (django-axes), so across workers. `manage.py axes_reset_username <name>` and
+# `manage.py axes_reset_ip <address>` lift a lockout early.
+ADMIN_LOGIN_FAILURE_LIMIT = env_int("ADMIN_LOGIN_FAILURE_LIMIT", 5)
+ADMIN_LOGIN_LOCKOUT = env_int("ADMIN_LOGIN_LOCKOUT", 900)
+AXES_FAILURE_LIMIT = ADMIN_LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(seconds=ADMIN_LOGIN_LOCKOUT)
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "chat.audit.client_address"
+# Sign-ins and their refusals are in the audit (AuditEntry); axes keeps only the counters,
+# and logs no start-up banner (it would come before the worker has an id to log with).
+AXES_DISABLE_ACCESS_LOG = True
+AXES_VERBOSE = False
+
 # --- Logging --------------------------------------------------------------------------------
 
 # LOG_LEVEL: level of the application's own loggers (`chat.*`); DEBUG adds per-socket detail.
@@ -391,9 +495,18 @@ LOGGING = {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {"()": "chat.logs.JsonFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
+    # Every handler redacts (chat/logs.py): no token, credential or query string in any line,
+    # whoever logged it (Django attaches the request, whole URL included, to its 4xx/5xx).
+    "filters": {"redact": {"()": "chat.logs.RedactingFilter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["redact"],
+        }
+    },
     # One handler, on the root: the server's access log and daphne's, Django's and the
-    # libraries' records come out in the same format as ours.
+    # libraries' records come out in the same format as ours, redacted alike.
     "root": {"handlers": ["console"]},
     "loggers": {
         "chat": {"level": LOG_LEVEL},

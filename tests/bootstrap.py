@@ -5,7 +5,9 @@ Auth Emulator mode. Tests of the signed-token path switch emulator mode off them
 It also keeps everything the run logs, and scans it at the end (tests/logscan.py): every
 record of this process goes to `pytest.log` in the run's base temporary directory, where the
 server processes the tests start write their output too; after the last test, a token or a
-health payload value in any `*.log` file there fails the run, naming the file and line."""
+health payload value in any `*.log` file there fails the run, naming the file and line.
+Records reach `pytest.log` through the same redaction (chat.logs.RedactingFilter) as every
+handler of a server, so the scan reads what a server would write."""
 
 import logging
 import os
@@ -42,12 +44,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # Importing the ASGI application runs django.setup(), which reconfigures logging and so
     # drops the root's handlers; it does that once per process, so do it before adding ours.
     import clarity_project.asgi  # noqa: F401
-    from chat.logs import JsonFormatter
+    from chat.logs import JsonFormatter, RedactingFilter
 
     # pytest's own factory behind the tmp_path fixtures (fixtures are not available here).
     basetemp = session.config._tmp_path_factory.getbasetemp()
     handler = logging.FileHandler(basetemp / LOG_FILE, encoding="utf-8")
     handler.setFormatter(JsonFormatter())
+    # Like every handler of the project's LOGGING: the scan reads what a server would write.
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.addHandler(handler)
     # Libraries at INFO, as a server at daphne's default verbosity logs them.

@@ -238,3 +238,20 @@ def api():
     with respx.mock(using="httpcore2", assert_all_called=False) as router:
         router.generate = router.post(url__regex=GENERATE_URL.pattern)
         yield router
+
+
+@pytest.fixture
+def staff_user(django_user_model):
+    """A staff user who is not a superuser, given every permission there is (the audit's
+    too): what a superuser alone may do stays refused."""
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.create_user("olga", password="olga-pw", is_staff=True)
+    user.user_permissions.set(Permission.objects.all())
+    return user
+
+
+@pytest.fixture
+def staff_client(client, staff_user):
+    client.force_login(staff_user)
+    return client

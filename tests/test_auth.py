@@ -665,11 +665,13 @@ class TestSystemCheck:
     def test_real_firebase_without_debug_is_fine(self, settings, monkeypatch):
         monkeypatch.delenv(EMULATOR_ENV)
         settings.DEBUG = False
+        settings.ADMIN_REQUIRE_2FA = True  # its default without DEBUG (else: chat.W001)
         assert run_checks(tags=["clarity"]) == []
 
     def test_whitespace_emulator_host_counts_as_emulator_mode(self, settings, monkeypatch):
         monkeypatch.setenv(EMULATOR_ENV, " ")
         settings.DEBUG = False
+        settings.ADMIN_REQUIRE_2FA = True
         assert [e.id for e in run_checks(tags=["clarity"])] == ["chat.E001"]
 
     @pytest.mark.parametrize("value", [None, "", " ", "127.0.0.1:9099"])

@@ -373,7 +373,7 @@ function mySubtitle(entry) {
   const parts = [];
   if (last && typeof last === "object") {
     const author = last.user_id === AI_USER_ID ? "AI assistant" : last.username || last.user_id;
-    parts.push(`${author}: ${last.content ?? "(deleted)"}`);
+    parts.push(`${author}: ${last.content ?? "(message deleted)"}`);
   } else {
     parts.push(KIND_LABELS[entry.kind] || entry.kind || "");
   }
@@ -551,7 +551,9 @@ function rateLimited(seconds) {
 function messageElement(frame) {
   const mine = frame.user_id === state.me?.uid;
   const fromAi = frame.user_id === AI_USER_ID;
-  const classes = ["message", mine && "mine", fromAi && "ai"];
+  // A deleted (or erased) message keeps its place in history without its content (§12).
+  const deleted = frame.content === null;
+  const classes = ["message", mine && "mine", fromAi && "ai", deleted && "deleted"];
   const author = fromAi ? "AI assistant" : frame.username || frame.user_id;
   const meta = el(
     "div",
@@ -563,7 +565,7 @@ function messageElement(frame) {
     "li",
     { className: classes.filter(Boolean).join(" ") },
     meta,
-    el("p", { className: "body", text: frame.content }),
+    el("p", { className: "body", text: deleted ? "(message deleted)" : frame.content }),
   );
   li.dataset.userId = frame.user_id;
   if (frame.message_id !== null) li.dataset.messageId = frame.message_id;
