@@ -13,6 +13,7 @@ import respx
 from channels.db import database_sync_to_async
 from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
 from django.core.cache import caches
 
 from chat.devtokens import emulator_token
@@ -23,6 +24,19 @@ from chat.shared_state import shared_state
 from chat.testing.client import heartbeat_probe
 from tests.gemini_api import GENERATE_URL
 from tests.logscan import remember_sent
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, tmp_path_factory):
+    """The in-process tests' SQLite database is a file, as in production (WAL, busy
+    timeout), not Django's default shared-cache in-memory database: that one refuses a writer
+    at once while another thread reads a table ("database table is locked") where SQLite on a
+    file waits, so tests whose requests and sockets use the database from two threads (as
+    daphne runs them) failed now and then."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        name = tmp_path_factory.mktemp("database") / "test.sqlite3"
+        database.setdefault("TEST", {})["NAME"] = str(name)
 
 
 @pytest.fixture(autouse=True)
