@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -15,13 +16,16 @@ from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.core.cache import caches
+from django_otp.oath import totp
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from chat.devtokens import emulator_token
 from chat.models import ChatSession
 from chat.protocol import MessageType, frame
 from chat.rooms import room_event
-from chat.shared_state import shared_state
+from chat.shared_state import MemoryState, RedisState, SharedState, shared_state
 from chat.testing.client import heartbeat_probe
+from chat.testing.redis_server import REDIS_URL, redis_answers
 from tests.gemini_api import GENERATE_URL
 from tests.logscan import remember_sent
 
@@ -269,3 +273,39 @@ def staff_user(django_user_model):
 def staff_client(client, staff_user):
     client.force_login(staff_user)
     return client
+
+
+# --- helpers several test files share -------------------------------------------------------
+
+
+def use_backend(kind: str, settings) -> SharedState:
+    """The process's backend as settings choose it: memory, or Redis under a fresh prefix."""
+    if kind == "redis":
+        if not redis_answers():
+            pytest.skip(f"no Redis at {REDIS_URL}")
+        settings.REDIS_URL = REDIS_URL
+        settings.REDIS_PREFIX = f"test-state-{uuid.uuid4().hex}"
+    else:
+        settings.REDIS_URL = None
+    backend = shared_state()
+    assert isinstance(backend, RedisState if kind == "redis" else MemoryState)
+    return backend
+
+
+async def act_as_daphne(client, frames: list) -> None:
+    """What daphne does when the application closes a socket: the closing handshake, then
+    `websocket.disconnect` to the application. Records what the socket received."""
+    frames.append(await client.recv(timeout=5))
+    output = await client.communicator.receive_output(timeout=5)
+    frames.append(output)
+    await client.close()
+
+
+def totp_token(device: TOTPDevice) -> str:
+    """The device's current TOTP code."""
+    return f"{totp(device.bin_key, device.step, device.t0, device.digits, device.drift):06d}"
+
+
+def second_factor(device: TOTPDevice, otp_token: str) -> dict[str, str]:
+    """The admin login form's second-factor fields."""
+    return {"otp_device": device.persistent_id, "otp_token": otp_token}

@@ -16,7 +16,6 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.db.models import F
 from django.test import AsyncClient
-from django_otp.oath import totp
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from chat.checks import admin_two_factor_in_production
@@ -33,6 +32,7 @@ from chat.models import (
     Room,
 )
 from chat.protocol import iso
+from tests.conftest import second_factor, totp_token
 
 pytestmark = pytest.mark.django_db
 
@@ -303,14 +303,6 @@ def test_a_successful_sign_in_clears_the_count(client, django_user_model, settin
 # --- two-factor sign-in ----------------------------------------------------------------------
 
 
-def token(device: TOTPDevice) -> str:
-    return f"{totp(device.bin_key, device.step, device.t0, device.digits, device.drift):06d}"
-
-
-def second_factor(device: TOTPDevice, otp_token: str) -> dict[str, str]:
-    return {"otp_device": device.persistent_id, "otp_token": otp_token}
-
-
 def test_two_factor_is_required_when_set(client, django_user_model, settings):
     settings.ADMIN_REQUIRE_2FA = True
     user = django_user_model.objects.create_user("olga", password="right-pw", is_staff=True)
@@ -327,7 +319,7 @@ def test_two_factor_is_required_when_set(client, django_user_model, settings):
     assert client.get("/api/v1/ws/chat/stats").status_code == 401
     client.logout()
 
-    response = sign_in(client, "olga", "right-pw", **second_factor(device, token(device)))
+    response = sign_in(client, "olga", "right-pw", **second_factor(device, totp_token(device)))
     assert response.status_code == 302
     assert signed_in(client)
     assert client.get("/api/v1/ws/chat/stats").status_code == 200
@@ -338,7 +330,7 @@ def test_a_wrong_one_time_password_is_refused(client, django_user_model, setting
     settings.ADMIN_REQUIRE_2FA = True
     user = django_user_model.objects.create_user("olga", password="right-pw", is_staff=True)
     device = TOTPDevice.objects.create(user=user, name="phone", confirmed=True)
-    wrong = f"{(int(token(device)) + 1) % 1_000_000:06d}"
+    wrong = f"{(int(totp_token(device)) + 1) % 1_000_000:06d}"
     assert sign_in(client, "olga", "right-pw", **second_factor(device, wrong)).status_code == 200
     assert not signed_in(client)
 

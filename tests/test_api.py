@@ -31,7 +31,7 @@ from chat.membership import (
 )
 from chat.models import ChatMessage, ChatSession, ChatUser, Room, RoomKind, RoomMember
 from chat.protocol import ERROR_MESSAGES, HEALTH_ROOM_PREFIX, ROOM_ID_RE, ErrorCode
-from tests.conftest import token_for
+from tests.conftest import act_as_daphne, token_for
 
 pytestmark = pytest.mark.django_db
 
@@ -781,15 +781,6 @@ def test_admin_edits_memberships_through_the_services(admin_client_logged_in):
 
 
 # --- removal closes the removed user's sockets ------------------------------------------------
-
-
-async def act_as_daphne(client, frames: list) -> None:
-    """What daphne does when the application closes a socket: the closing handshake, then
-    `websocket.disconnect` to the application. Records what the socket received."""
-    frames.append(await client.recv(timeout=5))
-    output = await client.communicator.receive_output(timeout=5)
-    frames.append(output)
-    await client.close()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -15,7 +15,7 @@ from django.test import Client
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from chat.testing.processes import BASE_ENV, ServerError, manage, server_env
-from tests.test_admin import second_factor, token
+from tests.conftest import second_factor, totp_token
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_EXAMPLE = ROOT / "deploy" / "clarity.env.example"
@@ -162,7 +162,7 @@ def test_the_admin_signs_in_through_the_proxy_with_secure_cookies(production, dj
         "password": "right-pw",
         "next": "/admin/",
         "csrfmiddlewaretoken": csrf_token(page),
-        **second_factor(device, token(device)),
+        **second_factor(device, totp_token(device)),
     }
     origin = {"HTTP_ORIGIN": f"https://{HOST}", "HTTP_REFERER": f"https://{HOST}/admin/login/"}
 

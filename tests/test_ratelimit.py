@@ -4,7 +4,7 @@ and Redis (its one-script round trip), when Redis runs on 127.0.0.1:6379."""
 import pytest
 
 from chat.ratelimit import Rule, rate_limit_hit
-from tests.test_shared_state import use_backend
+from tests.conftest import use_backend
 
 
 @pytest.fixture(autouse=True, params=["memory", "redis"])

@@ -12,7 +12,6 @@ import asyncio
 import uuid
 
 import pytest
-import redis
 
 from chat.assistant.breaker import breaker_allow, breaker_record_failure, breaker_record_success
 from chat.liveness import (
@@ -23,30 +22,9 @@ from chat.liveness import (
     worker_mark_alive,
     workers_dead,
 )
-from chat.shared_state import MemoryState, RedisState, SharedState, shared_state
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def redis_answers() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping())
-    except redis.exceptions.ConnectionError:
-        return False
-
-
-def use_backend(kind: str, settings) -> SharedState:
-    """The process's backend as settings choose it: memory, or Redis under a fresh prefix."""
-    if kind == "redis":
-        if not redis_answers():
-            pytest.skip(f"no Redis at {REDIS_URL}")
-        settings.REDIS_URL = REDIS_URL
-        settings.REDIS_PREFIX = f"test-state-{uuid.uuid4().hex}"
-    else:
-        settings.REDIS_URL = None
-    backend = shared_state()
-    assert isinstance(backend, RedisState if kind == "redis" else MemoryState)
-    return backend
+from chat.shared_state import MemoryState, RedisState, SharedState
+from chat.testing.redis_server import REDIS_URL, redis_answers
+from tests.conftest import use_backend
 
 
 @pytest.fixture(params=["memory", "redis"])

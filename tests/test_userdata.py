@@ -43,8 +43,8 @@ from chat.testing.processes import ServerError, manage
 from chat.testing.redis_server import REDIS_URL, redis_answers
 from chat.testing.waiting import eventually
 from chat.userdata import NO_DEVICE_REGISTRY, user_export
+from tests.conftest import act_as_daphne
 from tests.servers import start_cluster
-from tests.test_api import act_as_daphne
 
 SECRET = "my HIV test came back"
 FIRST_DRAFT = "my HIV test came back positive"
