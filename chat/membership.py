@@ -16,13 +16,11 @@ Blocking (database) except `room_sockets_revoke`: call the others from a thread.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import unicodedata
 from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -33,14 +31,12 @@ from chat.auth import display_name
 from chat.history import message_frame
 from chat.models import ChatMessage, ChatSession, ChatUser, Role, Room, RoomKind, RoomMember
 from chat.protocol import AI_USER_ID, HEALTH_ROOM_PREFIX, ROOM_ID_RE, ErrorCode
-from chat.sessions import user_lock
+from chat.sessions import sessions_wait_ended, user_lock
 
 logger = logging.getLogger(__name__)
 
 TITLE_MAX_CHARS = 100
 UID_MAX_CHARS = 128  # Firebase's limit, and ChatUser.user_id's
-# How often a removal looks whether the revoked sockets have closed.
-REVOKE_POLL_SECONDS = 0.05
 
 
 class InvalidRequest(Exception):
@@ -491,15 +487,6 @@ def membership_mute(
     return _member_entry(member)
 
 
-def _sockets_open(*, room_id: str, user_id: str, channels: list[str]) -> int:
-    return ChatSession.objects.filter(
-        room_id=room_id,
-        user_id=user_id,
-        channel_name__in=channels,
-        disconnected_at__isnull=True,
-    ).count()
-
-
 async def room_sockets_revoke(
     *, room_id: str, user_id: str, channels: list[str], timeout: float
 ) -> int:
@@ -514,13 +501,7 @@ async def room_sockets_revoke(
             await layer.send(channel, {"type": "room.revoke", "room_id": room_id})
         except Exception as exc:  # a full queue, the layer down: counted as not closed below
             logger.warning("room revoke not sent room=%s: %s", room_id, type(exc).__name__)
-    still_open = database_sync_to_async(_sockets_open)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    remaining = await still_open(room_id=room_id, user_id=user_id, channels=channels)
-    while remaining and loop.time() < deadline:
-        await asyncio.sleep(REVOKE_POLL_SECONDS)
-        remaining = await still_open(room_id=room_id, user_id=user_id, channels=channels)
+    remaining = await sessions_wait_ended(channels=channels, timeout=timeout)
     if remaining:
         logger.warning(
             "room revoke: %d of %d socket(s) still open after %ss room=%s user=%s",

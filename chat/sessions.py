@@ -7,12 +7,13 @@ exact even when a user's sockets are on different workers.
 
 from __future__ import annotations
 
-import time
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
 from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.db import transaction
 from django.db.models import Count, Max, Min
@@ -317,17 +318,24 @@ def sessions_terminate(*, session_ids: list[str]) -> int:
 ENDED_POLL_SECONDS = 0.05
 
 
-def sessions_wait_ended(*, session_ids: list[str], timeout: float) -> int:
-    """Wait, at most `timeout` seconds, until these sessions have ended (their sockets, on
-    whichever worker, closed); how many are still open. Blocking: call from a thread."""
-    deadline = time.monotonic() + timeout
-    while True:
-        still_open = ChatSession.objects.filter(
-            session_id__in=session_ids, disconnected_at__isnull=True
-        ).count()
-        if not still_open or time.monotonic() >= deadline:
-            return still_open
-        time.sleep(ENDED_POLL_SECONDS)
+def _sessions_open(*, channels: list[str]) -> int:
+    return ChatSession.objects.filter(
+        channel_name__in=channels, disconnected_at__isnull=True
+    ).count()
+
+
+async def sessions_wait_ended(*, channels: list[str], timeout: float) -> int:
+    """Wait, at most `timeout` seconds, until the sessions of these sockets' channels have
+    ended (the sockets closed, on whichever worker held them); how many are still open. A
+    member's removal and a user's erasure wait with it after telling the sockets to close."""
+    still_open = database_sync_to_async(_sessions_open)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    remaining = await still_open(channels=channels)
+    while remaining and loop.time() < deadline:
+        await asyncio.sleep(ENDED_POLL_SECONDS)
+        remaining = await still_open(channels=channels)
+    return remaining
 
 
 def sessions_open_on(*, worker_id: str) -> bool:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.db import transaction
 from django.db.models import F, Prefetch, Q, QuerySet, TextField, Value
 from django.db.models.functions import Cast, Coalesce
@@ -234,16 +235,17 @@ def user_erase(
     `audit(counts)` records it: an erasure that cannot be recorded does not happen.
     UserDataRefused / UnknownUser as `user_data_check`."""
     user_data_check(user_id=user_id)
-    open_ids = [
-        str(pk)
-        for pk in ChatSession.objects.filter(
-            user_id=user_id, disconnected_at__isnull=True
-        ).values_list("session_id", flat=True)
-    ]
+    open_sessions = list(
+        ChatSession.objects.filter(user_id=user_id, disconnected_at__isnull=True).values_list(
+            "session_id", "channel_name"
+        )
+    )
     still_open = 0
-    if open_ids:
-        sessions_terminate(session_ids=open_ids)
-        still_open = sessions_wait_ended(session_ids=open_ids, timeout=timeout)
+    if open_sessions:
+        sessions_terminate(session_ids=[str(session_id) for session_id, _ in open_sessions])
+        still_open = async_to_sync(sessions_wait_ended)(
+            channels=[channel for _, channel in open_sessions], timeout=timeout
+        )
     anonymous = display_name({}, user_id)
     tombstone = {
         "content": "",
@@ -266,7 +268,7 @@ def user_erase(
             versions=versions,
             sessions=sessions,
             memberships=memberships,
-            sockets_closed=len(open_ids) - still_open,
+            sockets_closed=len(open_sessions) - still_open,
             sockets_open=ChatSession.objects.filter(
                 user_id=user_id, disconnected_at__isnull=True
             ).count(),
