@@ -9,11 +9,10 @@ every sign-in and refused sign-in (`chat.adminsite`); a user's data export and e
 never their content: a search is recorded by its length and the fields it searched, not its
 text.
 
-The address is REMOTE_ADDR, the one Django sees. Behind the proxy that is the client's only
-because the worker runs daphne with `--proxy-headers` (the systemd unit) and the proxy
-overwrites `X-Forwarded-For` with the address it saw (deploy/nginx.conf): daphne takes the
-header's first entry, which a client could otherwise write. Nothing here reads a forwarding
-header itself.
+The address is REMOTE_ADDR, the one Django sees: the client's, which
+`chat.client_address.ProxiedClient` reads from `X-Forwarded-For` only when the connection
+comes from one of CHAT_TRUSTED_PROXIES (the proxy; deploy/nginx.conf). Nothing here reads a
+forwarding header itself.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ from chat import metrics
 from chat.access import Action, Refused, room_authorize
 from chat.analysis import health_analysis
 from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
+from chat.budgets import HEARTBEAT_MAX_SIZE, Refusal, SocketBudget, connect_refused
 from chat.context import WorkerContext
 from chat.history import messages_page
-from chat.inbound import decode_frame, parse_message, well_formed_heartbeat
+from chat.inbound import decode_frame, frame_size, parse_message, small_heartbeat
 from chat.logs import bind_log_context
 from chat.models import Endpoint
 from chat.protocol import (
@@ -74,6 +75,10 @@ def scope_header(scope: dict, name: bytes) -> str:
         if key.lower() == name:
             return value.decode("latin-1")
     return ""
+
+
+class Ended(Exception):
+    """The socket was closed while handling a frame: nothing more to do with it."""
 
 
 class SessionConsumer(AsyncWebsocketConsumer):
@@ -128,9 +133,24 @@ class SessionConsumer(AsyncWebsocketConsumer):
         # Accept first, so every refusal below reaches the client as an error frame and a
         # typed close code (closing before accept would be a bare HTTP 403).
         await self.accept()
+        budgets = self.config.budgets
+        address = (self.scope.get("client") or ["", 0])[0] or ""
         try:
+            # Connection attempts are paid for first (protocol §16): by address before the
+            # token is verified, by user before any join work.
+            if address and await connect_refused(
+                rule=budgets.connects_per_address, budget="connect_address", key=address
+            ):
+                return await self.end(Close.RATE_LIMITED)
             self.identity = await authenticate(token_from_scope(self.scope))
             bind_log_context(user_id=self.identity.user_id)
+            if await connect_refused(
+                rule=budgets.connects_per_user, budget="connect_user", key=self.identity.user_id
+            ):
+                return await self.end(Close.RATE_LIMITED)
+            self.budget = SocketBudget(
+                user_id=self.identity.user_id, budgets=budgets, clock=self.worker.clock
+            )
             self.room_id, problem = self.target_room()
             if problem is not None:
                 return await self.end(problem)
@@ -140,7 +160,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 endpoint=self.endpoint,
                 channel_name=self.channel_name,
                 worker_id=self.worker.worker_id,
-                client_address=(self.scope.get("client") or ["", 0])[0] or "",
+                client_address=address,
                 user_agent=scope_header(self.scope, b"user-agent"),
                 max_connections=self.config.max_connections_per_user,
                 open_rooms=self.config.open_rooms,
@@ -276,38 +296,44 @@ class SessionConsumer(AsyncWebsocketConsumer):
             return
         self.timers.inbound()
         try:
-            await self.receive_frame(text_data)
+            await self.receive_frame(text_data, bytes_data)
         except FrameError as err:
             await self.send_frame(error_frame(err.code, err.details, **err.fmt))
+        except Ended:
+            pass
         except Exception:
             logger.exception("frame handling failed session=%s", self.session_id)
             await self.send_frame(error_frame(ErrorCode.SERVICE_UNAVAILABLE))
 
-    async def receive_frame(self, text: str | None) -> None:
+    async def receive_frame(self, text: str | None, raw: bytes | None) -> None:
+        """Pay for the frame (chat/budgets.py), then check, decode, validate and handle it."""
+        size = frame_size(text, raw)
+        heartbeat = small_heartbeat(text, size=size, max_size=HEARTBEAT_MAX_SIZE)
+        await self.refuse(await self.budget.inbound(size=size, heartbeat=heartbeat is not None))
+        if heartbeat is not None:
+            metrics.FRAMES_IN.labels(MessageType.HEARTBEAT).inc()
+            return await self.on_heartbeat(heartbeat)
         data = decode_frame(
             text,
             max_size=self.config.max_message_size,
             max_large_size=self.config.max_health_payload_size,
             large_types=self.large_types,
         )
-        heartbeat = well_formed_heartbeat(data)
-        if heartbeat is not None:
-            metrics.FRAMES_IN.labels(MessageType.HEARTBEAT).inc()
-            return await self.on_heartbeat(heartbeat)
-        verdict = await rate_limit_hit(
-            key=f"user:{self.identity.user_id}", rule=self.config.message_rule
-        )
-        if verdict.abusive:
-            return await self.end(Close.RATE_LIMITED)
-        if verdict.limited:
-            metrics.RATE_LIMITED.inc()
-            raise FrameError(ErrorCode.RATE_LIMIT_EXCEEDED, {"retry_after": verdict.retry_after})
         message = parse_message(data, self.schemas)
         metrics.FRAMES_IN.labels(message.type).inc()
         claimed = getattr(message, "user_id", None)
         if claimed is not None and claimed != self.identity.user_id:
             raise FrameError(ErrorCode.USER_ID_MISMATCH)
         await self.handlers[message.type](self, message)
+
+    async def refuse(self, refusal: Refusal | None) -> None:
+        """Over a budget: refuse what was asked (FrameError), or close 4029 if it is abuse."""
+        if refusal is None:
+            return
+        if refusal.abusive:
+            await self.end(Close.RATE_LIMITED)
+            raise Ended
+        raise FrameError(ErrorCode.RATE_LIMIT_EXCEEDED, refusal.details())
 
     async def on_heartbeat(self, message: HeartbeatIn) -> None:
         await self.send_frame(
@@ -351,11 +377,12 @@ class SessionConsumer(AsyncWebsocketConsumer):
         except Disconnected:
             logger.debug("frame dropped, socket closing: session=%s", self.session_id)
 
-    async def send_frame(self, payload: dict) -> None:
+    async def send_frame(self, payload: dict, *, text: str | None = None) -> None:
+        """Send `payload` (already encoded as `text`, if the caller had to measure it)."""
         metrics.FRAMES_OUT.labels(payload["type"]).inc()
         if payload["type"] == MessageType.ERROR:
             metrics.ERRORS.labels(payload["error_code"]).inc()
-        await self.send(text_data=encode(payload))
+        await self.send(text_data=encode(payload) if text is None else text)
 
     def typing_frame(self, *, is_typing: bool) -> dict:
         return frame(
@@ -466,7 +493,7 @@ class ChatConsumer(SessionConsumer):
                 users=await database_sync_to_async(room_presence)(room_id=self.room_id),
             )
         )
-        await self.send_history(limit=self.config.history_on_join, request_id=None)
+        await self.send_history(limit=self.config.history_on_join, request_id=None, joining=True)
         if first_in_room:
             await self.announce(joined=True)
 
@@ -496,6 +523,7 @@ class ChatConsumer(SessionConsumer):
             key=f"assistant:{self.identity.user_id}", rule=self.config.assistant_rule
         )
         if verdict.limited:
+            metrics.RATE_LIMITED.labels("assistant").inc()
             raise FrameError(
                 ErrorCode.RATE_LIMIT_EXCEEDED,
                 {"retry_after": verdict.retry_after, "scope": "assistant"},
@@ -521,9 +549,13 @@ class ChatConsumer(SessionConsumer):
         request_id: str | None,
         before: int | None = None,
         after: int | None = None,
+        joining: bool = False,
     ) -> None:
         """A history page, the join's included, asked of the rule again in the same database
-        call: the user may have been removed since the socket joined, even a moment ago."""
+        call: the user may have been removed since the socket joined, even a moment ago.
+
+        The page is paid for by its size before it is sent (protocol §16): over the user's
+        byte budget a request is refused, and a join gets the refusal instead of its page."""
 
         def page() -> tuple[list[dict], bool]:
             room_authorize(user_id=self.identity.user_id, room_id=self.room_id, action=Action.READ)
@@ -539,15 +571,21 @@ class ChatConsumer(SessionConsumer):
             messages, has_more = await database_sync_to_async(page)()
         except Refused:
             return await self.end(Close.ROOM_FORBIDDEN)
-        await self.send_frame(
-            frame(
-                MessageType.HISTORY,
-                room_id=self.room_id,
-                messages=messages,
-                has_more=has_more,
-                request_id=request_id,
-            )
+        payload = frame(
+            MessageType.HISTORY,
+            room_id=self.room_id,
+            messages=messages,
+            has_more=has_more,
+            request_id=request_id,
         )
+        text = encode(payload)
+        refusal = await self.budget.reply(size=len(text))
+        if refusal is not None and joining:
+            return await self.send_frame(
+                error_frame(ErrorCode.RATE_LIMIT_EXCEEDED, refusal.details())
+            )
+        await self.refuse(refusal)
+        await self.send_frame(payload, text=text)
 
     async def announce(self, *, joined: bool) -> None:
         for event in membership_notices(
@@ -604,3 +642,16 @@ class HealthAnalysisConsumer(SessionConsumer):
         MessageType.HEARTBEAT: SessionConsumer.on_heartbeat,
         MessageType.AUTH: SessionConsumer.on_auth,
     }
+
+
+class UnroutedConsumer(AsyncWebsocketConsumer):
+    """A WebSocket to a path no endpoint serves (protocol §16): INVALID_ROOM and close 4004,
+    the answer a room the user may not have gets, so it says nothing more."""
+
+    async def connect(self) -> None:
+        await self.accept()
+        close = Close.INVALID_ROOM
+        metrics.CONNECTIONS_REFUSED.labels(close.value.code).inc()
+        metrics.ERRORS.labels(close.value.error).inc()
+        await self.send(text_data=encode(error_frame(close.value.error)))
+        await self.close(code=close.value.code, reason=close.value.reason)

@@ -19,6 +19,7 @@ from django.conf import settings
 from django.core.signals import setting_changed
 
 from chat.assistant.base import AssistantProvider, get_provider
+from chat.budgets import Budgets
 from chat.overload import DeliveryDelays
 from chat.ratelimit import Rule
 from chat.timers import Clock, LoopClock, TimerIntervals
@@ -39,11 +40,17 @@ class SocketConfig:
     max_data_points: int
     history_on_join: int
     message_rule: Rule
+    budgets: Budgets
     assistant_rule: Rule
     assistant_max_concurrency: int
 
     @classmethod
     def from_settings(cls) -> SocketConfig:
+        message_rule = Rule(
+            seconds=settings.CHAT_RATE_LIMIT_WINDOW,
+            max_requests=settings.CHAT_MESSAGE_RATE_LIMIT,
+            close_factor=settings.CHAT_RATE_LIMIT_CLOSE_FACTOR,
+        )
         return cls(
             max_connections_per_user=settings.CHAT_MAX_CONNECTIONS_PER_USER,
             open_rooms=settings.CHAT_OPEN_ROOMS,
@@ -58,10 +65,15 @@ class SocketConfig:
             max_frame_size=settings.CHAT_WS_MAX_FRAME_SIZE,
             max_data_points=settings.CHAT_MAX_DATA_POINTS,
             history_on_join=settings.CHAT_HISTORY_ON_JOIN,
-            message_rule=Rule(
-                seconds=settings.CHAT_RATE_LIMIT_WINDOW,
-                max_requests=settings.CHAT_MESSAGE_RATE_LIMIT,
-                close_factor=settings.CHAT_RATE_LIMIT_CLOSE_FACTOR,
+            message_rule=message_rule,
+            budgets=Budgets(
+                frames=message_rule,
+                bytes=_per_minute(
+                    settings.CHAT_INBOUND_BYTES_PER_MINUTE,
+                    close_factor=settings.CHAT_RATE_LIMIT_CLOSE_FACTOR,
+                ),
+                connects_per_user=_per_minute(settings.CHAT_CONNECT_RATE_LIMIT),
+                connects_per_address=_per_minute(settings.CHAT_CONNECT_RATE_LIMIT_PER_ADDRESS),
             ),
             assistant_rule=Rule(
                 seconds=settings.ASSISTANT_USER_RATE_WINDOW,
@@ -70,6 +82,11 @@ class SocketConfig:
             ),
             assistant_max_concurrency=settings.ASSISTANT_MAX_CONCURRENCY,
         )
+
+
+def _per_minute(limit: int, *, close_factor: int = 0) -> Rule | None:
+    """A budget of `limit` per rolling minute; 0 (or less): no budget."""
+    return Rule(seconds=60, max_requests=limit, close_factor=close_factor) if limit > 0 else None
 
 
 class WorkerContext:

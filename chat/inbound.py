@@ -1,7 +1,9 @@
-"""The inbound pipeline's pure steps (protocol §5): size, JSON, schema, type.
+"""The inbound pipeline's pure steps (protocol §5, §16): size, JSON, schema, type.
 
-The consumer runs them in order, with the rate limit between decoding and validation:
-binary -> size -> JSON -> (rate limit) -> object/schema -> type.
+The consumer pays for every frame before it does anything else with it (chat/budgets.py),
+then runs them in order: (size, heartbeat?) -> (budgets) -> binary -> size -> JSON ->
+object/schema -> type. Only a frame small enough to be a heartbeat is decoded before it is
+paid for, to know whether it is one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ from chat.protocol import (
 
 def utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def frame_size(text: str | None, data: bytes | None) -> int:
+    """The frame's size in bytes, text or binary."""
+    return utf8_size(text) if text is not None else len(data or b"")
+
+
+def small_heartbeat(text: str | None, *, size: int, max_size: int) -> HeartbeatIn | None:
+    """The frame as a valid heartbeat, if it is one no larger than `max_size`; else None."""
+    if text is None or size > max_size:
+        return None
+    try:
+        return well_formed_heartbeat(decode_json(text))
+    except FrameError:
+        return None
 
 
 def decode_frame(

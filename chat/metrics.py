@@ -21,7 +21,9 @@ FRAMES_OUT = Counter(
 )
 ERRORS = Counter("clarity_errors_total", "Error frames sent, by error code", ["code"])
 RATE_LIMITED = Counter(
-    "clarity_rate_limit_rejections_total", "Frames refused by the per-user rate limit"
+    "clarity_rate_limit_rejections_total",
+    "Frames, replies and connection attempts refused by a budget (chat/budgets.py), by budget",
+    ["budget"],
 )
 CLOSES = Counter("clarity_server_closes_total", "Sockets closed by the server, by code", ["code"])
 ASSISTANT_SECONDS = Histogram(

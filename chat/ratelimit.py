@@ -1,11 +1,13 @@
-"""Per-user frame rate limiting shared by every socket and worker, through the shared state
-(chat/shared_state/).
+"""Rate limits shared by every socket and worker, through the shared state (chat/shared_state/):
+a user's frames, bytes, assistant questions and analyses, and connection attempts per user
+and per client address (chat/budgets.py says which rule counts what).
 
 In the manner of Zulip's rate limiter: the rule is data, the answer is `(limited,
 retry_after)`. The window is rolling, estimated from two fixed windows (the current count
 plus the previous window's count weighted by how much of it still overlaps), so each frame
-costs one atomic increment. Frames refused by the limit are not counted against it (as the
-original), but they are counted towards the abuse threshold that closes the socket.
+costs one atomic increment (of its `cost`: 1, or its size in bytes). What the limit refuses
+is not counted against it (as the original), but counts toward the abuse threshold that
+closes the socket.
 
 On Redis that increment is one script round trip made on the event loop, with no thread
 (chat/shared_state/redis.py says why); in memory it runs inline.
@@ -38,20 +40,25 @@ class Verdict:
     abusive: bool = False
 
 
-def _retry_after(*, rule: Rule, previous: int, current: int, elapsed: float) -> int:
-    """Seconds until one more frame would fit under the rolling estimate."""
+def _retry_after(*, rule: Rule, previous: int, current: int, elapsed: float, cost: int = 1) -> int:
+    """Seconds until `cost` more would fit under the rolling estimate."""
     seconds, limit = rule.seconds, rule.max_requests
-    if current + 1 <= limit and previous > 0:
-        wait = seconds * (1 - (limit - current - 1) / previous) - elapsed
+    if cost > limit:
+        return 2 * seconds  # never fits in one window; the caller caps what it charges
+    if current + cost <= limit and previous > 0:
+        wait = seconds * (1 - (limit - current - cost) / previous) - elapsed
     else:
         # Only once this window is over, and its own weight has decayed enough.
-        decay = seconds * (1 - (limit - 1) / current) if current > 0 else 0.0
+        decay = seconds * (1 - (limit - cost) / current) if current > 0 else 0.0
         wait = (seconds - elapsed) + max(decay, 0.0)
     return max(1, math.ceil(wait))
 
 
-async def rate_limit_hit(*, key: str, rule: Rule, now: float | None = None) -> Verdict:
-    """Count one frame for `key` and say whether it is over the rule."""
+async def rate_limit_hit(
+    *, key: str, rule: Rule, cost: int = 1, now: float | None = None
+) -> Verdict:
+    """Count `cost` (one frame, or that many bytes) for `key` and say whether it is over the
+    rule; what is over is not counted, but counts toward the abuse threshold."""
     now = time.time() if now is None else now
     window = int(now // rule.seconds)
     elapsed = now - window * rule.seconds
@@ -59,15 +66,17 @@ async def rate_limit_hit(*, key: str, rule: Rule, now: float | None = None) -> V
     accepted_key = f"rl:{key}:{window}"
     state = shared_state()
     current, previous = await state.acount(
-        accepted_key, 1, ttl=ttl, also_read=f"rl:{key}:{window - 1}"
+        accepted_key, cost, ttl=ttl, also_read=f"rl:{key}:{window - 1}"
     )
     estimate = previous * (1 - elapsed / rule.seconds) + current
     if estimate <= rule.max_requests:
         return Verdict(limited=False)
-    current, _ = await state.acount(accepted_key, -1, ttl=ttl)
-    refused, _ = await state.acount(f"rl:{key}:{window}:refused", 1, ttl=ttl)
+    current, _ = await state.acount(accepted_key, -cost, ttl=ttl)
+    refused, _ = await state.acount(f"rl:{key}:{window}:refused", cost, ttl=ttl)
     return Verdict(
         limited=True,
-        retry_after=_retry_after(rule=rule, previous=previous, current=current, elapsed=elapsed),
+        retry_after=_retry_after(
+            rule=rule, previous=previous, current=current, elapsed=elapsed, cost=cost
+        ),
         abusive=current + refused > rule.max_requests * rule.close_factor,
     )

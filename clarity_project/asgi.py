@@ -18,6 +18,7 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from chat.checks import enforce_checks  # noqa: E402
+from chat.client_address import ProxiedClient, trusted_networks  # noqa: E402
 from chat.context import WorkerContext  # noqa: E402
 from chat.origins import OriginPolicy  # noqa: E402
 from chat.routing import websocket_routes  # noqa: E402
@@ -29,11 +30,16 @@ enforce_checks()
 worker = WorkerContext(worker_id=WORKER_ID)
 
 application = WorkerLifecycle(
-    ProtocolTypeRouter(
-        {
-            "http": ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app,
-            "websocket": OriginPolicy(URLRouter(websocket_routes(worker=worker))),
-        }
+    ProxiedClient(
+        ProtocolTypeRouter(
+            {
+                "http": ASGIStaticFilesHandler(django_asgi_app)
+                if settings.DEBUG
+                else django_asgi_app,
+                "websocket": OriginPolicy(URLRouter(websocket_routes(worker=worker))),
+            }
+        ),
+        trusted=trusted_networks(settings.CHAT_TRUSTED_PROXIES),
     ),
     worker=worker,
 )

@@ -81,8 +81,7 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 # SECURE_PROXY_SSL_HEADER: the header through which the proxy tells the client's scheme
 # (`X-Forwarded-Proto`); a request is HTTPS when it says `https`. Empty (the default): the
 # scheme is the worker's own. Set it only behind a proxy that always overwrites the header,
-# or a client could claim HTTPS. (daphne's --proxy-headers, on in the systemd unit, reads the
-# same header; Django then reads it alike under any server.)
+# or a client could claim HTTPS.
 _proxy_ssl_header = env_str("SECURE_PROXY_SSL_HEADER")
 SECURE_PROXY_SSL_HEADER = (
     ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https") if _proxy_ssl_header else None
@@ -353,12 +352,41 @@ CHAT_OVERLOAD_LAG = env_float("CHAT_OVERLOAD_LAG", 0.1)
 CHAT_OVERLOAD_BACKLOG = env_int("CHAT_OVERLOAD_BACKLOG", 200)
 # CHAT_MAX_DATA_POINTS: data points in one health analysis request.
 CHAT_MAX_DATA_POINTS = env_int("CHAT_MAX_DATA_POINTS", 10080)
-# CHAT_MESSAGE_RATE_LIMIT: frames per user per rolling window (heartbeats exempt).
+# CHAT_MESSAGE_RATE_LIMIT: frames per user per rolling window, refused frames included
+# (binary, too large, not JSON, invalid); one heartbeat per second per socket is exempt
+# (protocol §16, chat/budgets.py). An honest client sends what its user types plus a few
+# history requests: well under this.
 CHAT_MESSAGE_RATE_LIMIT = env_int("CHAT_MESSAGE_RATE_LIMIT", 60)
 # CHAT_RATE_LIMIT_WINDOW: seconds of the rolling rate-limit window.
 CHAT_RATE_LIMIT_WINDOW = env_int("CHAT_RATE_LIMIT_WINDOW", 60)
 # CHAT_RATE_LIMIT_CLOSE_FACTOR: frames beyond limit x this factor in one window close 4029.
 CHAT_RATE_LIMIT_CLOSE_FACTOR = env_int("CHAT_RATE_LIMIT_CLOSE_FACTOR", 3)
+
+# --- Fair share (protocol §16; chat/budgets.py) -----------------------------------------------
+
+# CHAT_INBOUND_BYTES_PER_MINUTE: bytes one user may send per rolling minute, across sockets
+# and workers: every inbound frame's size, refused frames included, plus every history reply
+# the user asks for (charged before it is sent, refused if it does not fit). Over it:
+# RATE_LIMIT_EXCEEDED {retry_after, scope: "bytes"}; beyond CHAT_RATE_LIMIT_CLOSE_FACTOR times
+# it, close 4029. An honest client spends a few KB a minute chatting, a history page of ~10-
+# 100 KB per scroll and, when it sends health data, up to CHAT_MAX_HEALTH_PAYLOAD_SIZE per
+# analysis: the default (16 MiB) leaves room for a dozen full analyses. 0: no byte budget.
+CHAT_INBOUND_BYTES_PER_MINUTE = env_int("CHAT_INBOUND_BYTES_PER_MINUTE", 16 * 1024 * 1024)
+# CHAT_CONNECT_RATE_LIMIT: socket openings per user per rolling minute, across workers and
+# endpoints, counted before the join does any work (no session, presence or history): over
+# it, RATE_LIMIT_EXCEEDED and close 4029. The browser client opens one socket per room the
+# user switches to and reconnects with backoff: an honest user opens a few a minute. 0: off.
+CHAT_CONNECT_RATE_LIMIT = env_int("CHAT_CONNECT_RATE_LIMIT", 30)
+# CHAT_CONNECT_RATE_LIMIT_PER_ADDRESS: socket openings per client address per rolling minute,
+# counted before the token is even verified. High, because carrier NAT and hospital Wi-Fi put
+# many users behind one address. 0: off.
+CHAT_CONNECT_RATE_LIMIT_PER_ADDRESS = env_int("CHAT_CONNECT_RATE_LIMIT_PER_ADDRESS", 1200)
+# CHAT_TRUSTED_PROXIES: comma-separated addresses or networks (CIDR) of this deployment's
+# proxies. Only for a connection from one of them is the client's address read from
+# X-Forwarded-For (its rightmost entry that is not a trusted proxy; chat/client_address.py),
+# for sockets and HTTP alike (sessions, the per-address limit, the admin's audit and sign-in
+# throttling); otherwise it is the peer's address. Empty (default): never read.
+CHAT_TRUSTED_PROXIES = env_list("CHAT_TRUSTED_PROXIES", [])
 # CHAT_HEARTBEAT_INTERVAL: seconds between server heartbeats.
 CHAT_HEARTBEAT_INTERVAL = env_float("CHAT_HEARTBEAT_INTERVAL", 30)
 # CHAT_CONNECTION_TIMEOUT: seconds of inbound silence before the server closes (1000).
@@ -445,10 +473,8 @@ CHAT_ALLOW_NO_ORIGIN = env_bool("CHAT_ALLOW_NO_ORIGIN", True)
 
 # The admin sees health data (chat content): who opens, searches, changes, deletes or exports
 # what is recorded (chat/audit.py, AuditEntry, readable by superusers only), from the address
-# Django sees, REMOTE_ADDR. Behind the proxy that is the client's address only if the proxy
-# sets it: daphne's --proxy-headers (the systemd unit) takes the first X-Forwarded-For entry,
-# so the proxy must overwrite that header, never append to one the client sent
-# (deploy/nginx.conf). Django itself never reads X-Forwarded-For.
+# Django sees, REMOTE_ADDR: the client's, read from X-Forwarded-For only behind one of
+# CHAT_TRUSTED_PROXIES (chat/client_address.py). Django itself never reads that header.
 
 # ADMIN_REQUIRE_2FA: the admin signs in staff only with a password and a verified one-time
 # password device (TOTP, django-otp; `manage.py addtotpdevice <username>` makes one). Default:

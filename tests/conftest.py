@@ -29,6 +29,17 @@ from chat.testing.redis_server import REDIS_URL, redis_answers
 from tests.gemini_api import GENERATE_URL
 from tests.logscan import remember_sent
 
+# The budgets off (protocol §16), for tests that throw hundreds of frames or sockets at one
+# user to check something else (the answer to each frame, what leaks): they are tested
+# themselves in tests/test_fair_share.py.
+NO_BUDGETS = {
+    "CHAT_MESSAGE_RATE_LIMIT": 100_000,
+    "CHAT_RATE_LIMIT_CLOSE_FACTOR": 1_000,
+    "CHAT_INBOUND_BYTES_PER_MINUTE": 0,
+    "CHAT_CONNECT_RATE_LIMIT": 0,
+    "CHAT_CONNECT_RATE_LIMIT_PER_ADDRESS": 0,
+}
+
 
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, tmp_path_factory):

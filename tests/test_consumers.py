@@ -500,12 +500,12 @@ async def test_rate_limit_per_user_across_sockets(clients, settings):
     # The rolling window is estimated from two fixed windows, which with a tiny limit can
     # hold a client back for up to window * (1 + 1/limit) (tests/test_ratelimit.py).
     assert 1 <= error["details"]["retry_after"] <= 60 * (1 + 1 / 4)
-    # heartbeats are exempt
+    # one heartbeat a second per socket is exempt
     await second.send({"type": "heartbeat"})
     assert (await second.recv())["type"] == "heartbeat_ack"
-    # invalid frames count too
+    # refused frames count too (protocol §16): refused by the limit before being decoded
     await second.send_text("not json")
-    await second.expect_error("INVALID_JSON")
+    await second.expect_error("RATE_LIMIT_EXCEEDED")
 
 
 async def test_sustained_abuse_closes_4029(clients, settings):

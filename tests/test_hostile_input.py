@@ -17,7 +17,7 @@ from django.test import override_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import join
+from tests.conftest import NO_BUDGETS, join
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -169,7 +169,7 @@ async def throw(frames: list[Bad]) -> None:
         await client.close()
 
 
-@override_settings(CHAT_MESSAGE_RATE_LIMIT=100_000, CHAT_RATE_LIMIT_CLOSE_FACTOR=1_000)
+@override_settings(**NO_BUDGETS)
 @settings(
     max_examples=60,
     deadline=None,

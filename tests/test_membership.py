@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from chat.auth import display_name
 from chat.models import ChatMessage, ChatSession, Role, Room, RoomKind, RoomMember
-from tests.conftest import ChatClient, join, open_socket, read_join, token_for
+from tests.conftest import NO_BUDGETS, ChatClient, join, open_socket, read_join, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -727,7 +727,7 @@ async def siege(actions: list[tuple]) -> None:
             await client.close()
 
 
-@override_settings(CHAT_MESSAGE_RATE_LIMIT=100_000, CHAT_RATE_LIMIT_CLOSE_FACTOR=1_000)
+@override_settings(**NO_BUDGETS)
 @hypothesis_settings(
     max_examples=40,
     deadline=None,

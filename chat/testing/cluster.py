@@ -65,6 +65,11 @@ class Cluster:
             found = client.scan_iter(match=f"{self.prefix}{pattern}", count=1000)
             return sorted(key.decode() for key in found)
 
+    def redis_ttl(self, key: str) -> int:
+        """Seconds until `key` expires (redis TTL: -1 never, -2 absent)."""
+        with contextlib.closing(self.redis_client()) as client:
+            return client.ttl(key)
+
     def subscriptions(self) -> list[str]:
         """The pub/sub channels of this cluster's channel layer with a subscriber."""
         with contextlib.closing(self.redis_client()) as client:
