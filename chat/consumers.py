@@ -564,7 +564,7 @@ class ChatConsumer(SessionConsumer):
                 limit=limit,
                 before=before,
                 after=after,
-                max_bytes=self.config.max_frame_size,
+                max_bytes=self.config.history_max_bytes,
             )
 
         try:

@@ -36,7 +36,7 @@ class SocketConfig:
     timers: TimerIntervals
     max_message_size: int
     max_health_payload_size: int
-    max_frame_size: int
+    history_max_bytes: int
     max_data_points: int
     history_on_join: int
     message_rule: Rule
@@ -62,7 +62,7 @@ class SocketConfig:
             ),
             max_message_size=settings.CHAT_MAX_MESSAGE_SIZE,
             max_health_payload_size=settings.CHAT_MAX_HEALTH_PAYLOAD_SIZE,
-            max_frame_size=settings.CHAT_WS_MAX_FRAME_SIZE,
+            history_max_bytes=settings.CHAT_HISTORY_MAX_BYTES,
             max_data_points=settings.CHAT_MAX_DATA_POINTS,
             history_on_join=settings.CHAT_HISTORY_ON_JOIN,
             message_rule=message_rule,

@@ -395,6 +395,13 @@ CHAT_CONNECTION_TIMEOUT = env_float("CHAT_CONNECTION_TIMEOUT", 300)
 CHAT_TYPING_TIMEOUT = env_float("CHAT_TYPING_TIMEOUT", 10)
 # CHAT_HISTORY_ON_JOIN: stored messages sent in the join `history` frame.
 CHAT_HISTORY_ON_JOIN = env_int("CHAT_HISTORY_ON_JOIN", 50)
+# CHAT_HISTORY_MAX_BYTES: encoded bytes of one `history` frame, the join's included: a page
+# that would be larger holds fewer messages (has_more says there are more). A 70-byte
+# request must not make the server send megabytes (protocol §16); 50 ordinary messages take
+# ~10-20 KB, so the default (256 KiB) cuts only pages of very long messages.
+CHAT_HISTORY_MAX_BYTES = env_int("CHAT_HISTORY_MAX_BYTES", 256 * 1024)
+if CHAT_HISTORY_MAX_BYTES > CHAT_WS_MAX_FRAME_SIZE:
+    raise ImproperlyConfigured("CHAT_HISTORY_MAX_BYTES must be at most CHAT_WS_MAX_FRAME_SIZE")
 # CHAT_WORKER_TTL: seconds a worker's liveness key lives; a dead worker's users are shown as
 # left within this plus CHAT_REAP_INTERVAL.
 CHAT_WORKER_TTL = env_float("CHAT_WORKER_TTL", 15)

@@ -295,14 +295,15 @@ async def test_history_paging_before_and_after(clients):
     assert page["has_more"] is False
 
 
-async def test_history_pages_never_exceed_the_largest_frame_the_server_sends(clients, settings):
-    """Large messages: a page holds as many as fit in CHAT_WS_MAX_FRAME_SIZE, the rest are
-    left for the next page (has_more), instead of a frame the socket cannot send (1011).
+async def test_history_pages_never_exceed_their_byte_cap(clients, settings):
+    """Large messages: a page holds as many as fit in CHAT_HISTORY_MAX_BYTES, the rest are
+    left for the next page (has_more), instead of a frame that costs more than a client can
+    be made to receive for one request (protocol §16).
 
     Messages are as large as a client may make them (2,000 characters of content, about 4 KB
     of metadata, protocol §11): about 6.2 KB encoded each, so three fit in the page's budget
     (the frame size less HISTORY_ENVELOPE_BYTES) and four do not."""
-    settings.CHAT_WS_MAX_FRAME_SIZE = 22_500
+    settings.CHAT_HISTORY_MAX_BYTES = 22_500
     alice = await clients.join("lobby", "alice")
     ids = []
     for n in range(6):
