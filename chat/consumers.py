@@ -231,11 +231,16 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await self.best_effort(
                 "group discard", self.channel_layer.group_discard, group, self.channel_name
             )
+        # A socket whose unsent output passed its bound is closed by the transport, which
+        # reports 4009 (clarity_project/transport.py).
+        closing = self.closing or (
+            Close.SLOW_CONSUMER if code == Close.SLOW_CONSUMER.value.code else None
+        )
         try:
             closed = await database_sync_to_async(session_close)(
                 session_id=session_id,
-                close_code=self.closing.value.code if self.closing else code,
-                close_reason=self.closing.name.lower() if self.closing else "client",
+                close_code=closing.value.code if closing else code,
+                close_reason=closing.name.lower() if closing else "client",
                 last_seen=self.worker.clock.now(),
                 messages_sent=self.messages_sent,
             )

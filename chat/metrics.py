@@ -62,3 +62,19 @@ DELIVERY_DELAY = Histogram(
     "Longest delay per half second between a room frame's broadcast and its delivery here",
     buckets=DELAY_BUCKETS,
 )
+SLOW_CLOSES = Counter(
+    "clarity_slow_consumer_closes_total",
+    "Sockets closed 4009 for unsent output past CHAT_MAX_OUTBOUND_BUFFER, by how they ended: "
+    "clean (the client read up to the close and answered it) or aborted",
+    ["outcome"],
+)
+SLOW_CLOSE_SECONDS = Histogram(
+    "clarity_slow_consumer_close_seconds",
+    "Seconds from a socket's unsent output passing CHAT_MAX_OUTBOUND_BUFFER to its connection "
+    "being gone (its buffer freed)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10),
+)
+HEAD_TIMEOUTS = Counter(
+    "clarity_request_head_timeouts_total",
+    "Connections aborted because a request's headers took longer than CHAT_HANDSHAKE_TIMEOUT",
+)

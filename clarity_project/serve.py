@@ -11,6 +11,12 @@ line holds everywhere:
   `daphne.access`, in LOG_FORMAT, and names paths only: daphne's own writes an HTTP request's
   whole URI, query string included, and browsers put tokens in the query string.
   (`--access-log FILE` is therefore ignored: the log goes where every other record goes.)
+- daphne's HTTP and WebSocket factories are this project's (clarity_project/transport.py):
+  a deadline for request heads (CHAT_HANDSHAKE_TIMEOUT, then the connection is aborted),
+  close reasons that reach the client, a bound on a socket's unsent output
+  (CHAT_MAX_OUTBOUND_BUFFER: past it SLOW_CONSUMER and close 4009, aborted after
+  CHAT_SLOW_CLOSE_TIMEOUT), protocol violations closed with their code, and no Twisted
+  access log.
 - The application is always clarity_project.asgi:application; do not name one.
 """
 
@@ -23,9 +29,9 @@ from typing import Any
 
 import daphne.server
 from daphne.cli import CommandLineInterface
-from daphne.http_protocol import HTTPFactory
 from daphne.server import Server
-from daphne.ws_protocol import WebSocketFactory
+
+from clarity_project.transport import WorkerHTTPFactory, WorkerWebSocketFactory
 
 APPLICATION = "clarity_project.asgi:application"
 
@@ -67,24 +73,6 @@ def access_log(protocol: str, action: str, details: dict[str, Any]) -> None:
         )
 
 
-class PathOnlyHTTPFactory(HTTPFactory):
-    """daphne's HTTP factory without Twisted's access log, which daphne shows from verbosity 2
-    and which writes the whole URI, query string included: `access_log` is the only one."""
-
-    def log(self, request: Any) -> None:
-        pass
-
-
-class ClosingWebSocketFactory(WebSocketFactory):
-    """daphne's WebSocket factory, but a connection that breaks the protocol's rules (a message
-    over the size limit, invalid UTF-8) is closed with the code that says why (1009, 1007,
-    1002) instead of autobahn's default of dropping the TCP connection (the client sees 1006)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.setProtocolOptions(failByDrop=False)
-
-
 class WorkerServer(Server):
     """daphne's server with this project's access log and factories in place of its own."""
 
@@ -94,8 +82,8 @@ class WorkerServer(Server):
     def run(self) -> None:
         # Server.run builds its factories from these module attributes; only this process,
         # which runs one server, reads them.
-        daphne.server.HTTPFactory = PathOnlyHTTPFactory
-        daphne.server.WebSocketFactory = ClosingWebSocketFactory
+        daphne.server.HTTPFactory = WorkerHTTPFactory
+        daphne.server.WebSocketFactory = WorkerWebSocketFactory
         super().run()
 
 

@@ -344,6 +344,22 @@ if max(CHAT_MAX_MESSAGE_SIZE, CHAT_MAX_HEALTH_PAYLOAD_SIZE) > CHAT_WS_MAX_FRAME_
         "CHAT_WS_MAX_FRAME_SIZE must be at least CHAT_MAX_MESSAGE_SIZE and "
         "CHAT_MAX_HEALTH_PAYLOAD_SIZE"
     )
+# CHAT_MAX_OUTBOUND_BUFFER: bytes a socket may have waiting to be sent (protocol §16). The
+# worker counts what the application writes to a socket while Twisted's write buffer is full
+# (past 64 KiB, the kernel's send buffer full as well) and has not drained since; past this,
+# the socket gets SLOW_CONSUMER and close 4009, and later frames for it are discarded
+# (clarity_project/transport.py). 0 turns the bound off (unbounded, as stock daphne: for
+# comparisons only).
+CHAT_MAX_OUTBOUND_BUFFER = env_int("CHAT_MAX_OUTBOUND_BUFFER", 1024 * 1024)
+# CHAT_SLOW_CLOSE_TIMEOUT: seconds a socket closed for slowness has to take the close (read
+# what was queued before it and answer it); then the connection is aborted, its buffer freed.
+CHAT_SLOW_CLOSE_TIMEOUT = env_float("CHAT_SLOW_CLOSE_TIMEOUT", 2)
+# CHAT_HANDSHAKE_TIMEOUT: seconds from the first byte of an HTTP request (a WebSocket upgrade
+# included) to its last header; a head still incomplete then has its connection aborted.
+# (Twisted's own idle timeout restarts on every byte: a trickled head would never end.)
+CHAT_HANDSHAKE_TIMEOUT = env_float("CHAT_HANDSHAKE_TIMEOUT", 10)
+if min(CHAT_SLOW_CLOSE_TIMEOUT, CHAT_HANDSHAKE_TIMEOUT) <= 0:
+    raise ImproperlyConfigured("CHAT_SLOW_CLOSE_TIMEOUT and CHAT_HANDSHAKE_TIMEOUT must be > 0")
 # CHAT_OVERLOAD_LAG / CHAT_OVERLOAD_BACKLOG: a worker whose event loop runs, or whose room
 # frames arrive, more than this many seconds late, or with more than this many messages
 # waiting to be stored, counts as overloaded: `clarity_overload_ticks_total` grows and a
