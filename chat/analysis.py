@@ -1,7 +1,9 @@
-"""Health analysis (protocol §7): actigraphy metrics from the user's data points, a narrative
-from the assistant, and progress frames — all only for the requesting user.
+"""Health analysis (protocol §7): the frames of an accepted analysis — progress, the insight
+and the assistant's narrative of the metrics — all only for the requesting user.
 
-Health payloads are never logged: only counts and outcomes are.
+The metrics come from an analysis process (chat/analysis_jobs.py, chat/analysis_pool.py);
+only the narrative runs here, within the worker's assistant slots. Health payloads are never
+logged: only counts and outcomes are.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chat.actigraphy import ActigraphyError, DataPoint, analyze_actigraphy
 from chat.assistant.base import (
     AssistantError,
     AssistantProvider,
@@ -24,7 +25,6 @@ from chat.protocol import (
     AI_USER_ID,
     AI_USERNAME,
     ErrorCode,
-    HealthPayload,
     MessageType,
     error_frame,
     frame,
@@ -52,28 +52,39 @@ async def _narrative(*, provider: AssistantProvider, request: AssistantRequest) 
 
 
 async def health_analysis(
-    *, provider: AssistantProvider, user_id: str, username: str, payload: HealthPayload, emit: Emit
+    *,
+    provider: AssistantProvider,
+    slots: asyncio.Semaphore,
+    user_id: str,
+    username: str,
+    metrics: dict[str, Any] | None,
+    points: int,
+    emit: Emit,
 ) -> None:
-    """Run one analysis, emitting analysis_update, health_insight and the narrative message."""
+    """The frames of one accepted analysis whose `metrics` were computed (None: they could not
+    be): analysis_update, then health_insight and the narrative message, or the failure."""
     await emit(_progress(user_id, "started", 0))
-    points = [DataPoint(timestamp=p.timestamp, value=p.value) for p in payload.data_points]
-    try:
-        metrics = await asyncio.to_thread(analyze_actigraphy, points=points, steps=payload.steps)
+    reply = None
+    if metrics is None:
+        logger.info("health analysis failed for user=%s: the points cannot be analysed", user_id)
+    else:
         await emit(_progress(user_id, "processing", 50))
-        source = metrics.as_dict()
-        reply = await _narrative(
-            provider=provider,
-            request=AssistantRequest(
-                user_id=user_id,
-                username=username,
-                question=QUESTION,
-                context=(),
-                metrics=source,
-                kind="health_analysis",
-            ),
-        )
-    except (ActigraphyError, AssistantError, ValueError) as exc:
-        logger.info("health analysis failed for user=%s: %s", user_id, type(exc).__name__)
+        try:
+            async with slots:
+                reply = await _narrative(
+                    provider=provider,
+                    request=AssistantRequest(
+                        user_id=user_id,
+                        username=username,
+                        question=QUESTION,
+                        context=(),
+                        metrics=metrics,
+                        kind="health_analysis",
+                    ),
+                )
+        except (AssistantError, ValueError) as exc:
+            logger.info("health analysis failed for user=%s: %s", user_id, type(exc).__name__)
+    if reply is None:
         await emit(error_frame(ErrorCode.HEALTH_ANALYSIS_ERROR))
         await emit(_progress(user_id, "failed", 100))
         return
@@ -84,7 +95,7 @@ async def health_analysis(
             insight=reply.narrative,
             confidence=reply.confidence,
             category="sleep_activity",
-            source_data=source,
+            source_data=metrics,
             recommendations=reply.recommendations,
         )
     )
@@ -100,4 +111,4 @@ async def health_analysis(
         )
     )
     await emit(_progress(user_id, "completed", 100))
-    logger.info("health analysis done for user=%s points=%d", user_id, len(points))
+    logger.info("health analysis done for user=%s points=%d", user_id, points)

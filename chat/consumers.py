@@ -19,11 +19,12 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from chat import metrics
 from chat.access import Action, Refused, room_authorize
 from chat.analysis import health_analysis
+from chat.analysis_jobs import AnalysisLimits, FrameRejected
 from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
 from chat.budgets import HEARTBEAT_MAX_SIZE, Refusal, SocketBudget, connect_refused
 from chat.context import WorkerContext
 from chat.history import messages_page
-from chat.inbound import decode_frame, frame_size, parse_message, small_heartbeat
+from chat.inbound import frame_size, frame_type, large_frame, parse_message, small_heartbeat
 from chat.logs import bind_log_context
 from chat.models import Endpoint
 from chat.protocol import (
@@ -37,20 +38,17 @@ from chat.protocol import (
     Close,
     ErrorCode,
     FrameError,
-    HealthDataIn,
-    HealthInsightIn,
-    HealthPayload,
     HeartbeatIn,
     HistoryIn,
     Inbound,
     MessageType,
     TypingIn,
     connection_ack_frame,
+    decode_json,
     echo_timestamp,
     encode,
     error_frame,
     frame,
-    health_payload,
     iso,
     now_iso,
 )
@@ -318,12 +316,18 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if heartbeat is not None:
             metrics.FRAMES_IN.labels(MessageType.HEARTBEAT).inc()
             return await self.on_heartbeat(heartbeat)
-        data = decode_frame(
+        if large_frame(
             text,
+            size=size,
             max_size=self.config.max_message_size,
             max_large_size=self.config.max_health_payload_size,
-            large_types=self.large_types,
-        )
+        ):
+            # Only an analysis request may be this large: not decoded on the event loop.
+            return await self.request_analysis(text)
+        data = decode_json(text)
+        if frame_type(data) in self.large_types:
+            # Validated with the large ones, from the same text, off the loop.
+            return await self.request_analysis(text)
         message = parse_message(data, self.schemas)
         metrics.FRAMES_IN.labels(message.type).inc()
         claimed = getattr(message, "user_id", None)
@@ -446,37 +450,74 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     def spawn(self, coroutine) -> None:
         """Run slow work (assistant, analysis) as its own task, so this socket's frames keep
-        flowing; at most ASSISTANT_MAX_CONCURRENCY per worker at once."""
-        task = asyncio.create_task(self._bounded(coroutine))
+        flowing."""
+        task = asyncio.create_task(self._logged(coroutine))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _bounded(self, coroutine) -> None:
+    async def _logged(self, coroutine) -> None:
         try:
-            async with self.worker.assistant_slots:
-                await coroutine
+            await coroutine
         except Exception:
             logger.exception("background work failed session=%s", self.session_id)
 
-    def request_analysis(self, data: dict, *, invalid: ErrorCode) -> None:
-        """Validate a health payload here (errors go straight back), analyse it off the path."""
-        payload = health_payload(data, max_points=self.config.max_data_points, invalid=invalid)
-        self.spawn(self.analyse(payload))
-
-    async def analyse(self, payload: HealthPayload) -> None:
-        """Health analysis for this user; results go to this user's sockets only."""
-        group = user_group(self.identity.user_id)
-
-        async def emit(payload_frame: dict) -> None:
-            await self.channel_layer.group_send(group, room_event(payload_frame))
-
-        await health_analysis(
-            provider=self.worker.assistant,
-            user_id=self.identity.user_id,
-            username=self.identity.username,
-            payload=payload,
-            emit=emit,
+    async def request_analysis(self, text: str) -> None:
+        """An analysis request (protocol §7, §16), from the frame's text: within the user's
+        analysis quota and this worker's queue, or refused before any work is queued."""
+        verdict = await rate_limit_hit(
+            key=f"analysis:{self.identity.user_id}", rule=self.config.analysis_rule
         )
+        if verdict.limited:
+            metrics.ANALYSES_REFUSED.labels("rate_limit").inc()
+            metrics.RATE_LIMITED.labels("analysis").inc()
+            raise FrameError(
+                ErrorCode.RATE_LIMIT_EXCEEDED,
+                {"retry_after": verdict.retry_after, "scope": "analysis"},
+            )
+        if not self.worker.analyses.admit(capacity=self.config.analysis_queue):
+            metrics.ANALYSES_REFUSED.labels("queue_full").inc()
+            raise FrameError(ErrorCode.SERVICE_UNAVAILABLE, {"scope": "analysis"})
+        self.spawn(self.analyse(text))
+
+    async def analyse(self, text: str) -> None:
+        """One accepted analysis: decoded, validated and computed in an analysis process; a
+        refusal goes to this socket, the results to this user's sockets only."""
+        try:
+            try:
+                outcome = await self.worker.analysis_pool.run(
+                    text,
+                    user_id=self.identity.user_id,
+                    limits=AnalysisLimits(
+                        types=self.large_types,
+                        max_message_size=self.config.max_message_size,
+                        max_points=self.config.max_data_points,
+                    ),
+                )
+            except Exception as exc:
+                logger.warning(
+                    "analysis job failed session=%s: %s", self.session_id, type(exc).__name__
+                )
+                outcome = None
+            if isinstance(outcome, FrameRejected):
+                return await self.send_frame(error_frame(outcome.code, outcome.details))
+            if outcome is not None:
+                metrics.FRAMES_IN.labels(outcome.type).inc()
+            group = user_group(self.identity.user_id)
+
+            async def emit(payload_frame: dict) -> None:
+                await self.channel_layer.group_send(group, room_event(payload_frame))
+
+            await health_analysis(
+                provider=self.worker.assistant,
+                slots=self.worker.assistant_slots,
+                user_id=self.identity.user_id,
+                username=self.identity.username,
+                metrics=outcome.metrics if outcome is not None else None,
+                points=outcome.points if outcome is not None else 0,
+                emit=emit,
+            )
+        finally:
+            self.worker.analyses.release()
 
 
 class ChatConsumer(SessionConsumer):
@@ -598,16 +639,14 @@ class ChatConsumer(SessionConsumer):
         ):
             await self.channel_layer.group_send(room_group(self.room_id), event)
 
-    async def on_health_insight(self, message: HealthInsightIn) -> None:
-        self.request_analysis(message.content, invalid=ErrorCode.INVALID_HEALTH_INSIGHT_CONTENT)
-
     async def answer(self, question: dict) -> None:
-        reply = await assistant_reply(
-            provider=self.worker.assistant,
-            question=question,
-            user_id=self.identity.user_id,
-            username=self.identity.username,
-        )
+        async with self.worker.assistant_slots:
+            reply = await assistant_reply(
+                provider=self.worker.assistant,
+                question=question,
+                user_id=self.identity.user_id,
+                username=self.identity.username,
+            )
         await self.channel_layer.group_send(room_group(question["room_id"]), room_event(reply))
 
     handlers = {
@@ -616,7 +655,6 @@ class ChatConsumer(SessionConsumer):
         MessageType.HEARTBEAT: SessionConsumer.on_heartbeat,
         MessageType.HISTORY: on_history,
         MessageType.AUTH: SessionConsumer.on_auth,
-        MessageType.HEALTH_INSIGHT: on_health_insight,
     }
 
 
@@ -639,11 +677,7 @@ class HealthAnalysisConsumer(SessionConsumer):
     async def joined(self, *, first_in_room: bool) -> None:
         await self.send_frame(frame(MessageType.SYSTEM, content=self.WELCOME, level="info"))
 
-    async def on_health_data(self, message: HealthDataIn) -> None:
-        self.request_analysis(message.data, invalid=ErrorCode.INVALID_HEALTH_DATA_PAYLOAD)
-
     handlers = {
-        MessageType.HEALTH_DATA: on_health_data,
         MessageType.HEARTBEAT: SessionConsumer.on_heartbeat,
         MessageType.AUTH: SessionConsumer.on_auth,
     }

@@ -18,6 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.core.signals import setting_changed
 
+from chat.analysis_pool import AnalysisPool, AnalysisQueue
 from chat.assistant.base import AssistantProvider, get_provider
 from chat.budgets import Budgets
 from chat.overload import DeliveryDelays
@@ -43,6 +44,9 @@ class SocketConfig:
     budgets: Budgets
     assistant_rule: Rule
     assistant_max_concurrency: int
+    analysis_rule: Rule
+    analysis_queue: int
+    analysis_processes: int
 
     @classmethod
     def from_settings(cls) -> SocketConfig:
@@ -81,6 +85,13 @@ class SocketConfig:
                 close_factor=0,  # over the assistant quota is not abuse: the socket stays open
             ),
             assistant_max_concurrency=settings.ASSISTANT_MAX_CONCURRENCY,
+            analysis_rule=Rule(
+                seconds=settings.CHAT_ANALYSIS_RATE_WINDOW,
+                max_requests=settings.CHAT_ANALYSIS_RATE_LIMIT,
+                close_factor=0,  # over the analysis quota is not abuse: the socket stays open
+            ),
+            analysis_queue=settings.CHAT_ANALYSIS_QUEUE,
+            analysis_processes=settings.CHAT_ANALYSIS_PROCESSES,
         )
 
 
@@ -98,6 +109,7 @@ class WorkerContext:
         self.delivery_delays = DeliveryDelays()
         self._config: SocketConfig | None = None
         self._per_loop: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}
+        self._analysis_pool: AnalysisPool | None = None
         setting_changed.connect(self._setting_changed)
 
     def _setting_changed(self, **kwargs: Any) -> None:
@@ -125,7 +137,7 @@ class WorkerContext:
 
     @property
     def assistant_slots(self) -> asyncio.Semaphore:
-        """The bound on assistant and analysis work in flight on this worker."""
+        """The bound on assistant replies and analysis narratives in flight on this worker."""
         return self.per_loop(
             "assistant_slots", lambda: asyncio.Semaphore(self.config.assistant_max_concurrency)
         )
@@ -139,3 +151,20 @@ class WorkerContext:
     def message_writer(self) -> MessageWriter:
         """Batched storage of this worker's chat messages."""
         return self.per_loop("message_writer", MessageWriter)
+
+    @property
+    def analysis_pool(self) -> AnalysisPool:
+        """The processes health analyses run in: one pool per process, not per loop (it holds
+        no loop state), made on the first analysis; `close` stops it."""
+        if self._analysis_pool is None:
+            self._analysis_pool = AnalysisPool(processes=self.config.analysis_processes)
+        return self._analysis_pool
+
+    @property
+    def analyses(self) -> AnalysisQueue:
+        """The analyses accepted here and not finished (bounded by CHAT_ANALYSIS_QUEUE)."""
+        return self.per_loop("analyses", AnalysisQueue)
+
+    def close(self) -> None:
+        """This worker is stopping: stop what outlives a loop (the analysis processes)."""
+        self.analysis_pool.shutdown()

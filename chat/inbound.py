@@ -3,7 +3,9 @@
 The consumer pays for every frame before it does anything else with it (chat/budgets.py),
 then runs them in order: (size, heartbeat?) -> (budgets) -> binary -> size -> JSON ->
 object/schema -> type. Only a frame small enough to be a heartbeat is decoded before it is
-paid for, to know whether it is one.
+paid for, to know whether it is one. A frame over the message size can only be an analysis
+request: it is never decoded here but in an analysis process (chat/analysis_jobs.py), as
+are the analysis frames of any size.
 """
 
 from __future__ import annotations
@@ -42,32 +44,25 @@ def small_heartbeat(text: str | None, *, size: int, max_size: int) -> HeartbeatI
         return None
 
 
-def decode_frame(
-    text: str | None, *, max_size: int, max_large_size: int, large_types: frozenset[str]
-) -> Any:
-    """The frame's JSON value, or FrameError (binary, too large, not JSON).
-
-    Frames of `large_types` may be up to `max_large_size` bytes; others up to `max_size`.
-    """
+def large_frame(text: str | None, *, size: int, max_size: int, max_large_size: int) -> bool:
+    """Whether a text frame of `size` bytes is over `max_size` (only an analysis request may
+    be); FrameError if it is binary, or over `max_large_size`, which no frame may be."""
     if text is None:
         raise FrameError(ErrorCode.UNSUPPORTED_FRAME)
-    size = utf8_size(text)
     if size > max_large_size:
         raise FrameError(ErrorCode.MESSAGE_TOO_LARGE, {"max_size": max_large_size})
-    data = decode_json(text)
-    if size > max_size and not (isinstance(data, dict) and _type_of(data) in large_types):
-        raise FrameError(ErrorCode.MESSAGE_TOO_LARGE, {"max_size": max_size})
-    return data
+    return size > max_size
 
 
-def _type_of(data: dict[str, Any]) -> str | None:
-    type_ = data.get("type")
+def frame_type(data: Any) -> str | None:
+    """The `type` of a decoded frame, if it is an object with a string type."""
+    type_ = data.get("type") if isinstance(data, dict) else None
     return type_ if isinstance(type_, str) else None
 
 
 def well_formed_heartbeat(data: Any) -> HeartbeatIn | None:
     """A valid heartbeat (exempt from the rate limit), else None."""
-    if not isinstance(data, dict) or _type_of(data) != MessageType.HEARTBEAT:
+    if frame_type(data) != MessageType.HEARTBEAT:
         return None
     try:
         return HeartbeatIn.model_validate(data)
@@ -82,7 +77,7 @@ def parse_message(data: Any, schemas: dict[str, type[Inbound]]) -> Inbound:
             ErrorCode.MESSAGE_PARSE_ERROR,
             {"errors": [{"loc": [], "msg": "Frame must be a JSON object", "type": "dict_type"}]},
         )
-    type_ = _type_of(data)
+    type_ = frame_type(data)
     schema = schemas.get(type_) if type_ is not None else None
     if schema is None:
         raise FrameError(ErrorCode.UNKNOWN_MESSAGE_TYPE, type=str(data.get("type"))[:64])

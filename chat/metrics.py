@@ -78,3 +78,20 @@ HEAD_TIMEOUTS = Counter(
     "clarity_request_head_timeouts_total",
     "Connections aborted because a request's headers took longer than CHAT_HANDSHAKE_TIMEOUT",
 )
+ANALYSES_IN_FLIGHT = Gauge(
+    "clarity_analyses_in_flight",
+    "Health analyses accepted and not finished on this worker: waiting for or in an analysis "
+    "process, or being narrated (at most CHAT_ANALYSIS_QUEUE)",
+)
+ANALYSIS_JOBS = Counter(
+    "clarity_analysis_jobs_total",
+    "Jobs run in this worker's analysis processes, by outcome: analysed, refused (the frame "
+    "failed a check), failed (the job or its process failed)",
+    ["outcome"],
+)
+ANALYSES_REFUSED = Counter(
+    "clarity_analyses_refused_total",
+    "Health analyses refused before any work, by reason: rate_limit (the user's "
+    "CHAT_ANALYSIS_RATE_LIMIT), queue_full (CHAT_ANALYSIS_QUEUE on this worker)",
+    ["reason"],
+)

@@ -323,6 +323,31 @@ CHAT_LARGE_TYPES = frozenset({MessageType.HEALTH_INSIGHT})
 HEALTH_LARGE_TYPES = frozenset({MessageType.HEALTH_DATA})
 
 
+@dataclass(frozen=True)
+class AnalysisFrame:
+    """An analysis request frame: its envelope schema, the field holding its HealthPayload,
+    and the error code of an invalid payload."""
+
+    type: str
+    schema: type[Inbound]
+    payload_field: str
+    invalid: ErrorCode
+
+
+# The frames that ask for a health analysis (protocol §7): exactly the large types.
+ANALYSIS_FRAMES: dict[str, AnalysisFrame] = {
+    MessageType.HEALTH_INSIGHT: AnalysisFrame(
+        MessageType.HEALTH_INSIGHT,
+        HealthInsightIn,
+        "content",
+        ErrorCode.INVALID_HEALTH_INSIGHT_CONTENT,
+    ),
+    MessageType.HEALTH_DATA: AnalysisFrame(
+        MessageType.HEALTH_DATA, HealthDataIn, "data", ErrorCode.INVALID_HEALTH_DATA_PAYLOAD
+    ),
+}
+
+
 class FrameError(Exception):
     """A bad inbound frame: answered with one error frame; the socket stays open."""
 

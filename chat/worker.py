@@ -85,9 +85,10 @@ class WorkerLifecycle:
     On the first request on an event loop: mark the worker alive (before any session can be
     recorded under its id), start its housekeeping loop, and chain a graceful shutdown onto
     the server's SIGTERM/SIGINT handlers: every socket of this worker is closed with 4012 and
-    its session ended (reason `shutdown`), within CHAT_SHUTDOWN_GRACE seconds, before the
-    server's own handler stops it. (daphne 4.2's own shutdown cannot do this: it fails with a
-    KeyError while WebSockets are open and leaves the consumers pending.)
+    its session ended (reason `shutdown`), within CHAT_SHUTDOWN_GRACE seconds, and its
+    analysis processes stopped (chat/analysis_pool.py), before the server's own handler stops
+    it. (daphne 4.2's own shutdown cannot do this: it fails with a KeyError while WebSockets
+    are open and leaves the consumers pending.)
 
     The consumers get what they need of the process (chat/context.py) from the routing, not
     from here: this wrapper only runs the process's housekeeping around the application.
@@ -178,6 +179,7 @@ class WorkerLifecycle:
             logger.exception("graceful shutdown failed; the reaper will end the sessions")
         if self.task is not None:
             self.task.cancel()
+        self.worker.close()
         server_handler(number, frame)
 
     def liveness_trouble(self) -> None:

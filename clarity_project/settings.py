@@ -368,6 +368,28 @@ CHAT_OVERLOAD_LAG = env_float("CHAT_OVERLOAD_LAG", 0.1)
 CHAT_OVERLOAD_BACKLOG = env_int("CHAT_OVERLOAD_BACKLOG", 200)
 # CHAT_MAX_DATA_POINTS: data points in one health analysis request.
 CHAT_MAX_DATA_POINTS = env_int("CHAT_MAX_DATA_POINTS", 10080)
+# CHAT_ANALYSIS_RATE_LIMIT / CHAT_ANALYSIS_RATE_WINDOW: health analysis requests
+# (health_insight, health_data, and any frame over CHAT_MAX_MESSAGE_SIZE) one user may send
+# per rolling window (seconds), across sockets and workers, on top of the frame rate limit.
+# Beyond it: RATE_LIMIT_EXCEEDED with `details.scope: "analysis"`, nothing analysed, the
+# socket stays open. An honest client sends one per sync or per tap (a week of data at a
+# time), a few an hour; 10 a minute leaves room for retries.
+CHAT_ANALYSIS_RATE_LIMIT = env_int("CHAT_ANALYSIS_RATE_LIMIT", 10)
+CHAT_ANALYSIS_RATE_WINDOW = env_int("CHAT_ANALYSIS_RATE_WINDOW", 60)
+# CHAT_ANALYSIS_QUEUE: health analyses one worker takes on at once (waiting for or in an
+# analysis process, or being narrated). Beyond it: SERVICE_UNAVAILABLE with
+# `details.scope: "analysis"` at once, nothing queued; the client retries with backoff. Each
+# waiting request holds its frame (up to CHAT_MAX_HEALTH_PAYLOAD_SIZE) in memory.
+CHAT_ANALYSIS_QUEUE = env_int("CHAT_ANALYSIS_QUEUE", 8)
+# CHAT_ANALYSIS_PROCESSES: child processes per worker that decode, validate and compute
+# health analyses off the event loop (a week of data: tens of ms of CPU each). Started on
+# the first analysis (about 0.5 s) and stopped with the worker. Measured: about 90 MB each
+# after week-long analyses, plus about 12 MB for the resource tracker multiprocessing starts.
+CHAT_ANALYSIS_PROCESSES = env_int("CHAT_ANALYSIS_PROCESSES", 1)
+if min(CHAT_ANALYSIS_RATE_LIMIT, CHAT_ANALYSIS_QUEUE, CHAT_ANALYSIS_PROCESSES) < 1:
+    raise ImproperlyConfigured(
+        "CHAT_ANALYSIS_RATE_LIMIT, CHAT_ANALYSIS_QUEUE and CHAT_ANALYSIS_PROCESSES must be >= 1"
+    )
 # CHAT_MESSAGE_RATE_LIMIT: frames per user per rolling window, refused frames included
 # (binary, too large, not JSON, invalid); one heartbeat per second per socket is exempt
 # (protocol §16, chat/budgets.py). An honest client sends what its user types plus a few

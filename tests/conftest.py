@@ -38,6 +38,7 @@ NO_BUDGETS = {
     "CHAT_INBOUND_BYTES_PER_MINUTE": 0,
     "CHAT_CONNECT_RATE_LIMIT": 0,
     "CHAT_CONNECT_RATE_LIMIT_PER_ADDRESS": 0,
+    "CHAT_ANALYSIS_RATE_LIMIT": 100_000,  # malformed analysis requests count toward it too
 }
 
 

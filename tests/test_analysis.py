@@ -3,14 +3,17 @@ frames, the insight and the narrative, only to the requesting user's sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 
 from chat.protocol import HEALTH_ROOM_PREFIX
 from tests.conftest import ChatClient, open_socket, token_for
+from tests.gemini_api import model_says
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -200,3 +203,143 @@ async def test_user_id_in_a_health_request_must_be_the_users(clients):
         {"type": "health_insight", "user_id": "bob", "content": {"data_points": day_of_minutes()}}
     )
     await alice.expect_error("USER_ID_MISMATCH")
+
+
+# --- fair share (protocol §16): quota, queue bound, nothing decoded on the event loop ---------
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def jobs_run() -> float:
+    """Jobs that came back from the worker's analysis processes, whatever their outcome."""
+    return sum(
+        sample("clarity_analysis_jobs_total", outcome=outcome)
+        for outcome in ("analysed", "refused", "failed")
+    )
+
+
+async def test_an_analysis_flood_is_refused_past_the_users_quota(clients, settings):
+    settings.CHAT_ANALYSIS_RATE_LIMIT = 2
+    alice = await clients.join("lobby", "alice")
+    bob = await clients.join("lobby", "bob")
+    await alice.recv_type("user_joined")
+    request = {"type": "health_insight", "content": {"data_points": day_of_minutes()}}
+    for _ in range(2):
+        await alice.send(request)
+        assert (await read_analysis(alice))["progress"][-1] == ("completed", 100)
+    refused_before, jobs_before = (
+        sample("clarity_analyses_refused_total", reason="rate_limit"),
+        jobs_run(),
+    )
+
+    await alice.send(request)
+    error = await alice.expect_error("RATE_LIMIT_EXCEEDED")
+    assert error["details"]["scope"] == "analysis" and error["details"]["retry_after"] >= 1
+    # a frame only an analysis may be as large as is charged to the same quota
+    week = json.dumps(
+        {"type": "health_insight", "content": {"data_points": day_of_minutes(days=7)}}
+    )
+    await alice.send_text(week)
+    assert (await alice.expect_error("RATE_LIMIT_EXCEEDED"))["details"]["scope"] == "analysis"
+    await alice.expect_nothing_pending()
+    assert jobs_run() == jobs_before  # refused before any work was queued
+    assert sample("clarity_analyses_refused_total", reason="rate_limit") == refused_before + 2
+
+    # the socket stays open and its chat flows; another user's analyses are not affected
+    await alice.send({"type": "message", "content": "still here"})
+    assert (await alice.recv_type("message"))["content"] == "still here"
+    await bob.send(request)
+    assert (await read_analysis(bob))["progress"][-1] == ("completed", 100)
+
+
+async def test_a_full_analysis_queue_refuses_at_once(clients, settings, gemini, api):
+    """A worker takes on CHAT_ANALYSIS_QUEUE analyses; one more is refused at once with
+    SERVICE_UNAVAILABLE (try later), nothing queued, and the next after a slot frees runs."""
+    settings.CHAT_ANALYSIS_QUEUE = 1
+    narrating, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_model(request):
+        narrating.set()
+        await release.wait()
+        return model_says(json.dumps({"narrative": "You slept about eight hours."}))
+
+    api.generate.mock(side_effect=slow_model)
+    alice = await clients.join("lobby", "alice")
+    bob = await clients.join("lobby", "bob")
+    await alice.recv_type("user_joined")
+    request = {"type": "health_insight", "content": {"data_points": day_of_minutes()}}
+    await alice.send(request)
+    assert (await alice.recv(timeout=10))["status"] == "started"
+    assert (await alice.recv())["status"] == "processing"
+    await asyncio.wait_for(narrating.wait(), 5)  # alice's analysis holds the only slot
+    refused_before, jobs_before = (
+        sample("clarity_analyses_refused_total", reason="queue_full"),
+        jobs_run(),
+    )
+
+    await bob.send(request)
+    error = await bob.expect_error("SERVICE_UNAVAILABLE")
+    assert error["details"] == {"scope": "analysis"}
+    await bob.send({"type": "heartbeat"})  # the socket stays open
+    assert (await bob.recv())["type"] == "heartbeat_ack"
+    assert jobs_run() == jobs_before
+    assert sample("clarity_analyses_refused_total", reason="queue_full") == refused_before + 1
+    assert sample("clarity_analyses_in_flight") >= 1
+
+    release.set()
+    assert (await read_analysis(alice))["progress"][-1] == ("completed", 100)
+    await bob.send(request)
+    assert (await read_analysis(bob))["health_insight"]["insight"] == "You slept about eight hours."
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "details"),
+    [
+        # not JSON: one byte short of its closing brace
+        (
+            '{"type": "health_insight", "content": {"pad": "' + "x" * 999_900 + '"}',
+            "INVALID_JSON",
+            None,
+        ),
+        (
+            json.dumps({"type": "message", "content": "x", "pad": "y" * 999_900}),
+            "MESSAGE_TOO_LARGE",
+            {"max_size": 65536},
+        ),
+        (json.dumps(["health_insight", "y" * 999_900]), "MESSAGE_TOO_LARGE", {"max_size": 65536}),
+        (
+            json.dumps({"type": "health_data", "data": {"pad": "y" * 999_900}}),
+            "MESSAGE_TOO_LARGE",
+            {"max_size": 65536},
+        ),
+        (
+            json.dumps({"type": "health_insight", "content": {"data_points": "y" * 999_900}}),
+            "INVALID_HEALTH_INSIGHT_CONTENT",
+            None,
+        ),
+    ],
+    ids=["invalid-json", "wrong-type", "not-an-object", "other-endpoints-type", "invalid-payload"],
+)
+async def test_a_large_frame_is_decoded_in_an_analysis_process(clients, frame, code, details):
+    """A frame over CHAT_MAX_MESSAGE_SIZE is not decoded on the event loop: its refusal is
+    the analysis process's (a job came back for it), typed as the inbound pipeline's."""
+    assert 65536 < len(frame) <= 1_000_000
+    alice = await clients.join("lobby", "alice")
+    jobs_before = sample("clarity_analysis_jobs_total", outcome="refused")
+    await alice.send_text(frame)
+    error = await alice.expect_error(code, timeout=10)
+    if details is not None:
+        assert error["details"] == details
+    assert sample("clarity_analysis_jobs_total", outcome="refused") == jobs_before + 1
+    await alice.send({"type": "heartbeat"})  # the socket stays open
+    assert (await alice.recv())["type"] == "heartbeat_ack"
+
+
+async def test_small_analysis_frames_are_validated_in_an_analysis_process_too(clients):
+    alice = await clients.join("lobby", "alice")
+    jobs_before = sample("clarity_analysis_jobs_total", outcome="refused")
+    await alice.send({"type": "health_insight", "content": {"data_points": "not a list"}})
+    await alice.expect_error("INVALID_HEALTH_INSIGHT_CONTENT", timeout=10)
+    assert sample("clarity_analysis_jobs_total", outcome="refused") == jobs_before + 1

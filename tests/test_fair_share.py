@@ -50,12 +50,15 @@ async def frames_until_close(client, *, most: int = 100) -> tuple[list[dict], in
     [
         pytest.param(lambda c: c.send_text("{not json"), id="invalid JSON"),
         pytest.param(lambda c: c.send_bytes(b"\x00" * 100), id="binary"),
-        pytest.param(lambda c: c.send_text("x" * 70_000), id="over the size limit"),
+        # over the analysis frames' limit (a frame over the message size and under it goes to
+        # an analysis process: tests/test_analysis.py)
+        pytest.param(lambda c: c.send_text("x" * 1_000_001), id="over the size limit"),
         pytest.param(lambda c: c.send({"type": "nope"}), id="unknown type"),
     ],
 )
 async def test_refused_frames_count_toward_the_rate_limit_and_close_4029(clients, settings, junk):
     settings.CHAT_MESSAGE_RATE_LIMIT = 5
+    settings.CHAT_INBOUND_BYTES_PER_MINUTE = 0  # the frames' own budget only
     alice = await clients.join("lobby", "alice")
     for _ in range(30):
         await junk(alice)

@@ -32,8 +32,9 @@ def worker(tmp_path_factory) -> Iterator[Worker]:
     env = {
         "CHAT_MAX_OUTBOUND_BUFFER": str(BOUND),
         "CHAT_HANDSHAKE_TIMEOUT": str(HEAD_DEADLINE),
-        # The busy room's sender is one user sending thousands of messages.
+        # The busy room's sender is one user sending thousands of messages (megabytes).
         "CHAT_MESSAGE_RATE_LIMIT": "1000000",
+        "CHAT_INBOUND_BYTES_PER_MINUTE": "0",
         "LOG_LEVEL": "INFO",
     }
     with run_workers(tmp_path_factory.mktemp("transport"), env=env) as workers:
