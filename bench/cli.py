@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import markdown, report
+from bench.attacks import ATTACKS
 from bench.fleet import Fleet
 from bench.machine import machine_info
 from bench.progress import Progress
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=sorted(SCENARIOS),
-        help="run only this scenario (repeatable; default: all)",
+        help="run only this scenario (repeatable; default: all but hostile and fair-share-cost)",
     )
     parser.add_argument(
         "--server",
@@ -49,6 +50,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--room-size", type=int, help="users per room")
     parser.add_argument("--step-seconds", type=float, help="duration of each fixed-rate step")
     parser.add_argument("--connections", type=int, help="sockets in the connection storm")
+    parser.add_argument(
+        "--attack-seconds", type=float, help="duration of each attack (hostile; 60, quick 20)"
+    )
+    parser.add_argument(
+        "--attack",
+        action="append",
+        choices=sorted(ATTACKS),
+        help="hostile: run only this attack (repeatable; default: all, the control first)",
+    )
+    parser.add_argument(
+        "--cost-runs", type=int, help="on/off pairs of runs (fair-share-cost; default 3)"
+    )
     parser.add_argument(
         "--baseline-layer",
         choices=["project", "stock"],
@@ -76,6 +89,9 @@ def options_from(args: argparse.Namespace) -> Options:
         "room_size": args.room_size,
         "step_seconds": args.step_seconds,
         "connections": args.connections,
+        "attack_seconds": args.attack_seconds,
+        "cost_runs": args.cost_runs,
+        "attacks": tuple(args.attack) if args.attack else None,
         "baseline_layer": args.baseline_layer,
     }
     return dataclasses.replace(
@@ -105,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     interrupt_on_signals()
     options = options_from(args)
-    scenarios = [SCENARIOS[name] for name in (args.scenario or SCENARIOS)]
+    scenarios = [
+        SCENARIOS[name]
+        for name in args.scenario or [name for name, s in SCENARIOS.items() if s.default]
+    ]
     kinds = [ServerKind(name) for name in (args.server or ["baseline", "clarity"])]
     fd_limit = raise_fd_limit()
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -145,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(fleet, options, work_dir, progress, postgres=not args.sqlite)
         try:
             for scenario in scenarios:
-                for kind in kinds:
+                for kind in (kind for kind in kinds if kind in scenario.servers):
                     try:
                         record["measurements"].append(bench.run(scenario, kind))
                     except Exception as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -24,7 +24,9 @@ class GeneratorError(RuntimeError):
 
 
 class Fleet:
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, target: Callable[..., None] = loadgen.main) -> None:
+        """`processes` processes running `target(pipe, index, processes, counters)`: by
+        default generator processes (`bench.loadgen`)."""
         context = multiprocessing.get_context("spawn")
         self.size = processes
         self.counters = context.RawArray("q", processes * loadgen.SLOTS)
@@ -33,9 +35,9 @@ class Fleet:
         for index in range(processes):
             parent, child = context.Pipe()
             process = context.Process(
-                target=loadgen.main,
+                target=target,
                 args=(child, index, processes, self.counters),
-                name=f"bench-loadgen-{index}",
+                name=f"bench-{target.__module__.rpartition('.')[2]}-{index}",
                 daemon=True,
             )
             process.start()
@@ -73,9 +75,10 @@ class Fleet:
         return reply
 
     def connect(
-        self, kind: ServerKind, users: Sequence[User], *, padding: int, timeout: float = 60.0
+        self, kind: ServerKind, users: Sequence[User], *, padding: str, timeout: float = 60.0
     ) -> list[dict]:
-        """Open all these users' sockets at once, dealt round-robin to the processes."""
+        """Open all these users' sockets at once, dealt round-robin to the processes; their
+        messages end with `padding`."""
         shares = [
             {
                 "op": "connect",

@@ -18,7 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -100,7 +100,7 @@ class LoadProcess:
         """Open sockets for these users (all at once); the join latency of each."""
         self.wire = WIRES[ServerKind(command["kind"])]
         self.closing = False
-        self.padding = "x" * command.get("padding", 0)
+        self.padding = command.get("padding", "")
         users = [User(*fields) for fields in command["users"]]
         timeout = command.get("timeout", 60.0)
         results = await asyncio.gather(*(self.open(user, timeout) for user in users))
@@ -308,8 +308,16 @@ class LoadProcess:
         member.waiter = None
 
 
-async def serve(pipe: Connection, index: int, processes: int, counters: Any) -> None:
-    worker = LoadProcess(index, processes, counters)
+class Handler(Protocol):
+    """What a fleet process runs: one reply per command; `close_all` before it exits."""
+
+    async def handle(self, command: dict) -> dict: ...
+
+    async def close_all(self) -> dict: ...
+
+
+async def serve(pipe: Connection, worker: Handler) -> None:
+    """Answer the coordinator's commands until `exit`."""
     loop = asyncio.get_running_loop()
     while True:
         command = await loop.run_in_executor(None, pipe.recv)
@@ -327,4 +335,4 @@ async def serve(pipe: Connection, index: int, processes: int, counters: Any) -> 
 def main(pipe: Connection, index: int, processes: int, counters: Any) -> None:
     """Entry point of a generator process."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(pipe, index, processes, counters))
+        asyncio.run(serve(pipe, LoadProcess(index, processes, counters)))

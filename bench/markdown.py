@@ -14,18 +14,67 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.report import NOISY_CPU, number, table
+from bench.fairshare import COST_LIMIT, RSS_LIMIT_MB, RTT_LIMIT_MS
+from bench.report import NOISY_CPU, cost_grid, find, hostile_grid, number, table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def cells(row: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "/") for cell in row) + " |"
+
+    return [cells(header), "|" + "---|" * len(header), *(cells(row) for row in rows)]
+
+
 def _targets(record: dict[str, Any]) -> list[str]:
-    lines = ["| target | value | goal | met | detail |", "|---|---|---|---|---|"]
-    for target in record["targets"]:
-        value = number(target["value"])
-        met = {True: "yes", False: "**no**", None: "-"}[target["met"]]
-        detail = target["detail"].replace("|", "/")
-        lines.append(f"| {target['target']} | {value} | {target['goal']} | {met} | {detail} |")
+    return _table(
+        ["target", "value", "goal", "met", "detail"],
+        [
+            [
+                target["target"],
+                number(target["value"]),
+                target["goal"],
+                {True: "yes", False: "**no**", None: "-"}[target["met"]],
+                target["detail"],
+            ]
+            for target in record["targets"]
+        ],
+    )
+
+
+def _fair_share(record: dict[str, Any]) -> list[str]:
+    """The hostile-client and cost figures (protocol §16), if this run measured them."""
+    hostile = find(record["measurements"], "hostile", "clarity")
+    cost = find(record["measurements"], "fair-share-cost", "clarity")
+    if not hostile and not cost:
+        return []
+    lines = ["## Fair share (protocol §16): hostile clients and the protections' cost", ""]
+    if hostile:
+        busy = hostile["busy_room"]
+        lines += [
+            f"Each attack for {hostile['attack_seconds']:g} s on a fresh worker with Clarity's "
+            f"default limits, while a busy room carries {busy['messages_per_s']:g} messages/s "
+            f"of ~{busy['content_chars']:,} characters (~23 KB frames) and a bystander in "
+            f"another room sends a heartbeat every "
+            f"{hostile['bystander']['heartbeat_every_s'] * 1000:.0f} ms. Targets: the loop "
+            f"never later than 50 ms (its own lag metric), bystander p99 < {RTT_LIMIT_MS:.0f} "
+            f"ms, RSS growth <= {RSS_LIMIT_MB:.0f} MB (over 60 s: shorter attacks say less), "
+            "non-reading sockets each closed within 5 s of passing the bound (server metric).",
+            "",
+            *_table(*hostile_grid(hostile)),
+            "",
+        ]
+    if cost:
+        lines += [
+            f"Server CPU-seconds per 1,000 deliveries at {cost['offered']:,.0f} deliveries/s, "
+            f"protections on (defaults) and off "
+            f"({', '.join(f'`{k}={v}`' for k, v in cost['off_env'].items())}), interleaved; "
+            f"median on/off ratio **{number(cost['ratio'])}** (target <= {COST_LIMIT}).",
+            "",
+            *_table(*cost_grid(cost)),
+            "",
+        ]
     return lines
 
 
@@ -57,6 +106,7 @@ def render(record: dict[str, Any], plot_name: str | None) -> str:
         "",
         *_targets(record),
         "",
+        *_fair_share(record),
     ]
     other = record.get("cpu", {}).get("other_mean", 0.0)
     if other > NOISY_CPU:

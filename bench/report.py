@@ -6,6 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.fairshare import (
+    COST_LIMIT,
+    LAG_LIMIT,
+    RSS_LIMIT_MB,
+    RTT_LIMIT_MS,
+    attacker_outcome,
+    overall,
+)
 from bench.stats import P99_LIMIT_MS
 
 Measurement = dict[str, Any]
@@ -115,6 +123,7 @@ def targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
             )
         )
     results.extend(loss_targets(measurements))
+    results.extend(fair_share_targets(measurements))
     return sorted(results, key=lambda target: target["target"].split(".", 1)[0])
 
 
@@ -159,6 +168,147 @@ def loss_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
         )
     )
     return results
+
+
+def fair_share_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """6: each attack within the limits; 7: the protections' CPU cost; 8: slow sockets closed."""
+    results = []
+    hostile = find(measurements, "hostile", "clarity")
+    for phase in hostile["attacks"] if hostile else []:
+        if phase["attack"] == "none":
+            continue
+        verdicts = phase["verdicts"]
+        results.append(
+            _target(
+                f"6. attack ({phase['issue']}) {phase['attack']} at {phase['rate']}: loop lag, "
+                "bystander p99, RSS growth",
+                phase["bystander"]["p99_ms"],
+                f"lag <= {float(LAG_LIMIT) * 1000:.0f} ms, p99 < {RTT_LIMIT_MS:.0f} ms, "
+                f"+{RSS_LIMIT_MB:.0f} MB",
+                lambda value, verdicts=verdicts: overall(
+                    {k: verdicts[k] for k in ("lag", "bystander", "rss")}
+                ),
+                f"lag max {lag_text(phase['lag'])} ms, {phase['lag']['over_limit']} ticks over; "
+                f"RSS {phase['rss_start_mb']:.0f} -> {phase['rss_end_mb']:.0f} MB in "
+                f"{phase['seconds']:.0f} s",
+            )
+        )
+        if "closed" in verdicts:
+            results.append(
+                _target(
+                    f"8. attack ({phase['issue']}) {phase['attack']}: attackers closed",
+                    float(phase["attacker"].get("open_at_end", 0)),
+                    "0 open; non-reading: each closed <= 5 s after the bound (server metric)",
+                    lambda value, met=verdicts["closed"]: met,
+                    attacker_outcome(phase["attacker"])
+                    + (
+                        f"; server: {slow_close_text(phase['slow_closes'])}"
+                        if phase["attack"] == "non-reading"
+                        else ""
+                    ),
+                )
+            )
+            if verdicts["closed"] is None:
+                results[-1]["met"] = None
+    cost = find(measurements, "fair-share-cost", "clarity")
+    if cost:
+        results.append(
+            _target(
+                "7. server CPU per 1,000 deliveries, protections on / off (median of runs)",
+                cost["ratio"],
+                f"<= {COST_LIMIT}",
+                lambda value: value <= COST_LIMIT,
+                f"{len(cost['ratios'])} interleaved pairs at {cost['offered']:,.0f} deliveries/s: "
+                + ", ".join(f"{ratio:.3f}" for ratio in cost["ratios"]),
+            )
+        )
+    return results
+
+
+def lag_text(lag: dict[str, Any]) -> str:
+    if lag["max_ms"] is None:
+        return "n/a (metric absent)"
+    return f"{'' if lag['max_exact'] else '<='}{lag['max_ms']:.0f}"
+
+
+def slow_close_text(slow: dict[str, Any]) -> str:
+    if slow["closed"] is None:
+        return "n/a (metric absent)"
+    longest = "-" if slow["max_s"] is None else f"<={slow['max_s']:g} s"
+    outcomes = ", ".join(f"{k} {v:.0f}" for k, v in (slow["by_outcome"] or {}).items())
+    return f"{slow['closed']:.0f} closed, longest {longest}, {slow['over_limit']} over 5 s" + (
+        f" ({outcomes})" if outcomes else ""
+    )
+
+
+def verdict_text(met: bool | None) -> str:
+    return {True: "yes", False: "NO", None: "-"}[met]
+
+
+def hostile_grid(measurement: Measurement) -> tuple[list[str], list[list[str]]]:
+    """The hostile scenario's table: one row per attack."""
+    header = [
+        "attack",
+        "rate",
+        "s",
+        "bystander p50/p99/max ms",
+        "loop lag max ms",
+        "ticks > 50 ms",
+        "RSS start/end/peak MB",
+        "busy p99 ms",
+        "met",
+        "what the server did to the attacker",
+        "slow-consumer closes (server)",
+    ]
+    rows = []
+    for phase in measurement["attacks"]:
+        bystander = phase["bystander"]
+        unanswered = f" ({bystander['unanswered']} unanswered)" if bystander["unanswered"] else ""
+        rows.append(
+            [
+                f"({phase['issue']}) {phase['attack']}",
+                phase["rate"],
+                f"{phase['seconds']:.0f}",
+                f"{bystander['p50_ms']:.1f}/{bystander['p99_ms']:.1f}/{bystander['max_ms']:.0f}"
+                + unanswered,
+                lag_text(phase["lag"]),
+                "n/a"
+                if phase["lag"]["over_limit"] is None
+                else f"{phase['lag']['over_limit']:.0f}",
+                f"{phase['rss_start_mb']:.0f}/{phase['rss_end_mb']:.0f}/{phase['rss_peak_mb']:.0f}",
+                f"{phase['busy_room']['p99_ms']:.0f}",
+                verdict_text(overall(phase["verdicts"])),
+                attacker_outcome(phase["attacker"]),
+                slow_close_text(phase["slow_closes"]) if phase["attack"] == "non-reading" else "",
+            ]
+        )
+    return header, rows
+
+
+def cost_grid(measurement: Measurement) -> tuple[list[str], list[list[str]]]:
+    """The cost comparison's table: one row per run, in the order run."""
+    header = [
+        "run",
+        "protections",
+        "delivered",
+        "server cpu s",
+        "cpu s / 1,000",
+        "sustained",
+        "other cpu%",
+    ]
+    rows = [
+        [
+            f"{run['run'] + 1}",
+            run["protections"],
+            f"{run['delivered']:,}",
+            f"{run['server_cpu_seconds']:.2f}",
+            f"{run['cpu_s_per_1000']:.4f}",
+            "yes" if run["sustained"] else "NO",
+            f"{run['other_cpu']:.0f}",
+        ]
+        for run in measurement["runs"]
+    ]
+    return header, rows
 
 
 def cpu_usage(measurements: list[Measurement]) -> dict[str, float]:
@@ -338,6 +488,26 @@ def table(record: dict[str, Any]) -> str:
                 f"WARNING: other work used {usage['other_mean']:.0f}% of a core on average "
                 "during the steps: the figures are disturbed; rerun on an idle machine."
             )
+        lines.append("")
+    hostile = find(measurements, "hostile", "clarity")
+    if hostile:
+        busy = hostile["busy_room"]
+        lines.append(
+            f"Hostile clients (fresh worker per attack, Clarity's default limits; busy room: "
+            f"{busy['senders']} senders, {busy['messages_per_s']:g} messages/s of "
+            f"~{busy['content_chars']:,} characters; bystander: a heartbeat every "
+            f"{hostile['bystander']['heartbeat_every_s'] * 1000:.0f} ms from "
+            f"{hostile['bystander']['users']} users in a quiet room)"
+        )
+        lines.extend(_grid(*hostile_grid(hostile), text_columns={1, 9, 10}))
+        lines.append("")
+    cost = find(measurements, "fair-share-cost", "clarity")
+    if cost:
+        lines.append(
+            f"Fair-share cost ({cost['offered']:,.0f} deliveries/s for {cost['step_seconds']:g} s "
+            f"per run; off = {', '.join(f'{k}={v}' for k, v in cost['off_env'].items())})"
+        )
+        lines.extend(_grid(*cost_grid(cost), text_columns={1}))
         lines.append("")
     failures = [m for m in measurements if "failure" in m]
     for m in failures:

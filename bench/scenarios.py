@@ -1,4 +1,5 @@
-"""The measurements: room fan-out (fixed-rate sweep and closed loop) and connection storm.
+"""The measurements: room fan-out (fixed-rate sweep and closed loop) and connection storm;
+the fair-share ones (hostile clients, the protections' cost) are in `bench.fairshare`.
 
 Each measurement starts its own fresh servers (`bench.servers.deploy`), connects its users
 through the generator fleet, measures, closes everything and returns a JSON-ready dict.
@@ -17,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from bench import loadgen
+from bench import fairshare, loadgen
 from bench.fleet import Fleet, merge_counts
 from bench.progress import Progress
 from bench.servers import (
@@ -41,6 +42,8 @@ SLOW_SECONDS = "0.1"
 HISTOGRAM_PARTS = ("_bucket", "_count", "_sum")
 # Counters whose change during a step is normal traffic, not a sign of trouble.
 ROUTINE_METRICS = ("clarity_frames_in_total", "clarity_frames_out_total")
+# Gauges that keep the worst value since the worker started (their histogram tells the step).
+HIGH_WATER_MARK = "_max_seconds"
 
 # One step on a deployment: step(mode=..., offered=..., duration=...).
 StepFn = Callable[..., StepResult]
@@ -64,6 +67,9 @@ class Options:
     burst: int = 500  # sockets opened at once in the storm
     hold_seconds: float = 10.0
     baseline_layer: str = "project"  # or "stock": the baseline on channels' own layer class
+    attack_seconds: float = 60.0  # hostile: each attack (the issue's targets are over 60 s)
+    attacks: tuple[str, ...] = ()  # hostile: these attacks only (default: all, control first)
+    cost_runs: int = 3  # fair-share-cost: interleaved runs with the protections on and off
 
     @classmethod
     def quick(cls) -> Options:
@@ -78,16 +84,19 @@ class Options:
             confirm=False,
             connections=1000,
             hold_seconds=2.0,
+            attack_seconds=20.0,
         )
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "fanout" or "storm"
+    kind: str  # "fanout", "storm", "hostile" or "cost"
     layer: Layer
     workers: int
     description: str
+    servers: tuple[ServerKind, ...] = (ServerKind.BASELINE, ServerKind.CLARITY)
+    default: bool = True  # part of a run that names no scenario
 
 
 SCENARIOS = {
@@ -106,6 +115,24 @@ SCENARIOS = {
         ),
         Scenario(
             "storm", "storm", Layer.MEMORY, 1, "connection storm: join latency, RSS per socket"
+        ),
+        Scenario(
+            "hostile",
+            "hostile",
+            Layer.MEMORY,
+            1,
+            "hostile clients (protocol §16): each attack in turn, a bystander's heartbeats",
+            servers=(ServerKind.CLARITY,),
+            default=False,
+        ),
+        Scenario(
+            "fair-share-cost",
+            "cost",
+            Layer.MEMORY,
+            1,
+            "server CPU per 1,000 deliveries with the fair-share protections on and off",
+            servers=(ServerKind.CLARITY,),
+            default=False,
         ),
     )
 }
@@ -169,22 +196,33 @@ class Bench:
             databases.drop()
 
     def deploy(
-        self, scenario: Scenario, kind: ServerKind
+        self,
+        scenario: Scenario,
+        kind: ServerKind,
+        *,
+        env: dict[str, str | None] | None = None,
+        label: str = "",
     ) -> contextlib.AbstractContextManager[Deployment]:
+        """Fresh servers for `scenario`; `env` is added to the bench's server environment."""
         return deploy(
             kind,
             scenario.layer,
             workers=scenario.workers,
             databases=self.database(scenario.layer),
             log_dir=self.work_dir,
-            label=f"{scenario.name}-{kind.value}",
+            label=f"{scenario.name}-{kind.value}{label}",
             baseline_layer=self.options.baseline_layer,
+            env=env,
         )
 
     def run(self, scenario: Scenario, kind: ServerKind) -> dict[str, Any]:
         self.progress.note(f"{scenario.name} / {kind.value}: {scenario.description}")
         if scenario.kind == "storm":
             return self.storm(scenario, kind)
+        if scenario.kind == "hostile":
+            return fairshare.hostile(self, scenario)
+        if scenario.kind == "cost":
+            return fairshare.cost(self, scenario)
         return self.fanout(scenario, kind)
 
     # --- users ------------------------------------------------------------------------------
@@ -212,8 +250,12 @@ class Bench:
         offered: float | None,
         duration: float,
         users: int,
+        room_size: int | None = None,
+        tick: Callable[[], None] | None = None,
     ) -> StepResult:
-        fleet, size = self.fleet, self.options.room_size
+        """One step; the users' rooms have `room_size` members (default: `options.room_size`);
+        `tick` (if given) is called about every 0.25 s while the users send."""
+        fleet, size = self.fleet, room_size or self.options.room_size
         self.step_number += 1
         metrics_before = deployment.metrics()
         log_lines_before = len(deployment.log_problems())
@@ -233,6 +275,8 @@ class Bench:
         what = f"{offered:,.0f} deliveries/s offered" if offered else "closed loop"
         while (now := time.monotonic()) < end:
             self._show(label, what, f"{max(0.0, now - start_at):4.1f}/{duration:.0f} s")
+            if tick is not None:
+                tick()
             time.sleep(0.25)
         drain_end = end + self.options.drain_seconds
         time.sleep(0.1)
@@ -243,18 +287,20 @@ class Bench:
             time.sleep(0.05)
         drain = time.monotonic() - end
         replies = fleet.broadcast({"op": "collect"})
-        cpu = CpuSnapshot.take(deployment, self.fleet).percent_since(cpu_before)
+        cpu_after = CpuSnapshot.take(deployment, self.fleet)
+        cpu = cpu_after.percent_since(cpu_before)
         deployment.check_alive()
         result = summarize(
             mode=mode, offered=offered, duration=duration, room_size=size, replies=replies
         )
         result.server_cpu = cpu["server"]
+        result.server_cpu_seconds = cpu_after.server - cpu_before.server
         result.services_cpu = cpu["services"]
         result.other_cpu = max(
             0.0, cpu["machine"] - cpu["server"] - cpu["generator"] - cpu["services"]
         )
         result.drain_s = round(drain, 2)
-        result.server_signals = self._signals(
+        result.server_signals = self.signals(
             metrics_before, deployment.metrics(), len(deployment.log_problems()) - log_lines_before
         )
         self.progress.note(f"  {label} {what}: {describe(result)}")
@@ -269,7 +315,7 @@ class Bench:
         )
 
     @staticmethod
-    def _signals(before: dict[str, float], after: dict[str, float], log_lines: int) -> dict:
+    def signals(before: dict[str, float], after: dict[str, float], log_lines: int) -> dict:
         """What the server itself reported during the step: changes of non-routine counters,
         observations over SLOW_SECONDS in overload-like histograms (loop lag...), non-zero
         overload-like gauges (backlog, waiting...), warning/error log lines."""
@@ -281,6 +327,8 @@ class Bench:
         for name, value in after.items():
             metric, _, labels = name.partition("{")
             overload_like = OVERLOAD_NAME.search(metric) is not None
+            if metric.endswith(HIGH_WATER_MARK):
+                continue
             if metric.endswith("_total") and not metric.startswith(ROUTINE_METRICS):
                 if change(name):
                     signals[name] = change(name)
@@ -402,9 +450,18 @@ class Bench:
     # --- connections ------------------------------------------------------------------------
 
     def connect(
-        self, deployment: Deployment, kind: ServerKind, users: list[User], label: str
+        self,
+        deployment: Deployment,
+        kind: ServerKind,
+        users: list[User],
+        label: str,
+        *,
+        padding: str | None = None,
     ) -> dict[str, Any]:
-        """Open these users' sockets in bursts; join latency, failures."""
+        """Open these users' sockets in bursts; join latency, failures. Their messages end with
+        `padding` (default: `options.padding` characters)."""
+        if padding is None:
+            padding = "x" * self.options.padding
         burst = self.options.burst
         latencies: list[float] = []
         failed = 0
@@ -414,9 +471,7 @@ class Bench:
                 f"{label} connecting {first:,}/{len(users):,} "
                 f"errors {self.fleet.total(loadgen.ERRORS):,}"
             )
-            replies = self.fleet.connect(
-                kind, users[first : first + burst], padding=self.options.padding
-            )
+            replies = self.fleet.connect(kind, users[first : first + burst], padding=padding)
             for reply in replies:
                 latencies.extend(reply["latencies_ms"])
                 failed += reply["failed"]

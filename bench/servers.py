@@ -45,6 +45,23 @@ BENCH_ENV: dict[str, str | None] = {
     "CHAT_MAX_CONNECTIONS_PER_USER": "3",
     "CHAT_ALLOW_NO_ORIGIN": "1",  # the generator sends no Origin, as native apps
     "CHAT_SHUTDOWN_GRACE": "5",
+    # The generator's thousands of users share one loopback address; in production they come
+    # from many (protocol §16 limits connection attempts per address with a high default).
+    "CHAT_CONNECT_RATE_LIMIT_PER_ADDRESS": "0",
+}
+# The `hostile` scenario runs Clarity's own message rate limit (its default), not the bench's.
+HOSTILE_ENV: dict[str, str | None] = {
+    "CHAT_MESSAGE_RATE_LIMIT": None,
+    "CHAT_RATE_LIMIT_WINDOW": None,
+}
+# The fair-share protections (protocol §16) switched off, for `fair-share-cost`: the one place
+# to adjust as they change (0 means off; a setting the server does not know is ignored).
+FAIR_SHARE_OFF: dict[str, str | None] = {
+    "CHAT_MAX_OUTBOUND_BUFFER": "0",
+    "CHAT_INBOUND_BYTES_PER_MINUTE": "0",
+    "CHAT_CONNECT_RATE_LIMIT": "0",
+    "CHAT_CONNECT_RATE_LIMIT_PER_ADDRESS": "0",
+    "CHAT_ANALYSIS_RATE_LIMIT": "1000000",
 }
 PROBLEM = re.compile(r"WARNING|ERROR|CRITICAL|Traceback|Exception")
 
@@ -99,8 +116,14 @@ def worker_rss(worker: Worker) -> int:
 
 
 def worker_cpu_seconds(worker: Worker) -> float:
-    times = psutil.Process(worker.pid).cpu_times()
-    return times.user + times.system
+    """CPU time used so far by the process and its live children (e.g. analysis processes)."""
+    process = psutil.Process(worker.pid)
+    seconds = 0.0
+    for each in (process, *process.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            times = each.cpu_times()
+            seconds += times.user + times.system
+    return seconds
 
 
 @dataclass
@@ -155,11 +178,12 @@ def deploy(
     log_dir: Path,
     label: str,
     baseline_layer: str = "project",
+    env: dict[str, str | None] | None = None,
 ) -> Iterator[Deployment]:
     """Fresh servers for one measurement; always stopped (their database dropped, their Redis
     keys deleted). `baseline_layer`: `project` (the layer class Clarity uses) or `stock`
-    (channels' own)."""
-    env = dict(BENCH_ENV)
+    (channels' own). `env` is added to BENCH_ENV (a None value removes a variable)."""
+    env = {**BENCH_ENV, **(env or {})}
     if kind is ServerKind.BASELINE:
         env["BENCH_BASELINE_LAYER"] = baseline_layer
     with cluster_start(

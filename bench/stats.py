@@ -43,6 +43,7 @@ class StepResult:
     closes: dict[str, int] = field(default_factory=dict)
     generator_cpu: list[float] = field(default_factory=list)  # % of one core, per process
     server_cpu: float = 0.0  # % of one core, all server processes
+    server_cpu_seconds: float = 0.0  # CPU time of all server processes (step and drain)
     services_cpu: float = 0.0  # % of one core, Redis and PostgreSQL processes
     other_cpu: float = 0.0  # % of one core used by the rest of the machine (noise)
     repeat: bool = False  # a second try of a rate that was not sustained the first time

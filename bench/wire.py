@@ -110,7 +110,7 @@ class ClarityWire(Wire):
                     raise JoinRefused(f"expected {expected}, got {frame.get('type')}")
 
     def encode(self, content: str) -> str:
-        return json.dumps({"type": "message", "content": content})
+        return json.dumps({"type": "message", "content": content}, ensure_ascii=False)
 
     def decode(self, raw: str | bytes) -> tuple[str, str]:
         frame = json.loads(raw)

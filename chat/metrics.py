@@ -50,6 +50,12 @@ LOOP_LAG = Histogram(
     "How late this worker's event loop wakes from a timer (CPU overload)",
     buckets=DELAY_BUCKETS,
 )
+# The histogram's buckets say how often; this says how bad it got (the bench reads it around
+# each attack of its `hostile` scenario, on a fresh worker).
+LOOP_LAG_MAX = Gauge(
+    "clarity_event_loop_lag_max_seconds",
+    "Longest event-loop lag this worker has seen since it started",
+)
 WRITER_BACKLOG = Gauge(
     "clarity_messages_waiting_to_be_stored", "Chat messages queued for the database writer"
 )

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from django.conf import settings
 
-from chat.metrics import DELIVERY_DELAY, LOOP_LAG, OVERLOADED, WRITER_BACKLOG
+from chat.metrics import DELIVERY_DELAY, LOOP_LAG, LOOP_LAG_MAX, OVERLOADED, WRITER_BACKLOG
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class OverloadWatch:
         self.store_backlog = store_backlog
         self.delays = delays
         self.warned_at = -math.inf
+        self.longest_lag = 0.0
 
     def tick(self, *, lag: float, now: float) -> bool:
         """One look: `lag` is how late this tick's timer woke, `now` the monotonic time.
@@ -59,6 +60,9 @@ class OverloadWatch:
         backlog = self.store_backlog()
         delay = self.delays.take()
         LOOP_LAG.observe(lag)
+        if lag > self.longest_lag:
+            self.longest_lag = lag
+            LOOP_LAG_MAX.set(lag)
         WRITER_BACKLOG.set(backlog)
         DELIVERY_DELAY.observe(delay)
         limit = settings.CHAT_OVERLOAD_LAG

@@ -92,3 +92,10 @@ async def test_the_watch_runs_on_the_event_loop(caplog, settings):
                 await task
     assert overload_ticks() >= before + 1
     assert "11 messages waiting to be stored" in caplog.text
+
+
+def test_the_longest_event_loop_lag_is_kept():
+    watch = watch_of()
+    for lag in (0.02, 0.4, 0.1, 0):
+        watch.tick(lag=lag, now=0)
+    assert REGISTRY.get_sample_value("clarity_event_loop_lag_max_seconds") == 0.4

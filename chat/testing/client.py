@@ -98,10 +98,20 @@ class ChatSocket:
 
     @classmethod
     async def join(
-        cls, base_url: str, room: str, uid: str, name: str | None = None, *, path: str = ""
+        cls,
+        base_url: str,
+        room: str,
+        uid: str,
+        name: str | None = None,
+        *,
+        path: str = "",
+        **kwargs: Any,
     ) -> ChatSocket:
-        """Open with a valid token and read the join frames: ack, presence, history."""
-        client = await cls.open(base_url, path or f"/api/v1/ws/{room}", token=token_for(uid, name))
+        """Open with a valid token and read the join frames: ack, presence, history. `kwargs`
+        go to `websockets`' `connect`, as with `open`."""
+        client = await cls.open(
+            base_url, path or f"/api/v1/ws/{room}", token=token_for(uid, name), **kwargs
+        )
         try:
             client.ack = await client.expect("connection_ack")
             client.presence = await client.expect("presence")
