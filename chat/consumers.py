@@ -321,6 +321,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             size=size,
             max_size=self.config.max_message_size,
             max_large_size=self.config.max_health_payload_size,
+            large_types=self.large_types,
         ):
             # Only an analysis request may be this large: not decoded on the event loop.
             return await self.request_analysis(text)

@@ -44,14 +44,27 @@ def small_heartbeat(text: str | None, *, size: int, max_size: int) -> HeartbeatI
         return None
 
 
-def large_frame(text: str | None, *, size: int, max_size: int, max_large_size: int) -> bool:
-    """Whether a text frame of `size` bytes is over `max_size` (only an analysis request may
-    be); FrameError if it is binary, or over `max_large_size`, which no frame may be."""
+def large_frame(
+    text: str | None,
+    *,
+    size: int,
+    max_size: int,
+    max_large_size: int,
+    large_types: frozenset[str],
+) -> bool:
+    """Whether a text frame of `size` bytes is over `max_size` and may be an analysis request
+    (one of `large_types`), to be decoded off the event loop; FrameError if it is binary, over
+    `max_large_size`, or over `max_size` without naming any of `large_types` (a substring
+    search, no decoding: junk never reaches an analysis process)."""
     if text is None:
         raise FrameError(ErrorCode.UNSUPPORTED_FRAME)
     if size > max_large_size:
         raise FrameError(ErrorCode.MESSAGE_TOO_LARGE, {"max_size": max_large_size})
-    return size > max_size
+    if size <= max_size:
+        return False
+    if not any(f'"{type_}"' in text for type_ in large_types):
+        raise FrameError(ErrorCode.MESSAGE_TOO_LARGE, {"max_size": max_size})
+    return True
 
 
 def frame_type(data: Any) -> str | None:

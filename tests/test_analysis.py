@@ -295,36 +295,48 @@ async def test_a_full_analysis_queue_refuses_at_once(clients, settings, gemini, 
 
 
 @pytest.mark.parametrize(
-    ("frame", "code", "details"),
+    ("frame", "code", "details", "job"),
     [
         # not JSON: one byte short of its closing brace
         (
             '{"type": "health_insight", "content": {"pad": "' + "x" * 999_900 + '"}',
             "INVALID_JSON",
             None,
+            True,
         ),
+        # no analysis type named anywhere in it: refused without a job, undecoded
         (
             json.dumps({"type": "message", "content": "x", "pad": "y" * 999_900}),
             "MESSAGE_TOO_LARGE",
             {"max_size": 65536},
+            False,
         ),
-        (json.dumps(["health_insight", "y" * 999_900]), "MESSAGE_TOO_LARGE", {"max_size": 65536}),
+        (
+            json.dumps(["health_insight", "y" * 999_900]),
+            "MESSAGE_TOO_LARGE",
+            {"max_size": 65536},
+            True,
+        ),
         (
             json.dumps({"type": "health_data", "data": {"pad": "y" * 999_900}}),
             "MESSAGE_TOO_LARGE",
             {"max_size": 65536},
+            False,
         ),
         (
             json.dumps({"type": "health_insight", "content": {"data_points": "y" * 999_900}}),
             "INVALID_HEALTH_INSIGHT_CONTENT",
             None,
+            True,
         ),
     ],
     ids=["invalid-json", "wrong-type", "not-an-object", "other-endpoints-type", "invalid-payload"],
 )
-async def test_a_large_frame_is_decoded_in_an_analysis_process(clients, frame, code, details):
-    """A frame over CHAT_MAX_MESSAGE_SIZE is not decoded on the event loop: its refusal is
-    the analysis process's (a job came back for it), typed as the inbound pipeline's."""
+async def test_a_large_frame_is_decoded_in_an_analysis_process(clients, frame, code, details, job):
+    """A frame over CHAT_MAX_MESSAGE_SIZE is never decoded on the event loop: one that names
+    none of the endpoint's analysis types cannot be an analysis request and is refused at once
+    (no job); any other's refusal is the analysis process's (a job came back for it), typed as
+    the inbound pipeline's."""
     assert 65536 < len(frame) <= 1_000_000
     alice = await clients.join("lobby", "alice")
     jobs_before = sample("clarity_analysis_jobs_total", outcome="refused")
@@ -332,7 +344,7 @@ async def test_a_large_frame_is_decoded_in_an_analysis_process(clients, frame, c
     error = await alice.expect_error(code, timeout=10)
     if details is not None:
         assert error["details"] == details
-    assert sample("clarity_analysis_jobs_total", outcome="refused") == jobs_before + 1
+    assert sample("clarity_analysis_jobs_total", outcome="refused") == jobs_before + job
     await alice.send({"type": "heartbeat"})  # the socket stays open
     assert (await alice.recv())["type"] == "heartbeat_ack"
 
