@@ -3,6 +3,10 @@
 - Frames: every frame counts toward the user's message rate limit (CHAT_MESSAGE_RATE_LIMIT),
   refused ones included (binary, over the size limit, not JSON, unknown type, invalid),
   except one heartbeat per second per socket, and only a heartbeat small enough to be one.
+- Catch-up reads (`history` with `after_seq`, protocol §15) count toward their own allowance
+  (CHAT_CATCH_UP_RATE_LIMIT) instead: a frame small enough to be one that names `after_seq`
+  is charged there before it is decoded, and charged as a frame after all if it turns out to
+  be anything else.
 - Bytes: every inbound frame's size, and every history reply's, counts toward the user's
   byte budget (CHAT_INBOUND_BYTES_PER_MINUTE). A socket adds its frames up and charges them
   once they reach `BYTES_PER_CHARGE`, so a chat frame costs no extra round trip; a history
@@ -27,6 +31,8 @@ from chat.timers import Clock
 BYTES_PER_CHARGE = 4096
 # Larger than any heartbeat a client sends (~70 bytes): a larger one is charged as a frame.
 HEARTBEAT_MAX_SIZE = 512
+# Larger than any catch-up read a client sends (~120 bytes): a larger one is charged as a frame.
+CATCH_UP_MAX_SIZE = 512
 # One heartbeat per this many seconds per socket is free.
 FREE_HEARTBEAT_SPACING = 1.0
 
@@ -37,6 +43,7 @@ class Budgets:
 
     frames: Rule
     bytes: Rule | None
+    catch_up: Rule | None
     connects_per_user: Rule | None
     connects_per_address: Rule | None
 
@@ -78,10 +85,23 @@ class SocketBudget:
     def small_enough_for_heartbeat(self, size: int) -> bool:
         return size <= HEARTBEAT_MAX_SIZE
 
-    async def inbound(self, *, size: int, heartbeat: bool) -> Refusal | None:
+    def may_catch_up(self, text: str | None, *, size: int) -> bool:
+        """Whether a frame may be a catch-up read, to be paid from that allowance (a
+        substring search, no decoding: `frame` charges it after all if it is not one)."""
+        return (
+            self.budgets.catch_up is not None
+            and text is not None
+            and size <= CATCH_UP_MAX_SIZE
+            and '"after_seq"' in text
+        )
+
+    async def inbound(
+        self, *, size: int, heartbeat: bool, catch_up: bool = False
+    ) -> Refusal | None:
         """Pay for one inbound frame of `size` bytes, before anything else is done with it;
         `heartbeat`: it is a well-formed heartbeat (free if the last free one was at least a
-        second ago). A Refusal: the frame must be dropped."""
+        second ago); `catch_up`: it may be a catch-up read (`may_catch_up`). A Refusal: the
+        frame must be dropped."""
         self.unpaid_bytes += size
         if self.budgets.bytes is not None and self.unpaid_bytes >= BYTES_PER_CHARGE:
             refusal = await self._charge_bytes(self.unpaid_bytes)
@@ -93,6 +113,15 @@ class SocketBudget:
             if now >= self.free_heartbeat_from:
                 self.free_heartbeat_from = now + FREE_HEARTBEAT_SPACING
                 return None
+        if catch_up and self.budgets.catch_up is not None:
+            verdict = await rate_limit_hit(
+                key=f"catch_up:{self.user_id}", rule=self.budgets.catch_up
+            )
+            return _refusal(verdict, budget="catch_up", scope="catch_up")
+        return await self.frame()
+
+    async def frame(self) -> Refusal | None:
+        """Count one frame toward the user's message rate limit."""
         verdict = await rate_limit_hit(key=f"user:{self.user_id}", rule=self.budgets.frames)
         return _refusal(verdict, budget="frames", scope=None)
 

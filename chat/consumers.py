@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from dataclasses import replace
 from datetime import timedelta
 
@@ -62,6 +63,7 @@ from chat.rooms import (
     user_group,
     worker_group,
 )
+from chat.sequence import room_last_seq
 from chat.sessions import SessionRefused, room_presence, session_close, session_open
 from chat.timers import Due, SocketTimers
 
@@ -184,6 +186,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
                     connection_timeout=self.config.timers.connection_timeout,
                     max_message_size=self.config.max_message_size,
                     rate_limit=self.config.message_rule.max_requests,
+                    last_seq=opened.room_last_seq,
                 )
             )
             await self.joined(first_in_room=opened.first_in_room)
@@ -312,7 +315,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
         """Pay for the frame (chat/budgets.py), then check, decode, validate and handle it."""
         size = frame_size(text, raw)
         heartbeat = small_heartbeat(text, size=size, max_size=HEARTBEAT_MAX_SIZE)
-        await self.refuse(await self.budget.inbound(size=size, heartbeat=heartbeat is not None))
+        catch_up = heartbeat is None and self.budget.may_catch_up(text, size=size)
+        await self.refuse(
+            await self.budget.inbound(size=size, heartbeat=heartbeat is not None, catch_up=catch_up)
+        )
         if heartbeat is not None:
             metrics.FRAMES_IN.labels(MessageType.HEARTBEAT).inc()
             return await self.on_heartbeat(heartbeat)
@@ -330,6 +336,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
             # Validated with the large ones, from the same text, off the loop.
             return await self.request_analysis(text)
         message = parse_message(data, self.schemas)
+        if catch_up and not (isinstance(message, HistoryIn) and message.catching_up):
+            await self.refuse(await self.budget.frame())  # not a catch-up read after all
         metrics.FRAMES_IN.labels(message.type).inc()
         claimed = getattr(message, "user_id", None)
         if claimed is not None and claimed != self.identity.user_id:
@@ -414,6 +422,23 @@ class SessionConsumer(AsyncWebsocketConsumer):
         """This socket's channel-layer queue filled up (it reads slower than its rooms talk):
         the layer dropped the queue and left this marker; close 4009 (protocol §16)."""
         await self.end(Close.SLOW_CONSUMER)
+
+    async def layer_resubscribed(self, event: dict) -> None:
+        """This worker's channel layer lost Redis and subscribed again: room events published
+        meanwhile never reached this socket. At a random moment within CHAT_RESYNC_SPREAD
+        (not every socket's catch-up at once), tell the client the room's last seq, so that
+        it fetches what it missed (`history` `after_seq`, protocol §15)."""
+        if self.session_id is None or self.closing is not None:
+            return
+        delay = random.uniform(0, self.config.resync_spread)
+        clock = self.worker.clock
+        clock.call_at(clock.monotonic() + delay, lambda: self.spawn(self.resync()))
+
+    async def resync(self) -> None:
+        if self.closing is not None:
+            return
+        last_seq = await database_sync_to_async(room_last_seq)(room_id=self.room_id)
+        await self.send_frame(frame(MessageType.RESYNC, room_id=self.room_id, last_seq=last_seq))
 
     async def room_settings(self, event: dict) -> None:
         """An operator changed this room (admin): its assistant mode applies from now on."""
@@ -557,11 +582,15 @@ class ChatConsumer(SessionConsumer):
             metadata=message.metadata,
             client_message_id=message.message_id,
         )
+        if not stored.new:
+            # Sent before (a retry after a lost echo, protocol §15): the room has it already;
+            # the sender gets the stored message's echo, and nothing else happens again.
+            return await self.send_frame(stored.frame)
         self.messages_sent += 1
-        await self.broadcast(stored)
+        await self.broadcast(stored.frame)
         mode = room_assistant_mode(stored=self.room_assistant_mode, kind=self.room_kind)
         if wants_reply(mode=mode, content=message.content):
-            await self.ask_assistant(stored)
+            await self.ask_assistant(stored.frame)
 
     async def ask_assistant(self, question: dict) -> None:
         """The assistant answers within the user's quota (ASSISTANT_USER_RATE_LIMIT); past
@@ -586,6 +615,8 @@ class ChatConsumer(SessionConsumer):
             limit=message.limit,
             before=message.before,
             after=message.after,
+            before_seq=message.before_seq,
+            after_seq=message.after_seq,
             request_id=message.request_id,
         )
 
@@ -596,6 +627,8 @@ class ChatConsumer(SessionConsumer):
         request_id: str | None,
         before: int | None = None,
         after: int | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
         joining: bool = False,
     ) -> None:
         """A history page, the join's included, asked of the rule again in the same database
@@ -611,6 +644,8 @@ class ChatConsumer(SessionConsumer):
                 limit=limit,
                 before=before,
                 after=after,
+                before_seq=before_seq,
+                after_seq=after_seq,
                 max_bytes=self.config.history_max_bytes,
             )
 

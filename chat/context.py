@@ -40,6 +40,7 @@ class SocketConfig:
     history_max_bytes: int
     max_data_points: int
     history_on_join: int
+    resync_spread: float
     message_rule: Rule
     budgets: Budgets
     assistant_rule: Rule
@@ -69,11 +70,16 @@ class SocketConfig:
             history_max_bytes=settings.CHAT_HISTORY_MAX_BYTES,
             max_data_points=settings.CHAT_MAX_DATA_POINTS,
             history_on_join=settings.CHAT_HISTORY_ON_JOIN,
+            resync_spread=settings.CHAT_RESYNC_SPREAD,
             message_rule=message_rule,
             budgets=Budgets(
                 frames=message_rule,
                 bytes=_per_minute(
                     settings.CHAT_INBOUND_BYTES_PER_MINUTE,
+                    close_factor=settings.CHAT_RATE_LIMIT_CLOSE_FACTOR,
+                ),
+                catch_up=_per_minute(
+                    settings.CHAT_CATCH_UP_RATE_LIMIT,
                     close_factor=settings.CHAT_RATE_LIMIT_CLOSE_FACTOR,
                 ),
                 connects_per_user=_per_minute(settings.CHAT_CONNECT_RATE_LIMIT),

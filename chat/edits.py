@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from chat.models import ChatMessage, EditorKind, MessageVersion
 from chat.protocol import CONTENT_MAX_CHARS, storable_text
+from chat.sequence import seqs_take
 
 
 class EditRefused(ValueError):
@@ -76,5 +77,7 @@ def message_edit(*, message_id: int, content: str, editor: Editor) -> ChatMessag
             editor=editor.name,
         )
         message.content, message.edited_at = content, edited_at
-        message.save(update_fields=["content", "edited_at"])
+        # An edit is a room event: it takes the room's next seq (protocol §15).
+        message.latest_seq = seqs_take(room_id=message.room_id, count=1)
+        message.save(update_fields=["content", "edited_at", "latest_seq"])
     return message

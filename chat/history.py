@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import transaction
 
 from chat.models import ChatMessage
 from chat.protocol import MessageType, encode, frame, iso
+from chat.sequence import seqs_give_back, seqs_take
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A message as stored: its `message` frame, and whether this call stored it (`new`) or
+    found the same user's message with the same client id already in the room (idempotent
+    send, protocol §15: not stored again)."""
+
+    frame: dict[str, Any]
+    new: bool
 
 
 def message_store(
@@ -22,27 +34,68 @@ def message_store(
     """Store a chat message (a user's or the assistant's); its `message` frame."""
     fields = {"room_id": room_id, "user_id": user_id, "username": username, "content": content}
     fields |= {"metadata": metadata, "client_message_id": client_message_id}
-    return messages_store(messages=[fields])[0]
+    return messages_store(messages=[fields])[0].frame
 
 
-def messages_store(*, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Store several chat messages in one transaction (in order); their `message` frames."""
-    if len(messages) == 1:
-        # One INSERT, committed on its own: one round trip where a transaction costs three
-        # (BEGIN, INSERT, COMMIT); measured ~40 % less CPU in the worker and ~30 % less in
-        # PostgreSQL per message. Until a worker is busy, nearly every batch is one message.
-        rows = [ChatMessage.objects.create(**messages[0])]
-    else:
-        rows = [ChatMessage(**fields) for fields in messages]
-        with transaction.atomic():
-            ChatMessage.objects.bulk_create(rows)
-    return [message_frame(row) for row in rows]
+def messages_store(*, messages: list[dict[str, Any]]) -> list[Stored]:
+    """Store several chat messages in one transaction, in order, each taking the next seq of
+    its room (chat.sequence). A message whose client id its user already sent in its room
+    (before, or earlier in this batch) is not stored again: its Stored is the earlier one's.
+    RoomGone if a room was deleted meanwhile (nothing is stored)."""
+    rows: list[ChatMessage | None] = [None] * len(messages)
+    new = [False] * len(messages)
+    with transaction.atomic():
+        for room_id, indexes in _by_room(messages).items():
+            first = seqs_take(room_id=room_id, count=len(indexes))  # the room is ours now
+            earlier = _sent_before(room_id=room_id, batch=[messages[i] for i in indexes])
+            fresh: list[ChatMessage] = []
+            for i in indexes:
+                key = (messages[i]["user_id"], messages[i]["client_message_id"])
+                if key in earlier:
+                    rows[i] = earlier[key]
+                    continue
+                row = ChatMessage(**messages[i], seq=first + len(fresh))
+                row.latest_seq = row.seq
+                fresh.append(row)
+                rows[i], new[i] = row, True
+                if key[1] is not None:
+                    earlier[key] = row
+            seqs_give_back(room_id=room_id, count=len(indexes) - len(fresh))
+            ChatMessage.objects.bulk_create(fresh)
+    return [Stored(message_frame(row), is_new) for row, is_new in zip(rows, new, strict=True)]
+
+
+def _by_room(messages: list[dict[str, Any]]) -> dict[str, list[int]]:
+    rooms: dict[str, list[int]] = {}
+    for i, fields in enumerate(messages):
+        rooms.setdefault(fields["room_id"], []).append(i)
+    return rooms
+
+
+def _sent_before(
+    *, room_id: str, batch: list[dict[str, Any]]
+) -> dict[tuple[str, str], ChatMessage]:
+    """The room's stored messages whose (user, client id) is one of `batch`'s. Read while the
+    caller holds the room (chat.sequence): no other transaction can store one meanwhile."""
+    client_ids = {fields["client_message_id"] for fields in batch} - {None}
+    if not client_ids:
+        return {}
+    users = {fields["user_id"] for fields in batch if fields["client_message_id"] is not None}
+    found = ChatMessage.objects.filter(
+        room_id=room_id, client_message_id__in=client_ids, user_id__in=users
+    ).order_by("id")
+    earlier: dict[tuple[str, str], ChatMessage] = {}
+    for row in found:
+        earlier.setdefault((row.user_id, row.client_message_id), row)
+    return earlier
 
 
 def message_frame(message: ChatMessage) -> dict[str, Any]:
     """The `message` frame of a stored message; its timestamp is when it was stored. An
     edited message shows its current content and `metadata.edited_at`; a deleted one keeps
-    its place with `content: null` and only `metadata.deleted_at` (protocol §12)."""
+    its place with `content: null` and only `metadata.deleted_at` (protocol §12). `seq` is the
+    room's seq when it was stored; `changed_seq` the seq of its latest edit or deletion, null
+    if it has none (protocol §15)."""
     content: str | None = message.content
     metadata = message.metadata
     if message.deleted_at is not None:
@@ -58,6 +111,8 @@ def message_frame(message: ChatMessage) -> dict[str, Any]:
         metadata=metadata,
         client_message_id=message.client_message_id,
         room_id=message.room_id,
+        seq=message.seq,
+        changed_seq=message.latest_seq if message.latest_seq != message.seq else None,
     )
     payload["timestamp"] = iso(message.created_at)
     return payload
@@ -69,27 +124,39 @@ def messages_page(
     limit: int,
     before: int | None = None,
     after: int | None = None,
+    before_seq: int | None = None,
+    after_seq: int | None = None,
     max_bytes: int,
 ) -> tuple[list[dict[str, Any]], bool]:
     """Up to `limit` message frames, oldest first, and whether more lie beyond the page.
 
-    Default and `before`: the newest messages (older than `before`); `after`: the oldest
-    messages newer than `after` (catching up after a reconnect). At most `max_bytes` of
-    encoded messages (fewer messages, and `has_more`, if they would not fit).
+    Default, `before` (a message id) and `before_seq`: the newest messages (older than the
+    bound); `after` (a message id): the oldest messages newer than it (catching up after a
+    reconnect); `after_seq`: every message stored **or changed** after that seq, in its
+    current state, in the order of its latest seq (`changed_seq`, else `seq`: the next page
+    starts after the last entry's). At most `max_bytes` of encoded messages (fewer
+    messages, and `has_more`, if they would not fit).
     """
     messages = ChatMessage.objects.filter(room_id=room_id)
-    if after is not None:
-        page = list(messages.filter(id__gt=after).order_by("id")[: limit + 1])
+    if after is not None or after_seq is not None:
+        if after_seq is not None:
+            newer = messages.filter(latest_seq__gt=after_seq).order_by("latest_seq")
+        else:
+            newer = messages.filter(id__gt=after).order_by("id")
+        page = list(newer[: limit + 1])
         has_more = len(page) > limit
         page = page[:limit]
     else:
         if before is not None:
             messages = messages.filter(id__lt=before)
+        if before_seq is not None:
+            messages = messages.filter(seq__lt=before_seq)
         page = list(messages.order_by("-id")[: limit + 1])
         has_more = len(page) > limit
         page = page[:limit][::-1]
     frames = [message_frame(message) for message in page]
-    return fit_page(frames, has_more, max_bytes=max_bytes, keep_newest=after is None)
+    newest_last = after is None and after_seq is None
+    return fit_page(frames, has_more, max_bytes=max_bytes, keep_newest=newest_last)
 
 
 # Room for the history frame's own fields around its messages (room id, request id, ...).

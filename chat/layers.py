@@ -47,11 +47,19 @@ from chat.metrics import LAYER_DROPPED, LAYER_OVERFLOWS
 logger = logging.getLogger(__name__)
 
 OVERFLOW_EVENT_TYPE = "layer.overflow"
+RESUBSCRIBED_EVENT_TYPE = "layer.resubscribed"
 
 
 def overflow_event() -> dict:
     """The event an overflowed channel's consumer receives (its `layer_overflow` handler)."""
     return {"type": OVERFLOW_EVENT_TYPE}
+
+
+def resubscribed_event() -> dict:
+    """The event each of a worker's consumers receives when the worker's channel layer has
+    subscribed again after losing its connection (its `layer_resubscribed` handler): what
+    was published meanwhile did not reach it (protocol §15, chat/pubsub.py)."""
+    return {"type": RESUBSCRIBED_EVENT_TYPE}
 
 
 class ChannelQueue(asyncio.Queue):

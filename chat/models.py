@@ -47,6 +47,8 @@ class Room(models.Model):
     )
     is_closed = models.BooleanField(default=False, help_text="Refuse new joins.")
     created_at = models.DateTimeField(default=timezone.now)
+    # The seq of the room's latest event (protocol §15; chat.sequence): 0 before any.
+    last_seq = models.PositiveBigIntegerField(default=0, editable=False)
 
     def __str__(self) -> str:
         return self.name
@@ -111,9 +113,26 @@ class ChatMessage(models.Model):
     # erasure, chat.userdata.user_erase): it keeps its id and place in the room's history,
     # whose frames show it with `content: null` and `metadata.deleted_at` (protocol §12).
     deleted_at = models.DateTimeField(null=True, blank=True)
+    # Its room's seq when it was stored, and the seq of its latest change (its edit or
+    # deletion, else `seq`): protocol §15, chat.sequence. Null only on a row stored before
+    # seqs existed that the migration could not number (none: 0006 numbers them all).
+    seq = models.PositiveBigIntegerField(null=True, editable=False)
+    latest_seq = models.PositiveBigIntegerField(null=True, editable=False)
 
     class Meta:
-        indexes = [models.Index(fields=["room", "id"], name="chat_message_room_id")]
+        indexes = [
+            models.Index(fields=["room", "id"], name="chat_message_room_id"),
+            models.Index(fields=["room", "latest_seq"], name="chat_message_room_latest"),
+            # Idempotent send (protocol §15): a client id looked up in its room.
+            models.Index(
+                fields=["room", "client_message_id"],
+                name="chat_message_room_client_id",
+                condition=models.Q(client_message_id__isnull=False),
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["room", "seq"], name="chat_message_room_seq")
+        ]
 
     def __str__(self) -> str:
         # No content: this is what the admin's pages, history and deletion pages name.

@@ -60,6 +60,8 @@ class MessageType(StrEnum):
     AUTH_ACK = "auth_ack"
     ANALYSIS_UPDATE = "analysis_update"
     ERROR = "error"
+    # v1.1 (protocol §15)
+    RESYNC = "resync"
 
 
 class ErrorCode(StrEnum):
@@ -222,6 +224,8 @@ def _message_id(value: Any) -> Any:
 
 
 MessageId = Annotated[int, BeforeValidator(_message_id), Field(ge=1)]
+# A room's sequence number (protocol §15); 0 is "before the first event".
+Seq = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
 
 
 class Inbound(BaseModel):
@@ -252,14 +256,22 @@ class HeartbeatIn(Inbound):
 class HistoryIn(Inbound):
     before: MessageId | None = None
     after: MessageId | None = None
+    before_seq: Seq | None = None
+    after_seq: Seq | None = None
     limit: Annotated[int, Field(ge=1, le=HISTORY_MAX_LIMIT)] = 50
     request_id: ClientId | None = None
 
     @model_validator(mode="after")
-    def _one_direction(self) -> HistoryIn:
-        if self.before is not None and self.after is not None:
-            raise ValueError("give either before or after, not both")
+    def _one_bound(self) -> HistoryIn:
+        bounds = [self.before, self.after, self.before_seq, self.after_seq]
+        if sum(bound is not None for bound in bounds) > 1:
+            raise ValueError("give at most one of before, after, before_seq, after_seq")
         return self
+
+    @property
+    def catching_up(self) -> bool:
+        """A catch-up read (protocol §15): paid from its own allowance."""
+        return self.after_seq is not None
 
 
 class AuthIn(Inbound):
@@ -430,7 +442,9 @@ def connection_ack_frame(
     connection_timeout: float,
     max_message_size: int,
     rate_limit: int,
+    last_seq: int,
 ) -> dict[str, Any]:
+    """`last_seq`: the room's latest seq when the socket joined (protocol §15)."""
     return frame(
         MessageType.CONNECTION_ACK,
         user_id=user_id,
@@ -442,6 +456,7 @@ def connection_ack_frame(
             "max_message_size": max_message_size,
             "rate_limit": rate_limit,
             "room_id": room_id,
+            "last_seq": last_seq,
         },
     )
 

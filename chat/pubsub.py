@@ -33,8 +33,12 @@ without its leaks, with bounded queues, and recovering from a Redis restart.
    that finds the connection lost reconnects and is sent once more. A subscriber connection
    left idle (no subscription) is renewed before its next SUBSCRIBE: nothing read it, so
    nothing would have noticed it die. Reconnecting re-subscribes every channel and group the
-   worker holds (redis-py's connect callback). Publishes use the other pool, where a command
-   that finds its connection lost is sent once more on a new one.
+   worker holds (redis-py's connect callback), then puts a `layer.resubscribed` event in
+   every local channel's queue: pub/sub kept nothing of what was published while the worker
+   was not subscribed, so each consumer tells its client to catch up (`resync`, protocol
+   §15). The stock layer's own reconnect hooks are never called (stack notes #7). Publishes
+   use the other pool, where a command that finds its connection lost is sent once more on a
+   new one.
 
 4. While Redis is unreachable, `new_channel` raised, before the consumer's `connect` could
    run: a socket opened during an outage got HTTP 500 at the handshake, with nothing to tell
@@ -53,7 +57,8 @@ without its leaks, with bounded queues, and recovering from a Redis restart.
 After a lost connection, the receive loop reconnects within RECONNECT_DELAY and
 re-subscribes every channel and group the worker holds: group memberships come back by
 themselves (tests/test_faults.py measures how fast). Messages published while a
-worker was not subscribed are not delivered (pub/sub has no backlog).
+worker was not subscribed are not delivered (pub/sub has no backlog): its clients are told
+to fetch them (`layer.resubscribed`, 3. above).
 
 This module is the one adapter to the stock layer's private code (channels-redis 4.3.0,
 pinned in requirements.txt; re-read these on every upgrade). It relies on:
@@ -86,7 +91,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from chat.layers import ChannelQueue, overflow_event
+from chat.layers import ChannelQueue, overflow_event, resubscribed_event
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +120,13 @@ class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
 
     async def _reconnect(self) -> None:
         """A new subscriber connection, re-subscribed to everything the worker holds (under
-        the lock; raises while Redis is unreachable)."""
+        the lock; raises while Redis is unreachable); then every local consumer hears that
+        it may have missed messages."""
         connection = self._pubsub.connection
         if connection is not None:
             await connection.disconnect()
         await self._pubsub.connect()
+        self.channel_layer.resubscribed()
 
     async def subscribe(self, channel: str) -> None:
         async with self._lock:
@@ -252,6 +259,14 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
 
     def _overflow_item(self) -> bytes:
         return self.channel_layer.serialize(overflow_event())
+
+    def resubscribed(self) -> None:
+        """Tell every local channel's consumer that the layer subscribed again after losing
+        its connection (3. in the module docstring)."""
+        item = self.channel_layer.serialize(resubscribed_event())
+        for queue in list(self.channels.values()):
+            queue.offer(item)
+        logger.info("channel layer subscribed again: %d sockets told to resync", len(self.channels))
 
     async def group_add(self, group: str, channel: str) -> None:
         if channel in self._unsubscribed:

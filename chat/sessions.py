@@ -39,6 +39,8 @@ class SessionOpened:
     # The room's assistant mode as stored (empty: the default for its kind).
     room_assistant_mode: str
     room_kind: str
+    # The seq of the room's latest event as the session opened (protocol §15).
+    room_last_seq: int
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ def session_open(
         first_in_room=first_in_room,
         room_assistant_mode=room.assistant_mode,
         room_kind=room.kind,
+        room_last_seq=room.last_seq,
     )
 
 

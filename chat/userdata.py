@@ -40,6 +40,7 @@ from django.utils import timezone
 from chat.auth import display_name
 from chat.models import ChatMessage, ChatSession, ChatUser, MessageVersion, RoomMember
 from chat.protocol import AI_USER_ID, HEALTH_ROOM_PREFIX, iso
+from chat.sequence import deletions_number
 from chat.sessions import sessions_terminate, sessions_wait_ended
 
 EXPORT_FORMAT = "clarity-chat-user-export/1"
@@ -256,6 +257,8 @@ def user_erase(
     with transaction.atomic():
         ChatUser.objects.filter(pk=user_id).update(username=anonymous)  # locks the row
         messages = _messages_of(user_id)
+        deleted_now = messages.filter(deleted_at__isnull=True).order_by("id")
+        deletions_number(rows=list(deleted_now.values_list("pk", "room_id")))  # §15
         versions, _ = MessageVersion.objects.filter(message__in=messages).delete()
         erased = ChatMessage.objects.filter(user_id=user_id).update(username=anonymous, **tombstone)
         erased += messages.exclude(user_id=user_id).update(**tombstone)

@@ -19,7 +19,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from chat.history import messages_store
+from chat.history import Stored, messages_store
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,9 @@ class MessageWriter:
         self.pending: list[tuple[dict[str, Any], asyncio.Future]] = []
         self.task: asyncio.Task | None = None
 
-    async def store(self, **fields: Any) -> dict[str, Any]:
-        """Store one message (the fields of `history.message_store`); its `message` frame,
-        once committed."""
+    async def store(self, **fields: Any) -> Stored:
+        """Store one message (the fields of `history.message_store`), once committed: its
+        `message` frame, and whether it is new (not a repeated send, protocol §15)."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((fields, future))
         if self.task is None or self.task.done():
@@ -54,7 +54,7 @@ class MessageWriter:
 
     async def write(self, batch: list[tuple[dict[str, Any], asyncio.Future]]) -> None:
         try:
-            frames = await database_sync_to_async(messages_store)(
+            stored = await database_sync_to_async(messages_store)(
                 messages=[fields for fields, _ in batch]
             )
         except Exception as exc:
@@ -62,6 +62,6 @@ class MessageWriter:
             if len(batch) == 1 and not batch[0][1].done():
                 batch[0][1].set_exception(exc)
             raise
-        for (_, future), stored in zip(batch, frames, strict=True):
+        for (_, future), one in zip(batch, stored, strict=True):
             if not future.done():
-                future.set_result(stored)
+                future.set_result(one)

@@ -410,6 +410,18 @@ CHAT_RATE_LIMIT_CLOSE_FACTOR = env_int("CHAT_RATE_LIMIT_CLOSE_FACTOR", 3)
 # 100 KB per scroll and, when it sends health data, up to CHAT_MAX_HEALTH_PAYLOAD_SIZE per
 # analysis: the default (16 MiB) leaves room for a dozen full analyses. 0: no byte budget.
 CHAT_INBOUND_BYTES_PER_MINUTE = env_int("CHAT_INBOUND_BYTES_PER_MINUTE", 16 * 1024 * 1024)
+# CHAT_RESYNC_SPREAD: seconds over which a worker whose channel layer subscribed again
+# after losing Redis sends its sockets `resync` (protocol §15), each at a random moment, so
+# their catch-up reads do not all reach the database at once.
+CHAT_RESYNC_SPREAD = env_float("CHAT_RESYNC_SPREAD", 1.0)
+# CHAT_CATCH_UP_RATE_LIMIT: catch-up reads (`history` with `after_seq`, protocol §15) per
+# user per rolling minute, across sockets and workers, counted apart from
+# CHAT_MESSAGE_RATE_LIMIT (still toward the byte budget): a client told `resync`, or back
+# from a reconnect, fetches what it missed at once however much it chatted. One read fetches
+# up to 100 messages: an honest client catching up on a busy room needs a few. Over it:
+# RATE_LIMIT_EXCEEDED {retry_after, scope: "catch_up"}; beyond CHAT_RATE_LIMIT_CLOSE_FACTOR
+# times it, close 4029. 0: catch-up reads count as frames.
+CHAT_CATCH_UP_RATE_LIMIT = env_int("CHAT_CATCH_UP_RATE_LIMIT", 60)
 # CHAT_CONNECT_RATE_LIMIT: socket openings per user per rolling minute, across workers and
 # endpoints, counted before the join does any work (no session, presence or history): over
 # it, RATE_LIMIT_EXCEEDED and close 4029. The browser client opens one socket per room the

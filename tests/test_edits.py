@@ -4,6 +4,8 @@ refused. The admin's edits (through the same service) are in tests/test_admin.py
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from channels.db import database_sync_to_async
 
@@ -25,7 +27,7 @@ def stored(content: str = "I slept badly", metadata: dict | None = None) -> int:
         username="Alice",
         content=content,
         metadata=metadata,
-        client_message_id="c1",
+        client_message_id=f"c-{uuid.uuid4()}",  # each a new message (idempotent send)
     )
     return int(frame["message_id"])
 

@@ -101,7 +101,11 @@ async def test_one_heartbeat_a_second_per_socket_is_free():
     budget = SocketBudget(
         user_id="hb",
         budgets=Budgets(
-            frames=FRAMES, bytes=None, connects_per_user=None, connects_per_address=None
+            frames=FRAMES,
+            bytes=None,
+            catch_up=None,
+            connects_per_user=None,
+            connects_per_address=None,
         ),
         clock=clock,
     )
@@ -152,7 +156,7 @@ async def test_the_byte_budget_is_per_user_across_sockets(clients, settings):
 
 async def test_a_history_reply_is_paid_for_by_its_size(clients, settings):
     settings.CHAT_MESSAGE_RATE_LIMIT = 10_000
-    settings.CHAT_INBOUND_BYTES_PER_MINUTE = 110_000
+    settings.CHAT_INBOUND_BYTES_PER_MINUTE = 115_000
     settings.CHAT_HISTORY_ON_JOIN = 10  # ~20 KB
     writer = await clients.join("archive", "bob")
     for n in range(40):

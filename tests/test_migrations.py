@@ -57,3 +57,24 @@ def test_existing_rooms_become_private_with_their_posters_and_visitors_as_member
         ("lobby", "bob", "member", False),
         ("health_analysis_carol", "carol", "owner", False),
     }
+
+
+def test_messages_stored_before_sequence_numbers_are_numbered_in_order():
+    """Migration 0006 (protocol §15): each room's messages 1, 2, 3... in the order stored,
+    each room's last_seq their count, so `after_seq` pages reach every old message."""
+    apps = migrate_to([("chat", "0005_userdata")])
+    Room = apps.get_model("chat", "Room")
+    ChatMessage = apps.get_model("chat", "ChatMessage")
+    lobby, other = Room.objects.create(name="lobby"), Room.objects.create(name="other")
+    Room.objects.create(name="empty")
+    for n in range(5):
+        for room in (lobby, other) if n % 2 else (lobby,):
+            ChatMessage.objects.create(room=room, user_id="u", username="U", content=f"{n}")
+
+    apps = migrate_to([("chat", "0006_sequence_numbers")])
+    Room = apps.get_model("chat", "Room")
+    ChatMessage = apps.get_model("chat", "ChatMessage")
+    for room_id, count in (("lobby", 5), ("other", 2), ("empty", 0)):
+        rows = ChatMessage.objects.filter(room_id=room_id).order_by("id")
+        assert list(rows.values_list("seq", "latest_seq")) == [(n, n) for n in range(1, count + 1)]
+        assert Room.objects.get(pk=room_id).last_seq == count

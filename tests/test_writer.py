@@ -38,8 +38,10 @@ async def test_concurrent_messages_are_stored_in_few_transactions_in_arrival_ord
         return sum('INSERT INTO "chat_chatmessage"' in q["sql"] for q in connection.queries)
 
     await database_sync_to_async(insert_statements)(reset=True)
-    frames = await asyncio.gather(*(writer.store(**fields(n)) for n in range(60)))
+    stored = await asyncio.gather(*(writer.store(**fields(n)) for n in range(60)))
     assert await database_sync_to_async(insert_statements)() < 60  # batched
+    frames = [one.frame for one in stored]
+    assert [frame["seq"] for frame in frames] == list(range(1, 61))  # in arrival order
     ids = [int(frame["message_id"]) for frame in frames]
     assert ids == sorted(ids) and len(set(ids)) == 60
     assert [frame["content"] for frame in frames] == [f"message {n}" for n in range(60)]
@@ -62,15 +64,17 @@ async def test_a_bad_message_fails_alone():
         return_exceptions=True,
     )
     assert isinstance(results[2], Exception)
-    assert [r["content"] for i, r in enumerate(results) if i != 2] == [
+    assert [r.frame["content"] for i, r in enumerate(results) if i != 2] == [
         "message 0",
         "message 2",
         "message 3",
     ]
 
 
-async def test_a_lone_message_is_one_statement_committed_on_its_own():
-    """Under light load every batch is one message: no BEGIN/COMMIT round trips around it."""
+async def test_a_lone_message_is_two_statements_in_one_transaction():
+    """Under light load every batch is one message: its seq taken (chat.sequence) and its
+    row inserted, in one transaction (a message with a client id costs one lookup more:
+    idempotent send)."""
     await database_sync_to_async(Room.objects.create)(name="lobby")
     writer = MessageWriter()
 
@@ -80,8 +84,9 @@ async def test_a_lone_message_is_one_statement_committed_on_its_own():
         return [q["sql"].split()[0] for q in connection.queries]
 
     await database_sync_to_async(statements)(reset=True)
-    frame = await writer.store(**fields(1))
-    assert await database_sync_to_async(statements)() == ["INSERT"]
+    frame = (await writer.store(**fields(1) | {"client_message_id": None})).frame
+    made = [s for s in await database_sync_to_async(statements)() if s not in {"BEGIN", "COMMIT"}]
+    assert made == ["UPDATE", "INSERT"]
     history, _ = await database_sync_to_async(messages_page)(
         room_id="lobby", limit=10, max_bytes=1_000_000
     )
