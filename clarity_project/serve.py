@@ -17,6 +17,9 @@ line holds everywhere:
   (CHAT_MAX_OUTBOUND_BUFFER: past it SLOW_CONSUMER and close 4009, aborted after
   CHAT_SLOW_CLOSE_TIMEOUT), protocol violations closed with their code, and no Twisted
   access log.
+- On the embedded default (no REDIS_URL), the worker takes the lock of its SQLite database
+  (chat/embedded.py) before it listens, and holds it until it exits: a second worker on the
+  same file logs why it refuses and exits 1 instead of ending the first one's sessions.
 - The application is always clarity_project.asgi:application; do not name one.
 """
 
@@ -31,10 +34,12 @@ import daphne.server
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 
+from chat.embedded import WorkerAlreadyServing, embedded_lock_acquire
 from clarity_project.transport import WorkerHTTPFactory, WorkerWebSocketFactory
 
 APPLICATION = "clarity_project.asgi:application"
 
+logger = logging.getLogger("clarity_project.serve")  # also when run as __main__
 access_logger = logging.getLogger("daphne.access")
 
 # daphne's action names, as its own access log spells them.
@@ -80,6 +85,17 @@ class WorkerServer(Server):
         super().__init__(*args, action_logger=access_log if action_logger else None, **kwargs)
 
     def run(self) -> None:
+        # The application, and with it Django and its logging, is loaded by now; nothing
+        # listens yet.
+        from django.conf import settings
+
+        try:
+            self.embedded_lock = embedded_lock_acquire(
+                database=settings.DATABASES["default"], redis_url=settings.REDIS_URL
+            )
+        except WorkerAlreadyServing as refusal:
+            logger.error("%s", refusal)
+            raise SystemExit(1) from None
         # Server.run builds its factories from these module attributes; only this process,
         # which runs one server, reads them.
         daphne.server.HTTPFactory = WorkerHTTPFactory

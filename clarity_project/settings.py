@@ -206,7 +206,8 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 # --- Redis: channel layer, shared state and cache --------------------------------------------
 
 # REDIS_URL: e.g. redis://127.0.0.1:6379/0. Unset: in-memory channel layer, shared state in
-# this process's memory and local-memory cache (one process only). Set: channels-redis'
+# this process's memory and local-memory cache (one process only: a second worker on the
+# same SQLite file refuses to start, chat/embedded.py). Set: channels-redis'
 # pub/sub layer, shared state in Redis (chat/shared_state/: worker liveness, rate-limit
 # counters, the assistant's breaker) and Django's Redis cache (many workers).
 REDIS_URL = env_str("REDIS_URL")
