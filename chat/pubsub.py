@@ -69,12 +69,13 @@ channel -> its local member channels), `._shards`, `._get_shard` and
 `._redis`, `._pubsub`, `._lock`, `._subscribed_to`, `._receive_task`, `._ensure_redis`,
 `._ensure_receiver`, `._do_receiving` (its receive loop, replaced here) and
 `._receive_message`; `pubsub.decode_hosts`, `utils.create_pool`, `utils._close_redis` and
-`utils._wrap_close`; and redis-py's `PubSub.channels`, `PubSub.connection` and
-`PubSub._normalize_keys`. No public API exists for any of it: the
-channel layer specification (and channels' `BaseChannelLayer`) covers only `send`,
-`receive`, `new_channel`, `group_add`/`group_discard`/`group_send` and `flush`, and this
-layer (Beta in channels-redis) takes no capacity, expiry or connection-retry settings and
-offers no hook for how a channel's messages are queued or when a channel is released.
+`utils._wrap_close`; and redis-py's `PubSub.channels`, `PubSub.connection`,
+`PubSub._normalize_keys` and `PubSub.on_connect` (its connect callback, extended). No
+public API exists for any of it: the channel layer specification (and channels'
+`BaseChannelLayer`) covers only `send`, `receive`, `new_channel`,
+`group_add`/`group_discard`/`group_send` and `flush`, and this layer (Beta in
+channels-redis) takes no capacity, expiry or connection-retry settings and offers no hook
+for how a channel's messages are queued or when a channel is released.
 """
 
 from __future__ import annotations
@@ -82,10 +83,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 
 from channels_redis import pubsub
 from channels_redis.utils import _close_redis, _wrap_close, create_pool
 from redis import asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -102,6 +105,22 @@ RECONNECT_DELAY = 0.1
 READ_TIMEOUT = 0.1
 
 
+class ResubscribingPubSub(PubSub):
+    """redis-py's PubSub, saying when it has subscribed again on a new connection (its
+    connect callback, which every connection of it runs): whoever reconnected, this module
+    or redis-py itself (a read that finds its connection lost reconnects before it raises)."""
+
+    def __init__(self, *args, resubscribed: Callable[[], None], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._resubscribed = resubscribed
+
+    async def on_connect(self, connection) -> None:
+        again = bool(self.channels)  # (the first connection is made before any subscription)
+        await super().on_connect(connection)
+        if again:
+            self._resubscribed()
+
+
 class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
     _subscriber: aioredis.Redis | None = None
 
@@ -116,17 +135,17 @@ class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
             self._subscriber = aioredis.Redis(
                 connection_pool=create_pool({"retry": no_retry, **self.host})
             )
-            self._pubsub = self._subscriber.pubsub()
+            self._pubsub = ResubscribingPubSub(
+                self._subscriber.connection_pool, resubscribed=self.channel_layer.resubscribed
+            )
 
     async def _reconnect(self) -> None:
         """A new subscriber connection, re-subscribed to everything the worker holds (under
-        the lock; raises while Redis is unreachable); then every local consumer hears that
-        it may have missed messages."""
+        the lock; raises while Redis is unreachable)."""
         connection = self._pubsub.connection
         if connection is not None:
             await connection.disconnect()
         await self._pubsub.connect()
-        self.channel_layer.resubscribed()
 
     async def subscribe(self, channel: str) -> None:
         async with self._lock:

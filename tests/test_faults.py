@@ -68,6 +68,9 @@ STALL_MESSAGES = math.ceil((WORKER_TTL + 1) / CHATTER_EVERY)
 # one missing would have struck within a reaper interval: the chat goes on for two.
 REAPER_MESSAGES = math.ceil(2 * REAP_INTERVAL / CHATTER_EVERY)
 RECOVERY_LIMIT = 10.0  # seconds from Redis answering again to cross-worker chat, at most
+# Messages the gap-free test stores without publishing them (missed live by every socket).
+GAP_MESSAGES = 3
+GHOST = "ghost"  # their sender
 ALLOWED_CLOSES = {4012, 4013}  # server restart / backing service unavailable (protocol §10)
 
 pytestmark = pytest.mark.skipif(
@@ -522,6 +525,173 @@ async def test_redis_restart_mid_chat(cluster: Cluster, private_redis: PrivateRe
         # 2. Every acknowledged message is in history.
         await room.assert_acknowledged_in_history()
         room.assert_delivered_outside(killed_at, up_at + recovery)
+    finally:
+        if not private_redis.running():
+            private_redis.start()
+        await room.close()
+
+
+# --- 1c. gap-free recovery through a Redis restart (protocol §15) -----------------------------
+
+
+def seq_view(peer: Peer) -> dict[int, dict]:
+    """The room as this client knows it: every message frame it received, live or in a
+    catch-up page (`history` with request id `cu-...`), by seq (a later state of a message
+    replaces an earlier one)."""
+    view: dict[int, dict] = {}
+    for _, f in peer.frames:
+        if f["type"] == "message":
+            view[f["seq"]] = f
+        elif f["type"] == "history" and (f["request_id"] or "").startswith("cu-"):
+            for m in f["messages"]:
+                view[m["seq"]] = m
+    return view
+
+
+def store_unpublished(db: Database, room: str, cid: str) -> None:
+    """A message stored as the server stores one (the room's next seq, chat/sequence.py),
+    with nothing published. (Two statements: nothing else writes to the room meanwhile.)"""
+    db.execute("UPDATE chat_room SET last_seq = last_seq + 1 WHERE name = %s", room)
+    db.execute(
+        "INSERT INTO chat_chatmessage (room_id, user_id, username, content, client_message_id, "
+        "created_at, seq, latest_seq) SELECT name, %s, %s, %s, %s, CURRENT_TIMESTAMP, "
+        "last_seq, last_seq FROM chat_room WHERE name = %s",
+        GHOST,
+        "Ghost",
+        f"unpublished {cid}",
+        cid,
+        room,
+    )
+
+
+def contiguous(view: dict[int, dict]) -> int:
+    """The highest seq up to which this client has every message."""
+    n = 0
+    while n + 1 in view:
+        n += 1
+    return n
+
+
+async def catch_up(peer: Peer, tag: str) -> int:
+    """What a client does on `resync`: page `history` after the highest seq it has, until
+    nothing more. Returns how many pages it took."""
+    pages = 0
+    while True:
+        pages += 1
+        request_id = f"cu-{tag}-{pages}"
+        await peer.socket.send(
+            {
+                "type": "history",
+                "after_seq": contiguous(seq_view(peer)),
+                "limit": 100,
+                "request_id": request_id,
+            }
+        )
+        await eventually(
+            lambda request_id=request_id: any(
+                f["request_id"] == request_id for f in peer.of_type("history")
+            ),
+            what=f"{peer.name}'s catch-up page",
+        )
+        page = next(f for f in peer.of_type("history") if f["request_id"] == request_id)
+        if not page["has_more"]:
+            return pages
+
+
+async def test_every_acknowledged_message_reaches_every_connected_client_through_a_restart(
+    cluster: Cluster, private_redis: PrivateRedis, capsys
+):
+    """Clients stay connected while Redis is killed and started again empty, mid-chat. What
+    was published while a worker was not subscribed never reached its sockets (pub/sub keeps
+    nothing); each socket is told `resync` once its worker has subscribed again, and fetches
+    what it missed by seq. Senders whose messages got SERVICE_UNAVAILABLE instead of an echo
+    send them again with the same client id. At the end every connected client has every
+    message of the room, seq 1 to the room's last, each once, and no message was stored twice."""
+    room = Room(cluster, "gapfree")
+    await room.join()
+    try:
+        await room.settled()
+        room.start_chatter()
+        await room.chat_until(since=0, acknowledged=2, what="chat before the fault")
+        killed_at = time.monotonic()
+        private_redis.stop(signal.SIGKILL)
+        await room.chat_until(since=killed_at, sent=OUTAGE_MESSAGES, what="chat, Redis down")
+        up_at = private_redis.start()
+        await room.recovery(since=up_at)
+        # Every socket is told to catch up (each worker's layer subscribed again) ...
+        await eventually(
+            lambda: all(p.of_type("resync") for p in room.peers),
+            timeout=RECOVERY_LIMIT,
+            what="resync on every socket",
+        )
+        await room.stop_chatter()
+        # ... and does; senders retry what was never echoed, with the same client ids.
+        retried_cids: dict[str, set[str]] = {}
+        for p in room.peers:
+            retried_cids[p.uid] = set(p.sent) - set(p.acknowledged())
+            for cid in sorted(retried_cids[p.uid]):
+                assert await p.send_message(cid)
+        retried = sum(len(cids) for cids in retried_cids.values())
+        await eventually(
+            lambda: all(set(p.sent) <= set(p.acknowledged()) for p in room.peers),
+            what="every message echoed to its sender",
+        )
+        # Messages that reached no socket live: stored (each taking the room's next seq)
+        # with nothing published, as what a worker's layer misses between losing its
+        # subscriptions and subscribing again (a window whose length depends on timing).
+        # Then the workers' subscriptions are cut, with Redis up: each worker subscribes again
+        # at once (redis-py reconnects by itself) and its sockets are told to resync.
+        for n in range(GAP_MESSAGES):
+            await asyncio.to_thread(store_unpublished, cluster.database, room.name, f"gap-{n}")
+        resyncs = [len(p.of_type("resync")) for p in room.peers]
+        await asyncio.to_thread(private_redis.client().client_kill_filter, _type="pubsub")
+        await eventually(
+            lambda: all(
+                len(p.of_type("resync")) > n for p, n in zip(room.peers, resyncs, strict=True)
+            ),
+            timeout=RECOVERY_LIMIT,
+            what="resync on every socket after the subscriptions were cut",
+        )
+        await room.everyone_gets_everyone("final")
+        pages = [await catch_up(p, "end") for p in room.peers]
+        await asyncio.gather(*(p.barrier() for p in room.peers))
+
+        rows = await asyncio.to_thread(
+            cluster.database.rows,
+            "SELECT user_id, client_message_id, seq FROM chat_chatmessage WHERE room_id = %s",
+            room.name,
+        )
+        last_seq = max(seq for _, _, seq in rows)
+        retried_ids = {
+            p.uid: {p.acknowledged()[cid] for cid in retried_cids[p.uid]} for p in room.peers
+        }
+        missed_live = [last_seq - len({f["seq"] for f in p.of_type("message")}) for p in room.peers]
+        with capsys.disabled():
+            print(
+                f"\n[{cluster.database.backend}] gap-free restart: down {up_at - killed_at:.2f} s; "
+                f"{len(rows)} messages stored (last seq {last_seq}), {retried} sent again after "
+                f"SERVICE_UNAVAILABLE; resyncs {[len(p.of_type('resync')) for p in room.peers]}; "
+                f"catch-up pages {pages}; missed live, then caught up: {missed_live}"
+            )
+        # Nothing stored twice: each (sender, client id) is one row, the seqs 1..last.
+        pairs = [(uid, cid) for uid, cid, _ in rows]
+        assert len(pairs) == len(set(pairs)), "a message stored twice"
+        assert sorted(seq for _, _, seq in rows) == list(range(1, last_seq + 1))
+        for p in room.peers:
+            view = seq_view(p)
+            # Every message, acknowledged or not, in every connected client's view, once.
+            assert sorted(view) == list(range(1, last_seq + 1)), (p.name, sorted(view))
+            ids = [m["message_id"] for m in view.values()]
+            assert len(ids) == len(set(ids)), p.name
+            assert {(m["user_id"], m["client_message_id"]) for m in view.values()} == set(pairs)
+            # Received live twice: only a sender's own retry of a message whose broadcast was
+            # still on its way (the retry's echo is the sender's alone).
+            live = [f["message_id"] for f in p.of_type("message")]
+            twice = {mid for mid in live if live.count(mid) > 1}
+            assert twice <= retried_ids[p.uid], (p.name, twice)
+        assert all(p.open for p in room.peers)
+        # Each socket missed the unpublished ones live, and caught up on them.
+        assert all(missed >= GAP_MESSAGES for missed in missed_live), missed_live
     finally:
         if not private_redis.running():
             private_redis.start()
