@@ -1,7 +1,8 @@
 """Who may do what in a room (protocol §11): the one authorization rule.
 
-Every way to read or write a room asks `decide` — through `room_authorize`, which loads the
-room and the user's membership — before touching anything: the socket join, history pages,
+Every way to read or write a room asks `decide` — through `room_authorize` (or
+`rooms_authorize` for a batch), which loads the room and the user's membership — before
+touching anything: the socket join, history pages,
 presence over HTTP, the rooms API, and the admin's membership changes. Deny by default:
 a room that does not exist, a private or direct room the user is not a member of, and a room
 the user is banned from all answer the same `ROOM_FORBIDDEN`, so a refusal never tells
@@ -110,19 +111,47 @@ def decide(
     return ErrorCode.NOT_ALLOWED
 
 
+@dataclass(frozen=True)
+class Ask:
+    """One question for the rule: may `user_id` do `action` in `room_id`?"""
+
+    user_id: str
+    room_id: str
+    action: Action
+    subject: Subject | None = None
+
+
+def rooms_authorize(*, asks: list[Ask]) -> list[tuple[Room, RoomMember | None] | Refused]:
+    """Each ask's answer, in order: the room and the user's membership, or the refusal.
+    Loads every room and membership the asks name in two queries (a batch of socket joins
+    asks together), then applies `decide` to each. Blocking (database): call it from a
+    thread, inside the caller's transaction when the answers must hold for what follows."""
+    if not asks:
+        return []
+    rooms = Room.objects.in_bulk({ask.room_id for ask in asks})
+    wanted = {(ask.room_id, ask.user_id) for ask in asks if ask.room_id in rooms}
+    members = {}
+    if wanted:
+        rows = RoomMember.objects.filter(
+            room_id__in={room for room, _ in wanted}, user_id__in={user for _, user in wanted}
+        )
+        members = {(m.room_id, m.user_id): m for m in rows if (m.room_id, m.user_id) in wanted}
+    answers: list[tuple[Room, RoomMember | None] | Refused] = []
+    for ask in asks:
+        room = rooms.get(ask.room_id)
+        member = members.get((ask.room_id, ask.user_id))
+        refusal = decide(room=room, member=member, action=ask.action, subject=ask.subject)
+        answers.append(Refused(refusal) if refusal is not None else (room, member))
+    return answers
+
+
 def room_authorize(
     *, user_id: str, room_id: str, action: Action, subject: Subject | None = None
 ) -> tuple[Room, RoomMember | None]:
-    """Load the room and the user's membership and apply `decide`; raise Refused if it says
-    no. Blocking (database): call it from a thread, inside the caller's transaction when the
-    answer must hold for what follows."""
-    room = Room.objects.filter(pk=room_id).first()
-    member = (
-        RoomMember.objects.filter(room_id=room_id, user_id=user_id).first()
-        if room is not None
-        else None
+    """`rooms_authorize` for one ask; raises Refused if the rule says no."""
+    (answer,) = rooms_authorize(
+        asks=[Ask(user_id=user_id, room_id=room_id, action=action, subject=subject)]
     )
-    refusal = decide(room=room, member=member, action=action, subject=subject)
-    if refusal is not None:
-        raise Refused(refusal)
-    return room, member
+    if isinstance(answer, Refused):
+        raise answer
+    return answer

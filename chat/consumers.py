@@ -26,6 +26,7 @@ from chat.budgets import HEARTBEAT_MAX_SIZE, Refusal, SocketBudget, connect_refu
 from chat.context import WorkerContext
 from chat.history import messages_page
 from chat.inbound import frame_size, frame_type, large_frame, parse_message, small_heartbeat
+from chat.joins import ViewRequest
 from chat.logs import bind_log_context
 from chat.models import Endpoint
 from chat.protocol import (
@@ -64,7 +65,7 @@ from chat.rooms import (
     worker_group,
 )
 from chat.sequence import room_last_seq
-from chat.sessions import SessionRefused, room_presence, session_close, session_open
+from chat.sessions import SessionRefused, SessionRequest, session_close
 from chat.timers import Due, SocketTimers
 
 logger = logging.getLogger(__name__)
@@ -154,16 +155,15 @@ class SessionConsumer(AsyncWebsocketConsumer):
             self.room_id, problem = self.target_room()
             if problem is not None:
                 return await self.end(problem)
-            opened = await database_sync_to_async(session_open)(
-                identity=self.identity,
-                room_id=self.room_id,
-                endpoint=self.endpoint,
-                channel_name=self.channel_name,
-                worker_id=self.worker.worker_id,
-                client_address=address,
-                user_agent=scope_header(self.scope, b"user-agent"),
-                max_connections=self.config.max_connections_per_user,
-                open_rooms=self.config.open_rooms,
+            opened = await self.worker.session_opener.open(
+                SessionRequest(
+                    identity=self.identity,
+                    room_id=self.room_id,
+                    endpoint=self.endpoint,
+                    channel_name=self.channel_name,
+                    client_address=address,
+                    user_agent=scope_header(self.scope, b"user-agent"),
+                )
             )
         except (AuthFailure, SessionRefused) as refusal:
             return await self.end(refusal.close)
@@ -558,14 +558,23 @@ class ChatConsumer(SessionConsumer):
         return room_id, room_id_problem(room_id=room_id)
 
     async def joined(self, *, first_in_room: bool) -> None:
-        await self.send_frame(
-            frame(
-                MessageType.PRESENCE,
-                room_id=self.room_id,
-                users=await database_sync_to_async(room_presence)(room_id=self.room_id),
+        try:
+            view = await self.worker.room_viewer.view(
+                ViewRequest(
+                    user_id=self.identity.user_id,
+                    room_id=self.room_id,
+                    history_limit=self.config.history_on_join,
+                    history_max_bytes=self.config.history_max_bytes,
+                )
             )
+        except Refused:
+            return await self.end(Close.ROOM_FORBIDDEN)
+        await self.send_frame(
+            frame(MessageType.PRESENCE, room_id=self.room_id, users=view.presence)
         )
-        await self.send_history(limit=self.config.history_on_join, request_id=None, joining=True)
+        await self.send_history_page(
+            messages=view.history, has_more=view.has_more, request_id=None, joining=True
+        )
         if first_in_room:
             await self.announce(joined=True)
 
@@ -629,13 +638,9 @@ class ChatConsumer(SessionConsumer):
         after: int | None = None,
         before_seq: int | None = None,
         after_seq: int | None = None,
-        joining: bool = False,
     ) -> None:
-        """A history page, the join's included, asked of the rule again in the same database
-        call: the user may have been removed since the socket joined, even a moment ago.
-
-        The page is paid for by its size before it is sent (protocol §16): over the user's
-        byte budget a request is refused, and a join gets the refusal instead of its page."""
+        """A requested history page, asked of the rule again in the same database call: the
+        user may have been removed since the socket joined, even a moment ago."""
 
         def page() -> tuple[list[dict], bool]:
             room_authorize(user_id=self.identity.user_id, room_id=self.room_id, action=Action.READ)
@@ -653,6 +658,16 @@ class ChatConsumer(SessionConsumer):
             messages, has_more = await database_sync_to_async(page)()
         except Refused:
             return await self.end(Close.ROOM_FORBIDDEN)
+        await self.send_history_page(
+            messages=messages, has_more=has_more, request_id=request_id, joining=False
+        )
+
+    async def send_history_page(
+        self, *, messages: list[dict], has_more: bool, request_id: str | None, joining: bool
+    ) -> None:
+        """A history page, paid for by its size before it is sent (protocol §16): over the
+        user's byte budget a request is refused, and a join gets the refusal instead of its
+        page."""
         payload = frame(
             MessageType.HISTORY,
             room_id=self.room_id,

@@ -21,6 +21,7 @@ from django.core.signals import setting_changed
 from chat.analysis_pool import AnalysisPool, AnalysisQueue
 from chat.assistant.base import AssistantProvider, get_provider
 from chat.budgets import Budgets
+from chat.joins import RoomViewer, SessionOpener
 from chat.overload import DeliveryDelays
 from chat.ratelimit import Rule
 from chat.timers import Clock, LoopClock, TimerIntervals
@@ -152,6 +153,22 @@ class WorkerContext:
     def session_toucher(self) -> SessionToucher:
         """Batched liveness writes of this worker's sessions."""
         return self.per_loop("session_toucher", SessionToucher)
+
+    @property
+    def session_opener(self) -> SessionOpener:
+        """Batched session opens of this worker's sockets (chat.joins)."""
+        return self.per_loop(
+            "session_opener",
+            lambda: SessionOpener(
+                worker_id=self.worker_id,
+                limits=lambda: (self.config.max_connections_per_user, self.config.open_rooms),
+            ),
+        )
+
+    @property
+    def room_viewer(self) -> RoomViewer:
+        """Batched presence and history on join of this worker's sockets (chat.joins)."""
+        return self.per_loop("room_viewer", RoomViewer)
 
     @property
     def message_writer(self) -> MessageWriter:

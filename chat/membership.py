@@ -420,7 +420,7 @@ def member_remove(
 
     Returns the channel names of the user's sockets open in the room, to pass to
     `room_sockets_revoke`. The removal and that list are made under the user's lock, the one
-    `chat.sessions.session_open` takes, so no socket can join in between and be missed."""
+    `chat.sessions.sessions_open` takes, so no socket can join in between and be missed."""
     user_id = _checked_uid(user_id, ["user_id"])
     action = Action.LEAVE if actor_id == user_id else Action.REMOVE_MEMBER
 
@@ -438,7 +438,7 @@ def member_remove(
 
     with transaction.atomic():
         # Asked once before locking, so a refused caller creates no user row; asked again
-        # under the locks (user, then room: the order session_open takes them), where the
+        # under the locks (user, then room: the order sessions_open takes them), where the
         # answer holds.
         authorized()
         _lock_user(user_id)

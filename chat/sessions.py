@@ -19,7 +19,7 @@ from django.db import transaction
 from django.db.models import Count, Max, Min
 from django.utils import timezone
 
-from chat.access import Action, Refused, room_authorize
+from chat.access import Action, Ask, Refused, rooms_authorize
 from chat.auth import Identity
 from chat.models import ChatSession, ChatUser, Endpoint, Role, Room, RoomKind, RoomMember
 from chat.protocol import HEALTH_ROOM_PREFIX, Close, iso
@@ -60,90 +60,172 @@ def user_lock(*, user_id: str, username: str) -> ChatUser:
     return ChatUser.objects.select_for_update().get(pk=user_id)
 
 
-def _room_to_join(*, user_id: str, room_id: str, endpoint: Endpoint, open_rooms: bool) -> Room:
-    """The room a socket may open, through the one rule (chat.access); SessionRefused
-    ROOM_FORBIDDEN otherwise, the same for a room that does not exist.
+def _users_lock(*, identities: list[Identity]) -> tuple[dict[str, ChatUser], set[str]]:
+    """`user_lock` for a batch: every user's row locked, in user id order (two batches on
+    two workers never wait for each other in a circle); returns the rows and the ids of the
+    rows made now. A new name is recorded."""
+    names = {identity.user_id: identity.username for identity in identities}
+    locked = ChatUser.objects.select_for_update().filter(pk__in=names).order_by("pk")
+    users = {user.pk: user for user in locked}
+    made = set(names) - set(users)
+    if made:
+        ChatUser.objects.bulk_create(
+            [ChatUser(user_id=uid, username=names[uid]) for uid in sorted(made)],
+            ignore_conflicts=True,  # made meanwhile by another worker: then it is theirs
+        )
+        again = ChatUser.objects.select_for_update().filter(pk__in=made).order_by("pk")
+        users |= {user.pk: user for user in again}
+    for user in users.values():
+        if user.username != names[user.pk]:
+            user.username = names[user.pk]
+            user.save(update_fields=["username"])
+    return users, made
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """A socket asking to open its session."""
+
+    identity: Identity
+    room_id: str
+    endpoint: Endpoint
+    channel_name: str
+    client_address: str
+    user_agent: str
+
+
+def _rooms_to_join(
+    *, requests: list[SessionRequest], open_rooms: bool
+) -> list[tuple[Room, RoomMember | None] | SessionRefused]:
+    """The room each socket may open and the user's membership, through the one rule
+    (chat.access); SessionRefused ROOM_FORBIDDEN otherwise, the same for a room that does
+    not exist.
 
     The health-analysis socket's personal room is made on demand for its user; with
-    `open_rooms` (CHAT_OPEN_ROOMS) an unknown id is made a public room (v1); joining a public
-    room makes the user a member."""
-    if endpoint == Endpoint.HEALTH:
-        action = Action.ANALYSE
-        room, _ = Room.objects.get_or_create(
-            name=room_id, defaults={"kind": RoomKind.PERSONAL, "created_by": user_id}
+    `open_rooms` (CHAT_OPEN_ROOMS) an unknown id is made a public room (v1)."""
+    asks = []
+    for request in requests:
+        user_id, room_id = request.identity.user_id, request.room_id
+        if request.endpoint == Endpoint.HEALTH:
+            room, _ = Room.objects.get_or_create(
+                name=room_id, defaults={"kind": RoomKind.PERSONAL, "created_by": user_id}
+            )
+            # The path is the user's own (checked against the token), so the room is theirs
+            # even if its row lost its owner (an operator's edit).
+            RoomMember.objects.bulk_create(
+                [RoomMember(room=room, user_id=user_id, role=Role.OWNER)], ignore_conflicts=True
+            )
+        asks.append(
+            Ask(
+                user_id=user_id,
+                room_id=room_id,
+                action=Action.ANALYSE if request.endpoint == Endpoint.HEALTH else Action.JOIN,
+            )
         )
-        # The path is the user's own (checked against the token), so the room is theirs even
-        # if its row lost its owner (an operator's edit).
-        RoomMember.objects.bulk_create(
-            [RoomMember(room=room, user_id=user_id, role=Role.OWNER)], ignore_conflicts=True
+    if open_rooms:
+        unknown = {
+            ask.room_id
+            for ask in asks
+            if ask.action == Action.JOIN and not ask.room_id.startswith(HEALTH_ROOM_PREFIX)
+        }
+        Room.objects.bulk_create(
+            [Room(name=room_id, kind=RoomKind.PUBLIC) for room_id in sorted(unknown)],
+            ignore_conflicts=True,  # those that exist stay as they are
         )
-    else:
-        action = Action.JOIN
-        if open_rooms and not room_id.startswith(HEALTH_ROOM_PREFIX):
-            Room.objects.get_or_create(name=room_id, defaults={"kind": RoomKind.PUBLIC})
-    try:
-        room, member = room_authorize(user_id=user_id, room_id=room_id, action=action)
-    except Refused:
-        raise SessionRefused(Close.ROOM_FORBIDDEN) from None
-    if member is None:  # a public room: joining makes a member
-        RoomMember.objects.bulk_create(
-            [RoomMember(room=room, user_id=user_id, role=Role.MEMBER)], ignore_conflicts=True
-        )
-    return room
+    return [
+        SessionRefused(Close.ROOM_FORBIDDEN) if isinstance(answer, Refused) else answer
+        for answer in rooms_authorize(asks=asks)
+    ]
 
 
-def session_open(
+def sessions_open(
     *,
-    identity: Identity,
-    room_id: str,
-    endpoint: Endpoint,
-    channel_name: str,
+    requests: list[SessionRequest],
     worker_id: str,
-    client_address: str,
-    user_agent: str,
     max_connections: int,
     open_rooms: bool,
-) -> SessionOpened:
-    """Record a new socket, or raise SessionRefused: in this order, the room is forbidden
-    (or does not exist), closed, the user has too many sockets, the room is full."""
+) -> list[SessionOpened | SessionRefused]:
+    """Record new sockets, in one transaction (a batch of joins, chat.joins): for each
+    request, in order, its session or why it is refused — the room is forbidden (or does
+    not exist), closed, the user has too many sockets, the room is full. A refused request
+    leaves no session, membership or user row behind (a room made on demand stays); a
+    request sees the sessions opened before it in the batch.
+
+    Locks, always in this order (as the membership services take them): the users' rows,
+    in user id order, then the capped rooms' rows (`max_users`), in room id order."""
     with transaction.atomic():
-        user = user_lock(user_id=identity.user_id, username=identity.username)
-        if user.username != identity.username:
-            user.username = identity.username
-            user.save(update_fields=["username"])
-        room = _room_to_join(
-            user_id=identity.user_id, room_id=room_id, endpoint=endpoint, open_rooms=open_rooms
+        users, made = _users_lock(identities=[request.identity for request in requests])
+        rooms = _rooms_to_join(requests=requests, open_rooms=open_rooms)
+        capped = sorted(
+            {a[0].pk for a in rooms if not isinstance(a, SessionRefused) and a[0].max_users}
         )
-        if room.is_closed:
-            raise SessionRefused(Close.ROOM_CLOSED)
+        if capped:
+            locked = Room.objects.select_for_update().filter(pk__in=capped).order_by("pk")
+            fresh = {room.pk: room for room in locked}
+            rooms = [
+                answer
+                if isinstance(answer, SessionRefused) or answer[0].pk not in fresh
+                else (fresh[answer[0].pk], answer[1])
+                for answer in rooms
+            ]
         active = ChatSession.objects.filter(disconnected_at__isnull=True)
-        if active.filter(user=user).count() >= max_connections:
-            raise SessionRefused(Close.TOO_MANY_CONNECTIONS)
-        first_in_room = not active.filter(user=user, room=room).exists()
-        if first_in_room and room.max_users is not None:
-            room = Room.objects.select_for_update().get(pk=room.pk)
-            users = active.filter(room=room).values("user").distinct().count()
-            if users >= room.max_users:
-                raise SessionRefused(Close.ROOM_FULL)
-        session = ChatSession.objects.create(
-            session_id=uuid.uuid4(),
-            user=user,
-            username=identity.username,
-            room=room,
-            endpoint=endpoint,
-            channel_name=channel_name,
-            worker_id=worker_id,
-            client_address=client_address[:64],
-            user_agent=user_agent[:512],
-        )
-    return SessionOpened(
-        session_id=str(session.session_id),
-        connected_at=session.connected_at,
-        first_in_room=first_in_room,
-        room_assistant_mode=room.assistant_mode,
-        room_kind=room.kind,
-        room_last_seq=room.last_seq,
-    )
+        open_now: dict[str, list[str]] = {user_id: [] for user_id in users}
+        for user_id, room_id in active.filter(user_id__in=users).values_list("user_id", "room_id"):
+            open_now[user_id].append(room_id)
+        sessions: list[ChatSession] = []
+        new_members: list[RoomMember] = []
+        outcomes: list[SessionOpened | SessionRefused] = []
+        for request, answer in zip(requests, rooms, strict=True):
+            user = users[request.identity.user_id]
+            if isinstance(answer, SessionRefused):
+                outcomes.append(answer)
+                continue
+            room, member = answer
+            if room.is_closed:
+                outcomes.append(SessionRefused(Close.ROOM_CLOSED))
+                continue
+            mine = open_now[user.pk]
+            if len(mine) >= max_connections:
+                outcomes.append(SessionRefused(Close.TOO_MANY_CONNECTIONS))
+                continue
+            first_in_room = room.pk not in mine
+            if first_in_room and room.max_users is not None:
+                here = set(active.filter(room=room).values_list("user_id", flat=True))
+                here |= {s.user_id for s in sessions if s.room_id == room.pk}
+                if len(here) >= room.max_users:
+                    outcomes.append(SessionRefused(Close.ROOM_FULL))
+                    continue
+            if member is None:  # a public room: joining makes a member
+                new_members.append(RoomMember(room=room, user_id=user.pk, role=Role.MEMBER))
+            session = ChatSession(
+                session_id=uuid.uuid4(),
+                user=user,
+                username=request.identity.username,
+                room=room,
+                endpoint=request.endpoint,
+                channel_name=request.channel_name,
+                worker_id=worker_id,
+                client_address=request.client_address[:64],
+                user_agent=request.user_agent[:512],
+            )
+            sessions.append(session)
+            mine.append(room.pk)
+            outcomes.append(
+                SessionOpened(
+                    session_id=str(session.session_id),
+                    connected_at=session.connected_at,
+                    first_in_room=first_in_room,
+                    room_assistant_mode=room.assistant_mode,
+                    room_kind=room.kind,
+                    room_last_seq=room.last_seq,
+                )
+            )
+        RoomMember.objects.bulk_create(new_members, ignore_conflicts=True)
+        ChatSession.objects.bulk_create(sessions)
+        unused = made - {session.user_id for session in sessions}
+        if unused:  # (rows that have sessions are another worker's, made meanwhile)
+            ChatUser.objects.filter(pk__in=unused, sessions__isnull=True).delete()
+    return outcomes
 
 
 @dataclass(frozen=True)

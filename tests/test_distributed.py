@@ -712,7 +712,7 @@ async def test_worker_with_stalled_database_calls_is_not_reaped(net: Net):
     reaped_before = await asyncio.to_thread(reaped_sessions, net.cluster.workers)
     with database_lock(db, stuck_id):
         stalled_from = time.time()
-        # Accepted at once; its session_open then waits for the lock on A's database thread.
+        # Accepted at once; its sessions_open then waits for the lock on A's database thread.
         stuck = await net.open(a, net.room("stall-other"), stuck_id, "Stuck")
         # The stall lasts until A, its database call still waiting, has refreshed its liveness
         # key after a key left unrefreshed would have expired (WORKER_TTL), and a reaper

@@ -1,0 +1,115 @@
+"""Socket joins in batches (protocol §4, §11): the joins that arrive together share their
+database work.
+
+A join is two database calls, each batched per worker (chat.batching) with the other
+sockets joining at the same time:
+
+1. `sessions_open` (chat.sessions): every socket's session, in one transaction, each asked
+   of the one rule (chat.access) and counted against the per-user cap under its user's
+   lock, exactly as if it were alone.
+2. `rooms_view` (here), once the socket is in its room's group: the room's presence and its
+   history on join, read once per room for every socket of the batch in that room, each
+   socket asked of the rule again (the user may have been removed since step 1). Reading
+   after joining the group is what makes it gap-free: a message stored meanwhile is either
+   in the page or delivered live (or both: clients keep one copy per seq).
+
+In a reconnect storm a batch holds hundreds of joins: one thread round trip, one commit,
+and one presence and history query per room instead of per socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from chat.access import Action, Ask, Refused, rooms_authorize
+from chat.batching import Batcher
+from chat.history import messages_page
+from chat.sessions import (
+    SessionOpened,
+    SessionRequest,
+    room_presence,
+    sessions_open,
+)
+
+
+@dataclass(frozen=True)
+class ViewRequest:
+    """A socket that has joined its room's group asks what it sees on joining."""
+
+    user_id: str
+    room_id: str
+    history_limit: int
+    history_max_bytes: int
+
+
+@dataclass(frozen=True)
+class RoomView:
+    presence: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    has_more: bool
+
+
+def rooms_view(*, requests: list[ViewRequest]) -> list[RoomView | Refused]:
+    """For each request, in order, its room's presence and newest history page (read once
+    per room and page size), or the rule's refusal. Blocking (database)."""
+    answers = rooms_authorize(
+        asks=[Ask(user_id=r.user_id, room_id=r.room_id, action=Action.READ) for r in requests]
+    )
+    views: dict[tuple[str, int, int], RoomView] = {}
+    outcomes: list[RoomView | Refused] = []
+    for request, answer in zip(requests, answers, strict=True):
+        if isinstance(answer, Refused):
+            outcomes.append(answer)
+            continue
+        key = (request.room_id, request.history_limit, request.history_max_bytes)
+        if key not in views:
+            history, has_more = messages_page(
+                room_id=request.room_id,
+                limit=request.history_limit,
+                max_bytes=request.history_max_bytes,
+            )
+            views[key] = RoomView(
+                presence=room_presence(room_id=request.room_id),
+                history=history,
+                has_more=has_more,
+            )
+        outcomes.append(views[key])
+    return outcomes
+
+
+class SessionOpener(Batcher[SessionRequest, SessionOpened]):
+    """This worker's session opens, batched (one per event loop). `limits` gives the
+    current (max_connections, open_rooms) settings."""
+
+    def __init__(
+        self, *, worker_id: str, limits: Callable[[], tuple[int, bool]], max_batch: int = 500
+    ) -> None:
+        def run(batch: list[SessionRequest]) -> list[SessionOpened | Exception]:
+            max_connections, open_rooms = limits()
+            return sessions_open(
+                requests=batch,
+                worker_id=worker_id,
+                max_connections=max_connections,
+                open_rooms=open_rooms,
+            )
+
+        super().__init__(run=run, what="session open", max_batch=max_batch)
+
+    async def open(self, request: SessionRequest) -> SessionOpened:
+        """The socket's session; raises SessionRefused."""
+        return await self.submit(request)
+
+
+class RoomViewer(Batcher[ViewRequest, RoomView]):
+    """This worker's join views, batched (one per event loop)."""
+
+    def __init__(self, *, max_batch: int = 500) -> None:
+        super().__init__(
+            run=lambda batch: rooms_view(requests=batch), what="room view", max_batch=max_batch
+        )
+
+    async def view(self, request: ViewRequest) -> RoomView:
+        """The room as the socket sees it on joining; raises Refused."""
+        return await self.submit(request)
