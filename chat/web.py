@@ -1,8 +1,12 @@
 """The browser client: its page at `/`, and the development sign-in that hands it emulator
 tokens.
 
-The client itself is static (`chat/static/chat/`: ES modules, no build step). How it signs in
-depends on the server's mode:
+The client itself is static (`chat/static/chat/`: ES modules, no build step). It recovers by
+the rooms' sequence numbers (protocol §15, `connection.js`): it shows messages in seq order,
+each once; fetches `history` `after_seq` (pages of `historyMaxLimit`) after a reconnect, on
+`resync`, and when a gap in the seqs is still open a second after it opened; and sends again,
+with the same client `message_id`, a message whose echo had not come when the socket dropped.
+How it signs in depends on the server's mode:
 
 - emulator mode with DEBUG (the embedded default): a "Dev sign-in" form posts a name to
   `/dev/token`, which answers an emulator token for a uid derived from that name;
@@ -35,7 +39,7 @@ SAMPLE_DATA = "chat/sample-health.json"
 
 # What a client does after each of the server's closes (protocol §10's "client should", §16).
 # A close in none of these groups (idle timeout 1000, shutdown 4012, unavailable 4013) is
-# retried with backoff, then the client catches up with `history` `after`.
+# retried with backoff, then the client catches up with `history` `after_seq`.
 CLIENT_CLOSES: dict[str, tuple[Close, ...]] = {
     # not retried: a room the user may not (or no longer) be in, too many sockets, an operator
     "final": (
@@ -52,7 +56,7 @@ CLIENT_CLOSES: dict[str, tuple[Close, ...]] = {
     "auth": (Close.NO_TOKEN, Close.INVALID_TOKEN, Close.TOKEN_EXPIRED, Close.USER_ID_MISMATCH),
     # back off: the longest wait before reconnecting
     "rateLimited": (Close.RATE_LIMITED,),
-    # the socket fell behind its rooms: reconnect, then `history` `after`
+    # the socket fell behind its rooms: reconnect, then `history` `after_seq`
     "slow": (Close.SLOW_CONSUMER,),
 }
 
@@ -94,6 +98,7 @@ def client_config() -> dict[str, Any]:
         "aiUserId": AI_USER_ID,
         "aiMention": MENTION,
         "maxMessageChars": CONTENT_MAX_CHARS,
+        # the largest `history` page: the client's catch-up pages
         "historyMaxLimit": HISTORY_MAX_LIMIT,
         "closeCodes": {
             group: sorted({close.value.code for close in closes})

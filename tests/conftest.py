@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,7 +27,7 @@ from chat.protocol import MessageType, frame
 from chat.rooms import room_event
 from chat.shared_state import MemoryState, RedisState, SharedState, shared_state
 from chat.testing.client import heartbeat_probe
-from chat.testing.redis_server import REDIS_URL, redis_answers
+from chat.testing.redis_server import REDIS_SERVER, REDIS_URL, PrivateRedis, redis_answers
 from tests.gemini_api import GENERATE_URL
 from tests.logscan import remember_sent
 
@@ -54,6 +56,20 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, t
     if database["ENGINE"] == "django.db.backends.sqlite3":
         name = tmp_path_factory.mktemp("database") / "test.sqlite3"
         database.setdefault("TEST", {})["NAME"] = str(name)
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
+    """A redis-server of the module's own, which its tests may kill, stall and restart (the
+    machine's Redis on 6379 is shared: never disturbed). Skipped without redis-server."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (these tests start their own)")
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(signal.SIGTERM)
 
 
 @pytest.fixture(autouse=True)

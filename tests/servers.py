@@ -52,12 +52,18 @@ def run_workers(
     count: int = 1,
     env: Mapping[str, str | None] | None = None,
     ports: list[int] | None = None,
+    redis_url: str | None = None,
 ) -> Iterator[list[Worker]]:
     """`count` workers (or one per port of `ports`, when the environment must name them) on
-    a fresh SQLite database in `tmp_path`, without Redis; always stopped. The list is
-    yielded so that a test may replace a worker it restarted: whatever it holds is stopped."""
+    a fresh SQLite database in `tmp_path`, without Redis unless given `redis_url` (then
+    under a fresh prefix); always stopped. The list is yielded so that a test may replace a
+    worker it restarted: whatever it holds is stopped."""
     with cluster_start(
-        directory=Path(tmp_path), env={**TEST_ENV, **(env or {})}, count=count, ports=ports
+        directory=Path(tmp_path),
+        env={**TEST_ENV, **(env or {})},
+        count=count,
+        ports=ports,
+        redis_url=redis_url,
     ) as cluster:
         yield cluster.workers
 

@@ -10,6 +10,15 @@ room with another as member and both chat in it; a non-member's invitation link 
 room is refused without a reconnect loop; one runs the health analysis on the sample file;
 one rides out a server restart and catches up on what it missed.
 
+Recovery by sequence numbers (protocol §15): a page whose sockets go through a network the
+test controls (FLAKY_NETWORK: frames held back, lost either way, the connection failing)
+shows frames that arrive out of order in seq order; fetches a gap (a message stored without
+its frame, an operator's edit) about a second after it opened, showing each message once, an
+edited one in place; after its connection failed while others kept talking, shows every
+message once, in seq order, in its current state; sends a message whose echo was lost again
+with the same client id, stored and shown once; and, on a worker with Redis, catches up when
+told `resync` after the worker's channel layer lost its subscriptions.
+
 Screenshots go to each test's output directory (the path is printed). With UPDATE_SCREENSHOT=1
 the two-users-chatting state (in their private room) is also written to docs/screenshot.png
 (the README's picture). Without Chromium the tests fail under CI (CI=true; `.ci/run` installs
@@ -18,11 +27,14 @@ it) and skip elsewhere.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +50,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from chat.testing.client import ChatSocket
 from chat.testing.processes import HOST, ROOT, Worker, free_ports, manage, worker_start
+from chat.testing.redis_server import PrivateRedis
 from tests.servers import run_workers
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -73,6 +87,77 @@ window.WebSocket = class extends window.WebSocket {
   }
 };
 """
+# Run in a page before its own scripts: its sockets go through a network the test controls,
+# `window.clarityNet`. `holdIf(frame)`: a frame from the server is held back until
+# `release()`; `loseIf(frame)`: it is lost (kept in `lost`); `loseSentIf(frame)`: a frame the
+# page sends is lost on the way. `fail(deadUrl)`: the connection fails (the page sees 1006 at
+# once, frames still on their way are lost) and new sockets cannot connect (they go to
+# `deadUrl`, where nothing listens) until `restore()`, which the browser announces
+# ("online"). `sent` and `received` record every frame sent and delivered, with the page's
+# time.
+FLAKY_NETWORK = """
+(() => {
+  const Real = window.WebSocket;
+  const net = (window.clarityNet = {
+    sent: [], received: [], lost: [], held: [], sockets: [], deadUrl: null,
+    holdIf: null, loseIf: null, loseSentIf: null,
+    release() {
+      const held = net.held;
+      net.held = [];
+      held.forEach((deliver) => deliver());
+    },
+    fail(deadUrl) {
+      net.deadUrl = deadUrl;
+      net.sockets.forEach((socket) => socket.fail());
+    },
+    restore() {
+      net.deadUrl = null;
+      window.dispatchEvent(new Event("online"));
+    },
+  });
+  window.WebSocket = class extends Real {
+    constructor(url, ...rest) {
+      super(net.deadUrl ?? url, ...rest);
+      this.failed = false;
+      this.closeListeners = [];
+      net.sockets.push(this);
+    }
+    send(data) {
+      const frame = JSON.parse(data);
+      net.sent.push({ at: performance.now(), frame });
+      if (!this.failed && !net.loseSentIf?.(frame)) super.send(data);
+    }
+    fail() {
+      if (this.failed || this.readyState > Real.OPEN) return;
+      this.failed = true;
+      super.close();
+      const event = new CloseEvent("close", { code: 1006, reason: "" });
+      this.closeListeners.forEach((listener) => listener(event));
+    }
+    addEventListener(type, listener, options) {
+      if (type === "close") {
+        this.closeListeners.push(listener);
+        return super.addEventListener(type, (e) => this.failed || listener(e), options);
+      }
+      if (type !== "message") return super.addEventListener(type, listener, options);
+      const deliver = (event, frame) => {
+        if (this.failed) return;
+        net.received.push({ at: performance.now(), frame });
+        listener(event);
+      };
+      super.addEventListener(type, (event) => {
+        const frame = JSON.parse(event.data);
+        if (this.failed) return;
+        if (net.loseIf?.(frame)) net.lost.push(frame);
+        else if (net.holdIf?.(frame)) net.held.push(() => deliver(event, frame));
+        else deliver(event, frame);
+      }, options);
+    }
+  };
+})();
+"""
+# A catch-up fetch waits this long for a missing frame to come by itself (connection.js).
+GAP_WAIT_MS = 1000
 
 
 def _truthy(name: str) -> bool:
@@ -605,3 +690,294 @@ def test_reconnect_backoff_is_exponential_jittered_and_capped(server, ana):
     steps = [min(30_000, 500 * 2**attempt) for attempt in attempts]
     assert low == [step / 2 for step in steps]
     assert all(step * 0.99 < delay <= step for step, delay in zip(steps, high, strict=True))
+
+
+# --- recovery by sequence numbers (protocol §15) --------------------------------------------
+
+
+class FlakyPage(ChatPage):
+    """A chat page whose sockets go through FLAKY_NETWORK."""
+
+    def open(self, base_url: str, room: str) -> None:
+        """Open this room's link, the network's records cleared (when the page is loaded
+        already: the link leaves the room open before, whose socket closes at once)."""
+        self.js(
+            "window.clarityNet?.sockets.splice(0); Object.assign(window.clarityNet ?? {},"
+            " {sent: [], received: [], lost: [], held: []})"
+        )
+        super().open(base_url, room)
+
+    def net(self, script: str, *args: Any) -> Any:
+        """Run `script` with `net` = the page's network (and `args`)."""
+        return self.js(f"const net = window.clarityNet; {script}", *args)
+
+    def hold(self, body: str) -> None:
+        """Hold back the frame of the message with this body until `release`."""
+        self.net("const body = arguments[0]; net.holdIf = (f) => f.content === body;", body)
+
+    def release(self) -> None:
+        self.net("net.holdIf = null; net.release();")
+
+    def fail(self) -> None:
+        """The connection fails, and no new one gets through until `restore`."""
+        (dead_port,) = free_ports(1)
+        self.net("net.fail(arguments[0])", f"ws://{HOST}:{dead_port}/")
+        self.wait(lambda: self.status() in {"waiting", "connecting"}, "the failure to be noticed")
+
+    def restore(self) -> None:
+        self.net("net.loseIf = null; net.loseSentIf = null; net.restore();")
+        self.wait_connected()
+
+    def sent(self, type_: str) -> list[dict]:
+        """The frames of this type the page sent, each with `at` (the page's time, ms)."""
+        return self.net(
+            "return net.sent.filter((s) => s.frame.type === arguments[0])"
+            ".map((s) => ({ ...s.frame, at: s.at }))",
+            type_,
+        )
+
+    def catch_ups(self) -> list[dict]:
+        return [frame for frame in self.sent("history") if "after_seq" in frame]
+
+    def received_at(self, body: str) -> float:
+        """When the page received the frame of the message with this body (the page's ms)."""
+        return self.net(
+            "return net.received.find((r) => r.frame.content === arguments[0]).at", body
+        )
+
+    def seqs(self) -> list[int]:
+        return self.js(
+            "return [...document.querySelectorAll('#messages li.message')]"
+            ".map((li) => Number(li.dataset.seq))"
+        )
+
+    def assert_each_once_in_seq_order(self) -> None:
+        ids = [message["id"] for message in self.messages()]
+        assert len(ids) == len(set(ids)), self.describe()
+        assert self.seqs() == sorted(set(self.seqs())), self.seqs()
+
+
+@pytest.fixture(scope="module")
+def dana(browsers) -> FlakyPage:
+    page = browsers("Dana")
+    page.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FLAKY_NETWORK})
+    return FlakyPage(page.driver, page.name)
+
+
+def say(worker: Worker, room: str, uid: str, bodies: list[str]) -> list[dict]:
+    """Another user (a socket of the test's) sends these messages to the room, each once its
+    previous one was echoed; the echoes."""
+
+    async def talk() -> list[dict]:
+        client = await ChatSocket.join(worker.url, room, uid)
+        try:
+            echoes = []
+            for body in bodies:
+                cid = uuid.uuid4().hex  # the same id again would be the same message
+                await client.send({"type": "message", "content": body, "message_id": cid})
+                echoes.append(await client.recv_type("message"))
+            return echoes
+        finally:
+            await client.close()
+
+    return asyncio.run(talk())
+
+
+def stored_bodies(worker: Worker, room: str) -> list[str]:
+    """The room's messages as stored, in seq order (read through a fresh socket)."""
+
+    async def read() -> list[str]:
+        client = await ChatSocket.join(worker.url, room, "dev-auditor")
+        try:
+            entries, after = [], 0
+            while True:
+                await client.send({"type": "history", "after_seq": after, "limit": 100})
+                page = await client.recv_type("history")
+                entries += page["messages"]
+                if not page["has_more"]:
+                    break
+                after = max(m["changed_seq"] or m["seq"] for m in page["messages"])
+            return [m["content"] for m in sorted(entries, key=lambda m: m["seq"])]
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
+def store_without_frames(
+    worker: Worker,
+    log_dir: Path,
+    room: str,
+    bodies: list[str],
+    edits: dict[str, str] | None = None,
+) -> None:
+    """Room events no socket hears of: messages stored (from Cleo) without being broadcast,
+    then operator edits (message id → new content), each taking the room's next seq."""
+    manage(
+        [
+            "shell",
+            "-c",
+            "from chat.edits import Editor, message_edit\n"
+            "from chat.history import message_store\n"
+            f"for text in {bodies!r}:\n"
+            f"    message_store(room_id={room!r}, user_id='dev-cleo', username='Cleo',"
+            " content=text, metadata=None, client_message_id=None)\n"
+            f"for pk, text in {edits or {}!r}.items():\n"
+            "    message_edit(message_id=int(pk), content=text, editor=Editor.operator('op'))\n",
+        ],
+        env=worker.env,
+        log_path=log_dir / f"store-{room}.log",
+    )
+
+
+def test_frames_out_of_seq_order_are_shown_in_seq_order_and_a_lost_one_is_fetched(
+    server, dana, tmp_path
+):
+    room = "reordered"
+    create_room(server, tmp_path, room, "--kind", "public")
+    dana.open(base_url(server), room)
+    # The network delays one frame: the next ones overtake it.
+    dana.hold("two")
+    say(server[0], room, "dev-eve", ["one", "two", "three"])
+    dana.wait(lambda: dana.bodies() == ["one", "three"], "the frames that were not held")
+    dana.release()
+    dana.wait(lambda: dana.bodies() == ["one", "two", "three"], "the late frame in its place")
+
+    # This one comes too late: the page fetches it after about a second, and does not show
+    # the late frame again when it finally arrives.
+    fetched_before = len(dana.catch_ups())
+    dana.hold("five")
+    say(server[0], room, "dev-eve", ["four", "five", "six"])
+    dana.wait(lambda: dana.bodies()[-2:] == ["four", "six"], "the frames that were not held")
+    dana.wait(lambda: dana.bodies()[-3:] == ["four", "five", "six"], "the held message, fetched")
+    (fetch,) = dana.catch_ups()[fetched_before:]
+    assert GAP_WAIT_MS * 0.9 <= fetch["at"] - dana.received_at("six") <= GAP_WAIT_MS * 5, fetch
+    dana.release()  # delivered and handled before this returns
+    assert dana.bodies() == ["one", "two", "three", "four", "five", "six"]
+    dana.assert_each_once_in_seq_order()
+
+
+def test_a_gap_in_the_rooms_seqs_is_fetched_after_about_a_second(server, dana, tmp_path):
+    """Room events whose frames never came (a message stored without its broadcast, an
+    operator's edit: no frame announces edits yet) open a gap that the next message shows;
+    about a second later the page fetches it: each message once, the edit in place."""
+    room = "gappy"
+    create_room(server, tmp_path, room, "--kind", "public")
+    dana.open(base_url(server), room)
+    say(server[0], room, "dev-eve", ["first", "typo"])
+    dana.wait(lambda: dana.bodies() == ["first", "typo"], "the first messages")
+    typo = dana.messages()[1]["id"]
+    store_without_frames(server[0], tmp_path, room, ["never broadcast"], edits={typo: "fixed"})
+    assert dana.bodies() == ["first", "typo"] and dana.catch_ups() == []
+
+    say(server[0], room, "dev-eve", ["after the gap"])
+    dana.wait(
+        lambda: dana.bodies() == ["first", "fixed", "never broadcast", "after the gap"],
+        "the gap filled and the edit shown",
+    )
+    (fetch,) = dana.catch_ups()
+    waited = fetch["at"] - dana.received_at("after the gap")
+    assert GAP_WAIT_MS * 0.9 <= waited <= GAP_WAIT_MS * 5, waited
+    assert dana.messages()[1]["id"] == typo
+    assert dana.text(f'#messages li[data-message-id="{typo}"] .edited') == "edited"
+    dana.assert_each_once_in_seq_order()
+    assert dana.seqs() == [1, 2, 3, 5]  # seq 4 is the edit's
+
+
+def test_after_the_connection_failed_every_message_shows_once_in_seq_order(server, dana, tmp_path):
+    """The page's connection fails while others keep talking (live, and more than a catch-up
+    page stored elsewhere) and an operator edits a message it shows; back online it shows
+    every message of the room once, in seq order, in its current state."""
+    room = "outage"
+    create_room(server, tmp_path, room, "--kind", "public")
+    dana.open(base_url(server), room)
+    say(server[0], room, "dev-eve", ["before 1", "before 2"])
+    dana.wait(lambda: dana.bodies() == ["before 1", "before 2"], "the messages before")
+    edited = dana.messages()[0]["id"]
+
+    dana.fail()
+    say(server[0], room, "dev-eve", ["during 1", "during 2", "during 3"])
+    bulk = [f"bulk {n}" for n in range(1, 111)]  # more than one catch-up page (100)
+    store_without_frames(server[0], tmp_path, room, bulk, edits={edited: "before 1, edited"})
+    say(server[0], room, "dev-frank", ["during 4"])
+    dana.restore()
+
+    expected = stored_bodies(server[0], room)
+    during = ["during 1", "during 2", "during 3", *bulk, "during 4"]
+    assert expected == ["before 1, edited", "before 2", *during]
+    dana.wait(lambda: dana.bodies() == expected, "every message once, in seq order")
+    dana.assert_each_once_in_seq_order()
+    assert dana.messages()[0]["id"] == edited
+    pages = dana.catch_ups()
+    assert len(pages) >= 2 and all(page["limit"] == 100 for page in pages), pages
+    assert [page["after_seq"] for page in pages] == sorted({p["after_seq"] for p in pages})
+
+
+def test_a_message_whose_echo_was_lost_is_sent_again_and_shown_once(server, dana, tmp_path):
+    """Two messages meet a failing network: the server stores the first but its echo is
+    lost; the second is lost on its way. After the reconnect both are sent again with their
+    client ids: each is stored once and shown once."""
+    room = "lossy"
+    create_room(server, tmp_path, room, "--kind", "public")
+    dana.open(base_url(server), room)
+    say(server[0], room, "dev-eve", ["hello Dana"])
+    dana.wait(lambda: dana.bodies() == ["hello Dana"], "Eve's message")
+
+    dana.net("net.loseIf = (f) => f.type === 'message' && f.content === 'echo lost';")
+    dana.type("echo lost")
+    dana.find("#send").click()
+    dana.wait(lambda: dana.net("return net.lost.length") == 1, "the first one's echo, lost")
+    dana.net("net.loseSentIf = (f) => f.type === 'message' && f.content === 'never arrived';")
+    dana.type("never arrived")
+    dana.find("#send").click()
+    dana.wait(lambda: len(dana.sent("message")) == 2, "the second one sent")
+    assert dana.bodies() == ["hello Dana"]
+
+    dana.fail()
+    dana.restore()
+    dana.wait(
+        lambda: dana.bodies() == ["hello Dana", "echo lost", "never arrived"],
+        "both messages, once each",
+    )
+    first, second, first_again, second_again = dana.sent("message")
+    assert first_again["message_id"] == first["message_id"] != second["message_id"]
+    assert second_again["message_id"] == second["message_id"]
+    assert stored_bodies(server[0], room) == ["hello Dana", "echo lost", "never arrived"]
+    dana.assert_each_once_in_seq_order()
+
+
+@pytest.fixture(scope="module")
+def redis_worker(private_redis: PrivateRedis, tmp_path_factory) -> Iterator[Worker]:
+    """One worker whose channel layer is on the module's own Redis (which a test may cut)."""
+    require_chromium()
+    (port,) = free_ports(1)
+    env = {
+        "CHAT_ALLOWED_ORIGINS": f"http://{HOST}:{port}",
+        "CHAT_OPEN_ROOMS": "0",
+        "CHAT_RESYNC_SPREAD": "0.2",
+    }
+    directory = tmp_path_factory.mktemp("browser-redis-server")
+    with run_workers(directory, env=env, ports=[port], redis_url=private_redis.url) as workers:
+        yield workers[0]
+        print(workers[0].logs())
+
+
+def test_told_to_resync_the_page_fetches_what_its_worker_missed(
+    redis_worker, private_redis, dana, tmp_path
+):
+    """The worker's channel layer loses its Redis subscriptions (the connection is killed)
+    while messages are stored: it subscribes again and tells its sockets `resync`; the page
+    fetches what it missed, with no new message to show it a gap."""
+    room = "resynced"
+    create_room([redis_worker], tmp_path, room, "--kind", "public")
+    dana.open(redis_worker.http_url, room)
+    say(redis_worker, room, "dev-eve", ["live"])
+    dana.wait(lambda: dana.bodies() == ["live"], "the live message")
+    store_without_frames(redis_worker, tmp_path, room, ["missed 1", "missed 2"])
+    with contextlib.closing(private_redis.client()) as client:
+        assert client.client_kill_filter(_type="pubsub") >= 1
+    dana.wait(lambda: dana.bodies() == ["live", "missed 1", "missed 2"], "the missed messages")
+    resyncs = dana.net("return net.received.filter((r) => r.frame.type === 'resync').length")
+    assert resyncs == 1
+    assert [page["after_seq"] for page in dana.catch_ups()] == [1]
+    dana.assert_each_once_in_seq_order()

@@ -78,16 +78,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def private_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(signal.SIGTERM)
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request) -> str:
     return request.param

@@ -1,11 +1,11 @@
 // Clarity Chat in the browser: sign in, pick one of your rooms or a public one, start a
 // private room or a direct conversation, chat, see who is online and typing, ask the
 // assistant, run a health analysis on sample data. Speaks the wire protocol v1.1 (rooms and
-// membership, §11).
+// membership, §11; sequence numbers and recovery, §15).
 //
 // User content is only ever put on the page as text (textContent), never parsed as HTML.
 
-import { RoomConnection } from "./connection.js";
+import { latestSeq, RoomConnection } from "./connection.js";
 import { RoomsApi } from "./rooms.js";
 import { DevSignIn } from "./signin.js";
 
@@ -53,8 +53,8 @@ const state = {
   roomsDrawn: "", // what the lists show, to redraw them only when it changes
   analysing: false,
   lastFrame: null, // the latest frame of this room's connection
-  messages: new Map(), // stored message id → its <li>
-  newestId: 0,
+  messages: new Map(), // stored message id → {li, seq, latest}: shown once each
+  newestSeq: 0,
   presence: new Map(), // user id → presence entry
   typing: new Map(), // user id → {username, timer}
   typingSentAt: 0,
@@ -191,7 +191,7 @@ function leaveRoom() {
   state.typing.clear();
   state.presence.clear();
   state.messages.clear();
-  state.newestId = 0;
+  state.newestSeq = 0;
   state.lastSent = null;
   state.lastFrame = null;
   $("messages").replaceChildren();
@@ -281,6 +281,16 @@ function connectionState({ state: kind, code, reason, delay }) {
 
 function send(frame) {
   if (state.connection?.send(frame)) return true;
+  return notSent();
+}
+
+// A chat message: sent again after a reconnect until its echo arrives (connection.js).
+function sendChat(frame) {
+  if (state.connection?.sendMessage(frame)) return true;
+  return notSent();
+}
+
+function notSent() {
   showAlert("Not connected: nothing was sent. Reconnecting…", "warning", { key: "offline" });
   return false;
 }
@@ -512,6 +522,8 @@ function handleFrame(frame) {
 }
 
 function showError(frame) {
+  // A catch-up read refused: the connection asks again by itself; nothing the user did.
+  if (frame.details?.scope === "catch_up") return;
   if (frame.error_code === "RATE_LIMIT_EXCEEDED" && frame.details?.retry_after) {
     rateLimited(Number(frame.details.retry_after));
     return;
@@ -530,7 +542,11 @@ function showError(frame) {
 function rateLimited(seconds) {
   state.sendBlockedUntil = Date.now() + seconds * 1000;
   const input = $("message-input");
-  if (state.lastSent && !input.value) input.value = state.lastSent.content;
+  if (state.lastSent) {
+    // Refused, not stored: back in the input for the user to send again, not re-sent.
+    state.connection?.forgetMessage(state.lastSent.clientId);
+    if (!input.value) input.value = state.lastSent.content;
+  }
   state.lastSent = null;
   const alert = showAlert("", "warning", { key: "rate-limit", timeout: 0 });
   const text = alert.querySelector("span");
@@ -561,6 +577,7 @@ function messageElement(frame) {
     el("span", { className: "author", text: author }),
     el("time", { text: clockTime(frame.timestamp) }),
   );
+  if (frame.metadata?.edited_at) meta.append(el("span", { className: "edited", text: "edited" }));
   const li = el(
     "li",
     { className: classes.filter(Boolean).join(" ") },
@@ -569,31 +586,52 @@ function messageElement(frame) {
   );
   li.dataset.userId = frame.user_id;
   if (frame.message_id !== null) li.dataset.messageId = frame.message_id;
+  if (frame.seq != null) li.dataset.seq = frame.seq;
   return li;
 }
 
-// Stored messages are shown once each, ordered by id: a message may arrive twice (join
-// history and live, or a catch-up page after a reconnect), and a catch-up page may hold
-// messages older than ones already shown.
+// Stored messages are shown once each, in the order of their seq (protocol §15): a message
+// may arrive twice (join history and live, a catch-up page, the echo of a message sent again
+// after a reconnect), frames may arrive out of order (the page puts each in its place), and
+// a catch-up page may bring a message again in a later state (edited, deleted): it is shown
+// in that state where it was.
 function addMessage(frame) {
   const id = frame.message_id;
-  if (id !== null && state.messages.has(id)) return;
+  const shown = id === null ? undefined : state.messages.get(id);
+  if (shown) {
+    updateMessage(shown, frame);
+    return;
+  }
   const list = $("messages");
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   const li = messageElement(frame);
-  if (id === null || Number(id) > state.newestId) {
-    list.append(li);
-  } else {
-    const later = [...state.messages.entries()]
-      .filter(([key]) => Number(key) > Number(id))
-      .sort(([a], [b]) => Number(a) - Number(b))[0];
-    list.insertBefore(li, later ? later[1] : null);
-  }
+  const seq = Number(frame.seq) || 0;
+  if (id === null || seq > state.newestSeq) list.append(li);
+  else list.insertBefore(li, nextShown(seq)?.li ?? null);
   if (id !== null) {
-    state.messages.set(id, li);
-    state.newestId = Math.max(state.newestId, Number(id));
+    state.messages.set(id, { li, seq, latest: latestSeq(frame) ?? 0 });
+    state.newestSeq = Math.max(state.newestSeq, seq);
   }
   if (atBottom || frame.user_id === state.me?.uid) list.scrollTop = list.scrollHeight;
+}
+
+// The shown message that comes right after `seq`.
+function nextShown(seq) {
+  let next = null;
+  for (const entry of state.messages.values()) {
+    if (entry.seq > seq && (next === null || entry.seq < next.seq)) next = entry;
+  }
+  return next;
+}
+
+// A message shown already, seen again: redrawn if this is a later state of it.
+function updateMessage(shown, frame) {
+  const latest = latestSeq(frame) ?? 0;
+  if (latest <= shown.latest) return;
+  const li = messageElement(frame);
+  shown.li.replaceWith(li);
+  shown.li = li;
+  shown.latest = latest;
 }
 
 function addNotice(text) {
@@ -677,7 +715,7 @@ function sendMessage(content) {
   }
   state.clientSeq += 1;
   const clientId = `c-${Date.now().toString(36)}-${state.clientSeq}`;
-  if (!send({ type: "message", content, message_id: clientId })) return;
+  if (!sendChat({ type: "message", content, message_id: clientId })) return;
   state.lastSent = { clientId, content };
   $("message-input").value = "";
   stopTyping();

@@ -1,5 +1,13 @@
 // One chat room over the Clarity Chat wire protocol: the socket, reconnection with capped
-// exponential backoff and jitter, client heartbeats, and catching up on missed messages.
+// exponential backoff and jitter, client heartbeats, catching up on missed room events by
+// their sequence numbers (protocol §15), and re-sending messages whose echo never came.
+//
+// Catching up: the connection knows the highest seq up to which it has seen every room event
+// (`contiguous`: from the ack's last_seq at the first join, then messages and history
+// entries). It fetches `history` `after_seq: contiguous`, page after page until the server has
+// no more, after a reconnect, on `resync`, and when a gap (a message beyond contiguous + 1)
+// is still open GAP_WAIT_MS after it opened: frames from different workers may arrive out of
+// order, and the missing one usually comes on its own. One catch-up at a time.
 //
 // Events: "frame" (detail: every server frame, parsed) and "state" (detail: {state, code,
 // reason, delay}); state is "connecting", "open", "waiting" (a reconnect is scheduled in
@@ -8,6 +16,10 @@
 export const BACKOFF_BASE_MS = 500;
 export const BACKOFF_CAP_MS = 30000;
 const MAX_AUTH_RETRIES = 2;
+// A gap in the room's seqs is fetched only if it is still open after this long (protocol §15).
+export const GAP_WAIT_MS = 1000;
+// The `scope` of the rate-limit refusals a catch-up read can get.
+const CATCH_UP_REFUSALS = new Set([undefined, "catch_up", "bytes"]);
 
 // Exponential backoff with "equal jitter": half the step is fixed, half random, so clients
 // that dropped together do not come back together, and no retry is ever immediate.
@@ -16,9 +28,14 @@ export function backoffDelay(attempt, random = Math.random) {
   return step / 2 + (random() * step) / 2;
 }
 
-function numericId(messageId) {
-  const value = Number(messageId);
-  return Number.isSafeInteger(value) ? value : 0;
+// A room event's seq, or null (a frame of no room event: an analysis narrative).
+function seqOf(value) {
+  return Number.isSafeInteger(value) && value > 0 ? value : null;
+}
+
+// The seq of a message's latest event: its last edit or deletion, else its creation.
+export function latestSeq(message) {
+  return seqOf(message.changed_seq) ?? seqOf(message.seq);
 }
 
 export class RoomConnection extends EventTarget {
@@ -44,9 +61,15 @@ export class RoomConnection extends EventTarget {
     this.retryTimer = null;
     this.heartbeatTimer = null;
     this.sessions = 0;
-    this.lastMessageId = 0;
-    this.catchUpRequest = null;
+    this.userId = null;
+    this.contiguous = 0; // every room event up to this seq has been seen
+    this.seen = new Set(); // seqs seen beyond contiguous + 1 (gaps before them)
+    this.target = 0; // the room's last seq, as the server last said (ack, resync)
+    this.gapTimer = null;
+    this.catchUpTimer = null;
+    this.catchUpRequest = null; // {id, after, target} of the page awaited
     this.requestSeq = 0;
+    this.unacknowledged = new Map(); // client message id → the `message` frame sent
   }
 
   get isOpen() {
@@ -84,6 +107,19 @@ export class RoomConnection extends EventTarget {
     return true;
   }
 
+  // Sends a chat message with its client `message_id`; until its echo arrives it is sent
+  // again, with the same id, after each reconnect (the server stores it once, protocol §15).
+  sendMessage(frame) {
+    if (!this.send(frame)) return false;
+    this.unacknowledged.set(frame.message_id, frame);
+    return true;
+  }
+
+  // A message the server refused (e.g. rate-limited): not to be sent again.
+  forgetMessage(clientId) {
+    this.unacknowledged.delete(clientId);
+  }
+
   // A refreshed token for the open session (protocol §2, answered by auth_ack); a later
   // reconnect asks the token source again anyway.
   updateToken(token) {
@@ -99,6 +135,7 @@ export class RoomConnection extends EventTarget {
     this.stopped = true;
     clearTimeout(this.retryTimer);
     this.stopHeartbeat();
+    this.stopCatchingUp();
     const socket = this.socket;
     this.socket = null;
     if (socket !== null) socket.close(1000);
@@ -112,46 +149,150 @@ export class RoomConnection extends EventTarget {
     } catch {
       return;
     }
-    if (frame.type === "connection_ack") {
-      this.attempt = 0;
-      this.authRetries = 0;
-      this.startHeartbeat(frame.server_info?.heartbeat_interval);
-      const resumed = this.sessions > 0 && this.lastMessageId > 0;
-      this.sessions += 1;
-      this.emitState("open");
-      // Before the join history arrives: `after` is the newest message seen before the drop.
-      if (resumed) this.catchUp(this.lastMessageId);
-    } else if (frame.type === "message") {
-      this.noteMessageId(frame.message_id);
-    } else if (frame.type === "history") {
-      const pageNewest = Math.max(0, ...frame.messages.map((m) => numericId(m.message_id)));
-      frame.messages.forEach((m) => this.noteMessageId(m.message_id));
-      if (frame.request_id !== null && frame.request_id === this.catchUpRequest) {
-        this.catchUpRequest = null;
-        if (frame.has_more && pageNewest > 0) this.catchUp(pageNewest);
-      }
-    }
+    if (frame.type === "connection_ack") this.joined(frame);
+    else if (frame.type === "message") this.messageSeen(frame);
+    else if (frame.type === "history") this.pageSeen(frame);
+    else if (frame.type === "resync") this.resync(frame.last_seq);
+    else if (frame.type === "error") this.refused(frame);
     this.dispatchEvent(new CustomEvent("frame", { detail: frame }));
   }
 
-  catchUp(after) {
+  joined(ack) {
+    this.attempt = 0;
+    this.authRetries = 0;
+    this.userId = ack.user_id;
+    this.startHeartbeat(ack.server_info?.heartbeat_interval);
+    const lastSeq = seqOf(ack.server_info?.last_seq) ?? 0;
+    // The first join starts from the room's present (its join history shows the newest
+    // messages, older ones are paged back to); a reconnect fetches all it missed.
+    if (this.sessions === 0) this.advanceTo(lastSeq);
+    this.sessions += 1;
+    this.emitState("open");
+    this.resync(lastSeq);
+    this.resendUnacknowledged();
+  }
+
+  messageSeen(message) {
+    if (message.user_id === this.userId) this.unacknowledged.delete(message.client_message_id);
+    this.noteSeq(seqOf(message.seq));
+  }
+
+  pageSeen(page) {
+    for (const message of page.messages) {
+      this.messageSeen(message);
+      this.noteSeq(seqOf(message.changed_seq));
+    }
+    if (page.request_id !== null && page.request_id === this.catchUpRequest?.id) {
+      this.caughtUpTo(page);
+    }
+  }
+
+  // The room's last seq is `lastSeq` (the ack; `resync` after the server's channel layer
+  // lost events): fetch what is missing up to it.
+  resync(lastSeq) {
+    this.target = Math.max(this.target, seqOf(lastSeq) ?? 0);
+    if (this.contiguous < this.target) this.catchUp();
+  }
+
+  // A catch-up read refused by a budget (its own allowance, bytes, or frames when catch-up
+  // reads count as frames): asked again once the server says it would fit. (An error frame
+  // names no request: a refusal of another frame meanwhile costs one page asked twice.)
+  refused(error) {
+    const retryAfter = Number(error.details?.retry_after);
+    if (error.error_code !== "RATE_LIMIT_EXCEEDED" || !(retryAfter > 0)) return;
+    if (this.catchUpRequest === null || !CATCH_UP_REFUSALS.has(error.details.scope)) return;
+    this.catchUpRequest = null;
+    this.catchUpTimer = setTimeout(() => {
+      this.catchUpTimer = null;
+      this.catchUp();
+    }, retryAfter * 1000);
+  }
+
+  // One room event seen: contiguous moves on over every seq seen in a row; a seq beyond the
+  // next one opens a gap.
+  noteSeq(seq) {
+    if (seq === null || seq <= this.contiguous) return;
+    this.seen.add(seq);
+    this.advanceTo(this.contiguous);
+    this.watchGap();
+  }
+
+  advanceTo(seq) {
+    this.contiguous = Math.max(this.contiguous, seq);
+    for (const known of this.seen) if (known <= this.contiguous) this.seen.delete(known);
+    while (this.seen.delete(this.contiguous + 1)) this.contiguous += 1;
+  }
+
+  // A gap still open GAP_WAIT_MS after it opened is fetched (each gap gets its own wait).
+  watchGap() {
+    if (this.seen.size === 0) {
+      clearTimeout(this.gapTimer);
+      this.gapTimer = null;
+      return;
+    }
+    if (this.gapTimer !== null) return;
+    const hole = this.contiguous + 1;
+    this.gapTimer = setTimeout(() => {
+      this.gapTimer = null;
+      if (this.contiguous < hole) this.catchUp();
+      else this.watchGap();
+    }, GAP_WAIT_MS);
+  }
+
+  // Asks for the room events after `contiguous` (a no-op while a page is awaited: its end
+  // looks again).
+  catchUp() {
+    if (this.catchUpRequest !== null || this.catchUpTimer !== null || !this.isOpen) return;
     this.requestSeq += 1;
-    this.catchUpRequest = `catch-up-${this.requestSeq}`;
+    // Whatever the server stored before it reads this page is in it: the room's last seq
+    // known now, and every seq seen so far, are caught up with once the pages end.
+    const target = Math.max(this.target, ...this.seen);
+    const request = { id: `catch-up-${this.requestSeq}`, after: this.contiguous, target };
+    this.catchUpRequest = request;
     this.send({
       type: "history",
-      after,
+      after_seq: request.after,
       limit: this.catchUpPage,
-      request_id: this.catchUpRequest,
+      request_id: request.id,
     });
   }
 
-  noteMessageId(messageId) {
-    this.lastMessageId = Math.max(this.lastMessageId, numericId(messageId));
+  // A catch-up page arrived: its entries are every message created or changed after the
+  // request's seq, in the order of their latest seq, so every event up to the last entry's
+  // has been seen. Then the next page, or done.
+  caughtUpTo(page) {
+    const request = this.catchUpRequest;
+    this.catchUpRequest = null;
+    const last = page.messages.at(-1);
+    if (last) this.advanceTo(latestSeq(last) ?? request.after);
+    if (page.has_more && last) {
+      this.catchUp();
+      return;
+    }
+    // The last page: seqs up to the target that no entry showed belong to messages gone
+    // since (nothing left to fetch for them).
+    this.advanceTo(request.target);
+    if (this.contiguous < this.target) this.catchUp();
+    else this.watchGap();
+  }
+
+  stopCatchingUp() {
+    clearTimeout(this.gapTimer);
+    clearTimeout(this.catchUpTimer);
+    this.gapTimer = null;
+    this.catchUpTimer = null;
+    this.catchUpRequest = null;
+  }
+
+  // After a reconnect: messages whose echo never came, in the order they were sent.
+  resendUnacknowledged() {
+    for (const frame of this.unacknowledged.values()) this.send(frame);
   }
 
   closed(event) {
     this.socket = null;
     this.stopHeartbeat();
+    this.stopCatchingUp();
     if (this.stopped) return;
     const { code, reason } = event;
     if (this.finalCloses.has(code)) {
