@@ -322,6 +322,25 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if heartbeat is not None:
             metrics.FRAMES_IN.labels(MessageType.HEARTBEAT).inc()
             return await self.on_heartbeat(heartbeat)
+        try:
+            message = self.decoded(text, size=size)
+        except FrameError:
+            if catch_up:  # refused frames are paid for (§16), dressed as catch-up reads too
+                await self.refuse(await self.budget.frame())
+            raise
+        if catch_up and not (isinstance(message, HistoryIn) and message.catching_up):
+            await self.refuse(await self.budget.frame())  # not a catch-up read after all
+        if message is None:
+            return await self.request_analysis(text)
+        metrics.FRAMES_IN.labels(message.type).inc()
+        claimed = getattr(message, "user_id", None)
+        if claimed is not None and claimed != self.identity.user_id:
+            raise FrameError(ErrorCode.USER_ID_MISMATCH)
+        await self.handlers[message.type](self, message)
+
+    def decoded(self, text: str | None, *, size: int) -> Inbound | None:
+        """The frame decoded and validated (FrameError if it is not a valid one), or None for
+        an analysis request: its text is decoded and validated off the event loop."""
         if large_frame(
             text,
             size=size,
@@ -329,20 +348,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
             max_large_size=self.config.max_health_payload_size,
             large_types=self.large_types,
         ):
-            # Only an analysis request may be this large: not decoded on the event loop.
-            return await self.request_analysis(text)
+            return None  # only an analysis request may be this large: never decoded here
         data = decode_json(text)
         if frame_type(data) in self.large_types:
-            # Validated with the large ones, from the same text, off the loop.
-            return await self.request_analysis(text)
-        message = parse_message(data, self.schemas)
-        if catch_up and not (isinstance(message, HistoryIn) and message.catching_up):
-            await self.refuse(await self.budget.frame())  # not a catch-up read after all
-        metrics.FRAMES_IN.labels(message.type).inc()
-        claimed = getattr(message, "user_id", None)
-        if claimed is not None and claimed != self.identity.user_id:
-            raise FrameError(ErrorCode.USER_ID_MISMATCH)
-        await self.handlers[message.type](self, message)
+            return None  # validated with the large ones, from the same text, off the loop
+        return parse_message(data, self.schemas)
 
     async def refuse(self, refusal: Refusal | None) -> None:
         """Over a budget: refuse what was asked (FrameError), or close 4029 if it is abuse."""

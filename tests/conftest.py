@@ -338,3 +338,16 @@ def totp_token(device: TOTPDevice) -> str:
 def second_factor(device: TOTPDevice, otp_token: str) -> dict[str, str]:
     """The admin login form's second-factor fields."""
     return {"otp_device": device.persistent_id, "otp_token": otp_token}
+
+
+async def frames_until_close(client, *, most: int = 100) -> tuple[list[dict], int]:
+    """Every frame the server sends until it closes, and its close code. Frames a client
+    sends after the server decided to close are ignored, so what comes out is exact."""
+    frames = []
+    for _ in range(most):
+        output = await client.communicator.receive_output(5)
+        if output["type"] == "websocket.close":
+            await client.close()
+            return frames, output["code"]
+        frames.append(json.loads(output["text"]))
+    raise AssertionError(f"not closed after {most} frames: {frames[-3:]}")

@@ -21,7 +21,7 @@ from chat.ratelimit import Rule
 from chat.testing.client import ChatSocket
 from chat.testing.client import token_for as worker_token
 from chat.testing.clock import ManualClock
-from tests.conftest import join, open_socket, token_for
+from tests.conftest import frames_until_close, join, open_socket, token_for
 from tests.servers import run_workers
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,19 +30,6 @@ FRAMES = Rule(seconds=60, max_requests=5, close_factor=3)
 
 
 # --- refused frames, heartbeats -------------------------------------------------------------
-
-
-async def frames_until_close(client, *, most: int = 100) -> tuple[list[dict], int]:
-    """Every frame the server sends until it closes, and its close code. Frames a client
-    sends after the server decided to close are ignored, so what comes out is exact."""
-    frames = []
-    for _ in range(most):
-        output = await client.communicator.receive_output(5)
-        if output["type"] == "websocket.close":
-            await client.close()
-            return frames, output["code"]
-        frames.append(json.loads(output["text"]))
-    raise AssertionError(f"not closed after {most} frames: {frames[-3:]}")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from chat.history import messages_page
 from chat.layers import resubscribed_event
 from chat.models import ChatMessage, Room
 from chat.sequence import room_last_seq, seqs_take
-from tests.conftest import NO_BUDGETS
+from tests.conftest import NO_BUDGETS, frames_until_close
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -281,6 +281,36 @@ async def test_a_frame_dressed_as_a_catch_up_read_is_charged_as_a_frame(clients,
     await alice.send({"type": "history", "before_seq": 2, "pad": "after_seq"})
     error = await alice.expect_error("RATE_LIMIT_EXCEEDED")
     assert "scope" not in error["details"]
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        '{"type": "history", "after_seq": 1',  # INVALID_JSON
+        '["after_seq"]',  # not an object
+        '{"type": "nope", "after_seq": 1}',  # UNKNOWN_MESSAGE_TYPE
+        '{"type": "history", "after_seq": "1"}',  # MESSAGE_PARSE_ERROR
+        '{"type": "history", "after_seq": 1, "before_seq": 2}',  # MESSAGE_PARSE_ERROR
+    ],
+)
+async def test_a_refused_frame_dressed_as_a_catch_up_read_is_charged_as_a_frame(
+    clients, settings, junk
+):
+    """Refused frames count toward the rate limit (§16): naming after_seq in junk does not
+    move it onto the catch-up allowance, so a flood of it closes the socket 4029."""
+    settings.CHAT_MESSAGE_RATE_LIMIT = 3
+    settings.CHAT_RATE_LIMIT_CLOSE_FACTOR = 3
+    settings.CHAT_CATCH_UP_RATE_LIMIT = 100
+    alice = await clients.join("lobby", "alice")
+    for n in range(3):
+        await send_and_echo(alice, f"m{n}")
+    await alice.send_text(junk)
+    error = await alice.expect_error("RATE_LIMIT_EXCEEDED")
+    assert "scope" not in error["details"]
+    for _ in range(20):
+        await alice.send_text(junk)
+    frames, code = await frames_until_close(alice)
+    assert {f["error_code"] for f in frames} == {"RATE_LIMIT_EXCEEDED"} and code == 4029
 
 
 # --- the migration's numbering, and the page helper ----------------------------------------
