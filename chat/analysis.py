@@ -108,6 +108,9 @@ async def health_analysis(
             metadata={"analysis": True},
             client_message_id=None,
             room_id=None,
+            # Never stored, so no room event: no seq (protocol §15; sent as null, §3).
+            seq=None,
+            changed_seq=None,
         )
     )
     await emit(_progress(user_id, "completed", 100))

@@ -71,6 +71,7 @@ async def test_health_insight_on_the_chat_socket(clients, caplog):
     assert 7.5 <= metrics["total_sleep_time"] <= 8.2
     narrative = result["message"]
     assert narrative["user_id"] == "AI" and narrative["content"] == insight["insight"]
+    assert narrative["seq"] is None and narrative["changed_seq"] is None  # not a room event
 
     # the user's other socket gets the same results; nobody else gets anything
     assert (await read_analysis(alice_elsewhere))["health_insight"]["insight"] == insight["insight"]
