@@ -1,0 +1,241 @@
+"""Joins in batches (chat/joins.py, chat/batching.py): sockets that join together share one
+transaction and one presence and history read per room, and every guarantee of a lone join
+holds for each of them — the per-user cap, first-in, the one authorization rule, nothing
+left behind by a refusal — whoever else is in the batch."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from chat.access import Refused
+from chat.auth import Identity
+from chat.batching import Batcher
+from chat.history import message_store
+from chat.joins import ViewRequest, rooms_view
+from chat.models import ChatSession, ChatUser, Endpoint, Role, Room, RoomKind, RoomMember
+from chat.protocol import Close
+from chat.sessions import SessionOpened, SessionRefused, SessionRequest, sessions_open
+from tests.conftest import open_socket, read_join, token_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def request(uid: str, room_id: str, n: int = 0) -> SessionRequest:
+    return SessionRequest(
+        identity=Identity(
+            user_id=uid, username=uid.title(), expires_at=timezone.now() + timedelta(hours=1)
+        ),
+        room_id=room_id,
+        endpoint=Endpoint.CHAT,
+        channel_name=f"test.{uid}.{n}",
+        client_address="127.0.0.1",
+        user_agent="test",
+    )
+
+
+def open_batch(requests: list[SessionRequest], *, max_connections: int = 3, open_rooms=False):
+    return sessions_open(
+        requests=requests,
+        worker_id="w1",
+        max_connections=max_connections,
+        open_rooms=open_rooms,
+    )
+
+
+def refusals(outcomes) -> list[Close | None]:
+    return [o.close if isinstance(o, SessionRefused) else None for o in outcomes]
+
+
+def public(name: str, **fields) -> Room:
+    return Room.objects.create(name=name, kind=RoomKind.PUBLIC, **fields)
+
+
+# --- the guarantees of a lone join, per request ------------------------------------------------
+
+
+def test_one_user_over_the_cap_in_one_batch_gets_exactly_the_cap(db):
+    public("lobby")
+    outcomes = open_batch([request("alice", "lobby", n) for n in range(6)])
+    assert refusals(outcomes) == [None] * 3 + [Close.TOO_MANY_CONNECTIONS] * 3
+    assert [o.first_in_room for o in outcomes[:3]] == [True, False, False]
+    assert ChatSession.objects.filter(user_id="alice", disconnected_at__isnull=True).count() == 3
+
+
+def test_the_cap_counts_sessions_opened_before_the_batch(db):
+    public("lobby")
+    public("other")
+    open_batch([request("alice", "lobby", 0), request("alice", "other", 1)])
+    outcomes = open_batch([request("alice", "other", 2), request("alice", "lobby", 3)])
+    assert refusals(outcomes) == [None, Close.TOO_MANY_CONNECTIONS]
+    assert outcomes[0].first_in_room is False
+
+
+def test_a_hostile_request_in_a_batch_gets_its_refusal_and_the_others_their_rooms(db):
+    """Forbidden and unknown rooms are refused the same, with nothing left behind: no user
+    row for a user seen for the first time, no membership, no session."""
+    public("lobby")
+    Room.objects.create(name="secret", kind=RoomKind.PRIVATE)
+    RoomMember.objects.create(room_id="secret", user_id="bob", role=Role.OWNER)
+    public("closed", is_closed=True)
+    outcomes = open_batch(
+        [
+            request("mallory", "secret"),
+            request("bob", "secret"),
+            request("eve", "no-such-room"),
+            request("alice", "lobby"),
+            request("trent", "closed"),
+        ]
+    )
+    assert refusals(outcomes) == [
+        Close.ROOM_FORBIDDEN,
+        None,
+        Close.ROOM_FORBIDDEN,
+        None,
+        Close.ROOM_CLOSED,
+    ]
+    assert set(ChatUser.objects.values_list("pk", flat=True)) == {"bob", "alice"}
+    assert set(RoomMember.objects.values_list("room_id", "user_id")) == {
+        ("secret", "bob"),
+        ("lobby", "alice"),  # joining a public room makes a member
+    }
+    assert set(ChatSession.objects.values_list("user_id", flat=True)) == {"bob", "alice"}
+    assert not Room.objects.filter(pk="no-such-room").exists()
+
+
+def test_a_full_room_counts_users_let_in_earlier_in_the_batch(db):
+    public("small", max_users=2)
+    outcomes = open_batch(
+        [
+            request("alice", "small"),
+            request("alice", "small", 1),  # not a new user in the room
+            request("bob", "small"),
+            request("carol", "small"),
+        ]
+    )
+    assert refusals(outcomes) == [None, None, None, Close.ROOM_FULL]
+
+
+def test_a_banned_member_is_refused_in_a_batch(db):
+    public("lobby")
+    RoomMember.objects.create(room_id="lobby", user_id="mallory", banned=True)
+    outcomes = open_batch([request("mallory", "lobby"), request("alice", "lobby")])
+    assert refusals(outcomes) == [Close.ROOM_FORBIDDEN, None]
+
+
+def test_a_batch_is_one_transaction(db):
+    public("lobby")
+    with CaptureQueriesContext(connection) as queries:
+        outcomes = open_batch([request(f"user{n}", "lobby") for n in range(50)])
+    assert all(isinstance(o, SessionOpened) for o in outcomes)
+    commits = [q for q in queries.captured_queries if q["sql"].upper().startswith("COMMIT")]
+    assert len(commits) <= 1
+    assert len(queries.captured_queries) < 20  # not a query per join
+
+
+# --- the view on joining --------------------------------------------------------------------
+
+
+def test_presence_and_history_are_read_once_per_room_and_asked_of_the_rule(db):
+    public("lobby")
+    public("den")
+    for n in range(3):
+        message_store(
+            room_id="lobby",
+            user_id="bob",
+            username="Bob",
+            content=f"m{n}",
+            metadata=None,
+            client_message_id=None,
+        )
+    open_batch([request(uid, "lobby") for uid in ("alice", "bob")])
+    open_batch([request("carol", "den")])
+    asks = [
+        ViewRequest(user_id=uid, room_id=room, history_limit=50, history_max_bytes=262_144)
+        for uid, room in (("alice", "lobby"), ("bob", "lobby"), ("carol", "den"))
+    ]
+    asks.append(
+        ViewRequest(user_id="mallory", room_id="lobby", history_limit=50, history_max_bytes=1)
+    )
+    with CaptureQueriesContext(connection) as queries:
+        views = rooms_view(requests=asks)
+    assert isinstance(views[3], Refused)  # not a member: reads nothing
+    assert views[0] is views[1]
+    assert [m["content"] for m in views[0].history] == ["m0", "m1", "m2"]
+    assert {u["user_id"] for u in views[0].presence} == {"alice", "bob"}
+    assert views[2].history == [] and [u["user_id"] for u in views[2].presence] == ["carol"]
+    assert len(queries.captured_queries) == 2 + 2 * 2  # the rule, then per room
+
+
+def test_a_member_removed_after_opening_reads_nothing(db):
+    public("lobby")
+    open_batch([request("alice", "lobby")])
+    RoomMember.objects.filter(room_id="lobby", user_id="alice").delete()
+    ask = ViewRequest(user_id="alice", room_id="lobby", history_limit=50, history_max_bytes=10)
+    assert isinstance(rooms_view(requests=[ask])[0], Refused)
+
+
+# --- through the consumer: a burst of sockets ---------------------------------------------------
+
+
+async def test_a_burst_of_joins_gets_every_frame_of_a_lone_join(clients):
+    await database_sync_to_async(public)("lobby")
+    await database_sync_to_async(message_store)(
+        room_id="lobby",
+        user_id="bob",
+        username="Bob",
+        content="hello",
+        metadata=None,
+        client_message_id=None,
+    )
+    sockets = await asyncio.gather(
+        *(open_socket("lobby", token=token_for(f"user{n}")) for n in range(20))
+    )
+    joined = await asyncio.gather(*(read_join(s) for s in sockets))
+    for client in joined:
+        assert client.ack["server_info"]["last_seq"] == 1
+        assert [m["content"] for m in client.history["messages"]] == ["hello"]
+        assert any(u["user_id"] for u in client.presence["users"])
+    for client in joined:
+        await client.close()
+
+
+async def test_one_user_bursting_past_the_cap_is_refused_exactly(clients, settings):
+    settings.CHAT_MAX_CONNECTIONS_PER_USER = 3
+    await database_sync_to_async(public)("lobby")
+    sockets = await asyncio.gather(
+        *(open_socket("lobby", token=token_for("alice")) for _ in range(8))
+    )
+    firsts = [await s.recv() for s in sockets]
+    kinds = sorted(f["type"] if f["type"] != "error" else f["error_code"] for f in firsts)
+    assert kinds == ["TOO_MANY_CONNECTIONS"] * 5 + ["connection_ack"] * 3
+    for s in sockets:
+        await s.close()
+
+
+# --- the batcher ------------------------------------------------------------------------------
+
+
+async def test_a_failing_batch_is_retried_one_call_at_a_time():
+    calls: list[list[int]] = []
+
+    def run(batch: list[int]) -> list[int | Exception]:
+        calls.append(batch)
+        if 13 in batch:
+            raise RuntimeError("unlucky")
+        return [n * 2 if n % 2 else ValueError(n) for n in batch]
+
+    batcher: Batcher[int, int] = Batcher(run=run, what="test", max_batch=10)
+    results = await asyncio.gather(
+        *(batcher.submit(n) for n in (1, 2, 13, 5)), return_exceptions=True
+    )
+    assert results[0] == 2 and results[3] == 10
+    assert isinstance(results[1], ValueError)  # its own outcome
+    assert isinstance(results[2], RuntimeError)  # the call that broke the batch, alone
+    assert calls[0] == [1, 2, 13, 5] and [1] in calls and [13] in calls
