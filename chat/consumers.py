@@ -57,7 +57,7 @@ from chat.protocol import (
 from chat.ratelimit import rate_limit_hit
 from chat.replies import assistant_reply, room_assistant_mode, wants_reply
 from chat.rooms import (
-    membership_notices,
+    membership_notice,
     room_event,
     room_group,
     room_id_problem,
@@ -476,10 +476,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
         excluded = event.get("exclude_user")
         if self.closing is not None or (excluded is not None and excluded == self.identity.user_id):
             return
-        metrics.FRAMES_OUT.labels(event["frame_type"]).inc()
-        if event["frame_type"] == MessageType.ERROR:
-            metrics.ERRORS.labels(event["error_code"]).inc()
-        await self.send(text_data=event["text"])
+        for text, kind, error_code in event["frames"]:
+            metrics.FRAMES_OUT.labels(kind).inc()
+            if kind == MessageType.ERROR:
+                metrics.ERRORS.labels(error_code).inc()
+            await self.send(text_data=text)
         self.worker.delivery_delays.delivered(sent_at=event["sent_at"])
 
     # --- background work off the receive path ---------------------------------------------
@@ -695,10 +696,12 @@ class ChatConsumer(SessionConsumer):
         await self.send_frame(payload, text=text)
 
     async def announce(self, *, joined: bool) -> None:
-        for event in membership_notices(
-            user_id=self.identity.user_id, username=self.identity.username, joined=joined
-        ):
-            await self.channel_layer.group_send(room_group(self.room_id), event)
+        await self.channel_layer.group_send(
+            room_group(self.room_id),
+            membership_notice(
+                user_id=self.identity.user_id, username=self.identity.username, joined=joined
+            ),
+        )
 
     async def answer(self, question: dict) -> None:
         async with self.worker.assistant_slots:

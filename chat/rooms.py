@@ -35,36 +35,31 @@ def room_id_problem(*, room_id: str) -> Close | None:
     return None if ROOM_ID_RE.fullmatch(room_id) else Close.INVALID_ROOM
 
 
-def room_event(payload: dict[str, Any], *, exclude_user: str | None = None) -> dict[str, Any]:
-    """A channel-layer message delivering one frame to a room: encoded once, by the sender."""
+def room_event(*payloads: dict[str, Any], exclude_user: str | None = None) -> dict[str, Any]:
+    """A channel-layer message delivering frames to a room, in order: encoded once, by the
+    sender; frames that go together (a join's notices) travel as one message."""
     return {
         "type": "chat.frame",
-        "text": encode(payload),
+        # (text, frame type for metrics without decoding the text, error code or None)
+        "frames": [(encode(p), p["type"], p.get("error_code")) for p in payloads],
         "exclude_user": exclude_user,
-        "frame_type": payload["type"],  # for metrics, without decoding the text
-        "error_code": payload.get("error_code"),
         "sent_at": time.time(),  # for the delivery delay (chat.overload)
     }
 
 
-def membership_notices(*, user_id: str, username: str, joined: bool) -> list[dict[str, Any]]:
+def membership_notice(*, user_id: str, username: str, joined: bool) -> dict[str, Any]:
     """What the room's other members get on a user's first socket in / last socket out."""
     verb = "joined" if joined else "left"
-    return [
-        room_event(
-            frame(MessageType.SYSTEM, content=f"{username} {verb} the chat", level="info"),
-            exclude_user=user_id,
+    return room_event(
+        frame(MessageType.SYSTEM, content=f"{username} {verb} the chat", level="info"),
+        frame(
+            MessageType.USER_JOINED if joined else MessageType.USER_LEFT,
+            user_id=user_id,
+            username=username,
+            status="online" if joined else "offline",
         ),
-        room_event(
-            frame(
-                MessageType.USER_JOINED if joined else MessageType.USER_LEFT,
-                user_id=user_id,
-                username=username,
-                status="online" if joined else "offline",
-            ),
-            exclude_user=user_id,
-        ),
-    ]
+        exclude_user=user_id,
+    )
 
 
 def room_saved(sender: type, *, instance: Any, created: bool, **kwargs: Any) -> None:

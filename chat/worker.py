@@ -31,7 +31,7 @@ from chat.context import WorkerContext
 from chat.liveness import LivenessUnknown, worker_mark_alive, workers_dead
 from chat.metrics import REAPED_SESSIONS
 from chat.overload import watch_overload
-from chat.rooms import membership_notices, room_group, user_group, worker_group
+from chat.rooms import membership_notice, room_group, user_group, worker_group
 from chat.sessions import session_workers, sessions_open_on, sessions_reap
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,12 @@ async def reap_dead_workers(
             for joined in (group, user_group(session.user_id), worker_group(worker_id)):
                 await layer.group_discard(joined, session.channel_name)
             if session.last_in_room:
-                for event in membership_notices(
-                    user_id=session.user_id, username=session.username, joined=False
-                ):
-                    await layer.group_send(group, event)
+                await layer.group_send(
+                    group,
+                    membership_notice(
+                        user_id=session.user_id, username=session.username, joined=False
+                    ),
+                )
         total += len(reaped)
         REAPED_SESSIONS.inc(len(reaped))
         logger.warning("reaped %d sessions of dead worker %s", len(reaped), worker_id)
