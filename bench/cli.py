@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import markdown, report
+from bench import markdown, report, restart
 from bench.attacks import ATTACKS
 from bench.fleet import Fleet
 from bench.machine import machine_info
@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=sorted(SCENARIOS),
-        help="run only this scenario (repeatable; default: all but hostile and fair-share-cost)",
+        help="run only this scenario (repeatable; default: all but hostile, fair-share-cost "
+        "and the restarts)",
     )
     parser.add_argument(
         "--server",
@@ -61,6 +62,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--cost-runs", type=int, help="on/off pairs of runs (fair-share-cost; default 3)"
+    )
+    parser.add_argument(
+        "--restart-users", type=int, help="users connected at the restart (2,000, quick 500)"
+    )
+    parser.add_argument(
+        "--restart-signal",
+        choices=sorted(restart.SIGNALS),
+        help="restart: how the worker is stopped: term (a deploy, default) or kill (a crash)",
+    )
+    parser.add_argument(
+        "--restart-rate", type=float, help="restart: messages/s of all senders (default 200)"
     )
     parser.add_argument(
         "--baseline-layer",
@@ -91,6 +103,9 @@ def options_from(args: argparse.Namespace) -> Options:
         "connections": args.connections,
         "attack_seconds": args.attack_seconds,
         "cost_runs": args.cost_runs,
+        "restart_users": args.restart_users,
+        "restart_signal": args.restart_signal,
+        "restart_rate": args.restart_rate,
         "attacks": tuple(args.attack) if args.attack else None,
         "baseline_layer": args.baseline_layer,
     }

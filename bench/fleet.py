@@ -75,10 +75,17 @@ class Fleet:
         return reply
 
     def connect(
-        self, kind: ServerKind, users: Sequence[User], *, padding: str, timeout: float = 60.0
+        self,
+        kind: ServerKind,
+        users: Sequence[User],
+        *,
+        padding: str,
+        recover: bool = False,
+        timeout: float = 60.0,
     ) -> list[dict]:
         """Open all these users' sockets at once, dealt round-robin to the processes; their
-        messages end with `padding`."""
+        messages end with `padding`; `recover`: they reconnect and catch up as protocol
+        clients do (`bench.recovery`)."""
         shares = [
             {
                 "op": "connect",
@@ -88,6 +95,7 @@ class Fleet:
                     for user in users[index :: self.size]
                 ],
                 "padding": padding,
+                "recover": recover,
                 "timeout": timeout,
             }
             for index in range(self.size)

@@ -5,6 +5,12 @@ The coordinator (`bench.fleet`) sends commands over a pipe; this process answers
 coordinator can watch the shared counters meanwhile. Every user is one WebSocket; every
 socket has a reader that timestamps the probes it receives (latency = receive time - the
 send time written in the probe by whichever process sent it).
+
+Recovering users (`connect` with `recover`, the `restart` scenario) behave as the protocol's
+clients do (`bench.recovery`): a closed socket is opened again after a backoff, the user
+catches up on what it missed by seq, and messages whose echo has not come are sent again with
+the same client id. Their messages carry a client `message_id`; what each saw is reported by
+`collect`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import json
 import random
 import time
 import traceback
@@ -23,12 +30,26 @@ from typing import Any, Protocol
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from bench.recovery import RATE_LIMITED_CLOSE, RoomView, backoff_delay
 from bench.servers import ServerKind
 from bench.wire import WIRES, JoinRefused, User, Wire, probe_parse, probe_text
 
 # Slots of each process in the shared counters (coordinator reads them for progress/drain).
-SENT, RECEIVED, OPEN, ERRORS = range(4)
-SLOTS = 4
+# AWAY: recovering users closed during the step and not yet back and caught up.
+SENT, RECEIVED, OPEN, ERRORS, AWAY = range(5)
+SLOTS = 5
+JOIN_TIMEOUT = 30.0  # s: a reconnect's handshake and join frames
+PUMP_EVERY = 0.2  # s between two looks at the recovering users' gaps and refused catch-ups
+QUIET = 1.0  # s without a room frame before a recovering step counts as drained
+
+
+class DialFailed(Exception):
+    """A socket could not be opened and joined: why, and the close code if the server closed."""
+
+    def __init__(self, reason: str, close_code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.close_code = close_code
 
 
 @dataclass(eq=False)
@@ -42,6 +63,8 @@ class Member:
     waiting_seq: int = -1
     waiter: asyncio.Future | None = None
     reader: asyncio.Task | None = None
+    view: RoomView | None = None  # a recovering user's view of its room
+    rejoin: asyncio.Task | None = None
 
 
 @dataclass
@@ -72,6 +95,9 @@ class LoadProcess:
         self.step: Step | None = None
         self.task: asyncio.Task | None = None
         self.closing = False
+        self.recovering = False  # recovering users reconnect when closed (during a step)
+        self.pumping: asyncio.Task | None = None
+        self.last_frame_at = 0.0
         self.padding = ""
         # Errors and closes outside a step (e.g. while connecting or holding).
         self.errors: collections.Counter = collections.Counter()
@@ -89,7 +115,7 @@ class LoadProcess:
         if op == "start":
             return self.start(command)
         if op == "collect":
-            return await self.collect()
+            return await self.collect(command.get("drain", 0.0))
         if op == "status":
             return self.status()
         if op == "close":
@@ -103,12 +129,27 @@ class LoadProcess:
         self.padding = command.get("padding", "")
         users = [User(*fields) for fields in command["users"]]
         timeout = command.get("timeout", 60.0)
-        results = await asyncio.gather(*(self.open(user, timeout) for user in users))
+        recover = command.get("recover", False)
+        results = await asyncio.gather(*(self.open(user, timeout, recover) for user in users))
         latencies = [latency for latency in results if latency is not None]
         return {"latencies_ms": latencies, "failed": len(users) - len(latencies)}
 
-    async def open(self, user: User, timeout: float) -> float | None:
+    async def open(self, user: User, timeout: float, recover: bool) -> float | None:
         started = time.perf_counter()
+        try:
+            connection, frames = await self.dial(user, timeout)
+        except DialFailed as failure:
+            self.errors[failure.reason] += 1
+            self.count(ERRORS)
+            return None
+        latency = (time.perf_counter() - started) * 1000
+        member = Member(user, connection, view=RoomView() if recover else None)
+        self.members.append(member)
+        await self.attach(member, connection, frames)
+        return latency
+
+    async def dial(self, user: User, timeout: float) -> tuple[ClientConnection, list[dict]]:
+        """A socket for this user, joined: the connection and the join frames read."""
         try:
             connection = await connect(
                 self.wire.url(user),
@@ -120,54 +161,70 @@ class LoadProcess:
                 proxy=None,
             )
         except Exception as exc:
-            self.errors[f"connect:{type(exc).__name__}"] += 1
-            self.count(ERRORS)
-            return None
+            raise DialFailed(f"connect:{type(exc).__name__}") from exc
         try:
-            await self.wire.join(connection, timeout)
+            frames = await self.wire.join(connection, timeout)
         except (JoinRefused, ConnectionClosed, TimeoutError) as exc:
             reason = str(exc) if isinstance(exc, JoinRefused) else type(exc).__name__
-            self.errors[f"join:{reason}"] += 1
-            self.count(ERRORS)
             await connection.close()
-            return None
-        latency = (time.perf_counter() - started) * 1000
-        member = Member(user, connection)
+            raise DialFailed(f"join:{reason}", connection.close_code) from exc
+        return connection, frames
+
+    async def attach(self, member: Member, connection: ClientConnection, frames: list) -> None:
+        """The member's socket is this joined connection: read it from now on. A recovering
+        user takes in its join frames, catches up, and sends again what was not echoed."""
+        member.connection = connection
+        if member.view is not None:
+            for frame in frames:
+                await self.on_room_frame(member, frame)
+            for text in list(member.view.unacknowledged.values()):
+                with contextlib.suppress(ConnectionClosed):
+                    await connection.send(text)
         member.reader = asyncio.create_task(self.read(member))
-        self.members.append(member)
         self.count(OPEN)
-        return latency
 
     def start(self, command: dict) -> dict:
-        """Reset the counters and begin a step: fixed rate or closed loop."""
-        for slot in (SENT, RECEIVED, ERRORS):
+        """Reset the counters and begin a step: fixed rate, closed loop, or fixed rate while
+        recovering users reconnect (`recover`)."""
+        for slot in (SENT, RECEIVED, ERRORS, AWAY):
             self.counters[self.base + slot] = 0
         for member in self.members:
             member.seen.clear()
         self.step = Step(command["step"], time.process_time(), time.monotonic())
+        self.recovering = command["mode"] == "recover"
+        if self.recovering:
+            self.pumping = asyncio.create_task(self.pump_all())
         # No collector pauses while timestamping probes (they would look like server latency).
         gc.collect()
         gc.disable()
         start_at, duration = command["start_at"], command["duration"]
-        if command["mode"] == "rate":
-            coroutine = self.send_at_rate(self.step, command["rate_per_user"], start_at, duration)
+        if command["mode"] in ("rate", "recover"):
+            senders = command.get("senders")
+            chosen = None if senders is None else set(senders)
+            members = [m for m in self.members if chosen is None or m.user.index in chosen]
+            coroutine = self.send_at_rate(
+                self.step, members, command["rate_per_user"], start_at, duration
+            )
         else:
             coroutine = self.send_closed_loop(self.step, start_at, duration, command["timeout"])
         self.task = asyncio.create_task(coroutine)
         return {"ok": True}
 
-    async def collect(self) -> dict:
-        """Stop sending, and report the step."""
+    async def collect(self, drain: float) -> dict:
+        """Stop sending, and report the step; recovering users first settle (up to `drain`
+        seconds), then stop reconnecting, and each reports its view."""
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
             self.task = None
+        recovery = await self.settle(drain) if self.recovering else None
         step, self.step = self.step, None
         gc.enable()
         if step is None:
             return {}
         return {
+            "recovery": recovery,
             "sent": step.sent,
             "send_failures": step.send_failures,
             "received": step.received,
@@ -186,8 +243,29 @@ class LoadProcess:
     def status(self) -> dict:
         return {"open": len(self.members), "errors": dict(self.errors), "closes": dict(self.closes)}
 
+    async def settle(self, drain: float) -> list[dict]:
+        """Wait until every recovering user is settled and no room frame came for QUIET
+        seconds (at most `drain` s); then stop recovering: each user's report."""
+        deadline = time.monotonic() + drain
+        while time.monotonic() < deadline:
+            quiet = time.monotonic() - self.last_frame_at >= QUIET
+            if quiet and all(m.view.settled() for m in self.members if m.view is not None):
+                break
+            await asyncio.sleep(0.05)
+        self.recovering = False
+        for task in [self.pumping, *(m.rejoin for m in self.members)]:
+            if task is not None:
+                task.cancel()
+        self.pumping = None
+        return [
+            {"user": m.user.index, "room": m.user.room, **m.view.report()}
+            for m in self.members
+            if m.view is not None
+        ]
+
     async def close_all(self) -> dict:
         self.closing = True
+        self.recovering = False
         members, self.members = self.members, []
         await asyncio.gather(
             *(member.connection.close() for member in members), return_exceptions=True
@@ -207,13 +285,24 @@ class LoadProcess:
         connection = member.connection
         with contextlib.suppress(ConnectionClosed):
             async for raw in connection:
-                self.on_frame(member, raw)
+                if member.view is None:
+                    self.on_frame(member, raw)
+                else:
+                    await self.on_room_frame(member, json.loads(raw))
         if self.closing:
             return
         code = connection.close_code if connection.close_code is not None else 1006
         for counter in (self.closes, self.step.closes if self.step else None):
             if counter is not None:
                 counter[str(code)] += 1
+        if member.view is not None and self.recovering:
+            self.count(OPEN, -1)
+            member.view.closed(code)
+            if not member.view.away:
+                member.view.away = True
+                self.count(AWAY)
+            member.rejoin = asyncio.create_task(self.rejoin(member, code))
+            return
         with contextlib.suppress(ValueError):
             self.members.remove(member)
             self.count(OPEN, -1)
@@ -221,10 +310,7 @@ class LoadProcess:
     def on_frame(self, member: Member, raw: str | bytes) -> None:
         kind, value = self.wire.decode(raw)
         if kind == "error":
-            self.errors[value] += 1
-            if self.step is not None:
-                self.step.errors[value] += 1
-            self.count(ERRORS)
+            self.count_error(value)
             return
         step = self.step
         if kind != "message" or step is None:
@@ -247,28 +333,109 @@ class LoadProcess:
         if own and member.waiter is not None and not member.waiter.done():
             member.waiter.set_result(None)
 
+    def count_error(self, code: str) -> None:
+        self.errors[code] += 1
+        if self.step is not None:
+            self.step.errors[code] += 1
+        self.count(ERRORS)
+
+    # --- recovering users -------------------------------------------------------------------
+
+    async def on_room_frame(self, member: Member, frame: dict) -> None:
+        """A recovering user's frame (join frames included): into its view, then whatever
+        catch-up that calls for."""
+        view, now = member.view, time.monotonic()
+        assert view is not None
+        kind = frame.get("type")
+        if kind == "connection_ack":
+            view.joined(frame, now)
+        elif kind == "message":
+            self.count(RECEIVED, view.message_seen(frame, now))
+        elif kind == "history":
+            self.count(RECEIVED, view.page_seen(frame, now))
+        elif kind == "resync":
+            view.resync(frame.get("last_seq"))
+        elif kind == "error":
+            self.count_error(frame.get("error_code") or "?")
+            view.refused(frame, now)
+        if kind in ("message", "history"):
+            self.last_frame_at = now
+        await self.pump(member)
+
+    async def pump(self, member: Member) -> None:
+        """Send the catch-up read the user's view asks for now, if any; note when it is back
+        and caught up."""
+        view, now = member.view, time.monotonic()
+        assert view is not None
+        request = view.catch_up_request(now)
+        if request is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await member.connection.send(json.dumps(request))
+        if view.away and view.caught_up(now):
+            view.away = False
+            self.count(AWAY, -1)
+
+    async def pump_all(self) -> None:
+        """Gaps still open after their wait, and refused catch-ups due again, are fetched."""
+        while True:
+            await asyncio.sleep(PUMP_EVERY)
+            for member in list(self.members):
+                if member.view is not None and member.view.joined_at is not None:
+                    await self.pump(member)
+
+    async def rejoin(self, member: Member, code: int) -> None:
+        """Reconnect a closed recovering user, after a backoff, until it is joined again."""
+        view = member.view
+        assert view is not None
+        attempt = 0
+        while self.recovering:
+            await asyncio.sleep(backoff_delay(attempt, rate_limited=code == RATE_LIMITED_CLOSE))
+            attempt += 1
+            view.attempts += 1
+            try:
+                connection, frames = await self.dial(member.user, JOIN_TIMEOUT)
+            except DialFailed as failure:
+                view.refusals[failure.reason] += 1
+                if failure.close_code is not None:
+                    view.refusals[f"close {failure.close_code}"] += 1
+                code = failure.close_code or 0
+                continue
+            await self.attach(member, connection, frames)
+            return
+
     # --- sending ----------------------------------------------------------------------------
 
     async def send(self, member: Member, step: Step) -> bool:
+        """One probe; a recovering user's carries a client id, and counts as unacknowledged
+        until its echo comes (not sent at all while the user is closed, as the client)."""
         seq = member.seq
         member.seq += 1
         text = probe_text(step.number, member.user.index, seq, time.monotonic_ns(), self.padding)
         member.waiting_seq = seq
+        client_id = None if member.view is None else f"{member.user.index}.{seq}"
+        frame = self.wire.encode(text, client_id)
         try:
-            await member.connection.send(self.wire.encode(text))
+            await member.connection.send(frame)
         except ConnectionClosed:
             step.send_failures += 1
             return False
+        if member.view is not None and client_id is not None:
+            member.view.unacknowledged[client_id] = frame
         step.sent += 1
         self.count(SENT)
         return True
 
     async def send_at_rate(
-        self, step: Step, rate_per_user: float, start_at: float, duration: float
+        self,
+        step: Step,
+        members: list[Member],
+        rate_per_user: float,
+        start_at: float,
+        duration: float,
     ) -> None:
-        """Each user sends `rate_per_user` messages/s; the users' sends interleave evenly
-        (and this process's are offset from the other processes')."""
-        members = list(self.members)
+        """Each of these users sends `rate_per_user` messages/s; the users' sends interleave
+        evenly (and this process's are offset from the other processes')."""
+        members = list(members)
         if not members or rate_per_user <= 0:
             return
         random.shuffle(members)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.fairshare import COST_LIMIT, RSS_LIMIT_MB, RTT_LIMIT_MS
-from bench.report import NOISY_CPU, cost_grid, find, hostile_grid, number, table
+from bench.report import NOISY_CPU, cost_grid, find, hostile_grid, number, restart_grid, table
+from bench.restart import RESTART_LIMIT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,6 +79,25 @@ def _fair_share(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _restart(record: dict[str, Any]) -> list[str]:
+    """The worker-restart figures (issue 16), if this run measured them."""
+    header, rows = restart_grid(record["measurements"])
+    if not rows:
+        return []
+    return [
+        "## Worker restart (issue 16)",
+        "",
+        "A worker stopped (SIGTERM: a deploy; SIGKILL: a crash) under its connected users and a "
+        "fresh process started on its port as soon as it exited, while messages flow. Times "
+        "from the signal: back = the user's last join; caught up = every room event up to its "
+        f"reconnect ack's `last_seq` arrived (target: all within {RESTART_LIMIT:g} s). Every "
+        "acknowledged message is checked in the view of every user of its room.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
 def render(record: dict[str, Any], plot_name: str | None) -> str:
     machine = record["machine"]
     packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
@@ -107,6 +127,7 @@ def render(record: dict[str, Any], plot_name: str | None) -> str:
         *_targets(record),
         "",
         *_fair_share(record),
+        *_restart(record),
     ]
     other = record.get("cpu", {}).get("other_mean", 0.0)
     if other > NOISY_CPU:

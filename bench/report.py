@@ -14,6 +14,8 @@ from bench.fairshare import (
     attacker_outcome,
     overall,
 )
+from bench.restart import RESTART_LIMIT, seconds
+from bench.restart import met as restart_met
 from bench.stats import P99_LIMIT_MS
 
 Measurement = dict[str, Any]
@@ -124,6 +126,7 @@ def targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
         )
     results.extend(loss_targets(measurements))
     results.extend(fair_share_targets(measurements))
+    results.extend(restart_targets(measurements))
     return sorted(results, key=lambda target: target["target"].split(".", 1)[0])
 
 
@@ -223,6 +226,102 @@ def fair_share_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
             )
         )
     return results
+
+
+RESTART_SCENARIOS = ("restart", "restart-2w")
+
+
+def restart_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """9: every user back and caught up within RESTART_LIMIT of a worker restart."""
+    results = []
+    for scenario in RESTART_SCENARIOS:
+        m = find(measurements, scenario, "clarity")
+        if not m:
+            continue
+        restart = m["restart"]
+        results.append(
+            _target(
+                f"9. all {m['closed_users']:,} users back and caught up within "
+                f"{RESTART_LIMIT:g} s of the restart ({restart['signal']}, {m['workers']} "
+                f"worker{'s' if m['workers'] > 1 else ''}): slowest, s",
+                m["caught_up_s"]["max"],
+                f"<= {RESTART_LIMIT:g} s; 0 never back, refused, missing, duplicates "
+                "(target: 2,000 users)",
+                lambda value, m=m: restart_met(m),
+                restart_detail(m),
+            )
+        )
+        results[-1]["met"] = restart_met(m)  # also when no user caught up (value None)
+    return results
+
+
+def restart_detail(m: Measurement) -> str:
+    return (
+        f"back p50/p99/max {seconds(m['back_s'])} s, caught up {seconds(m['caught_up_s'])} s; "
+        f"never back {m['never_back']}, not caught up {m['not_caught_up']}, refused "
+        f"{m['refused_users']}; {m['acknowledged']:,} acknowledged, missing {m['missing']}, "
+        f"duplicates {m['duplicates']}, gaps {m['gaps']}; downtime "
+        f"{m['restart']['downtime_s']:.2f} s"
+    )
+
+
+def restart_notes(m: Measurement) -> list[str]:
+    """What the restart table has no room for: failed reconnects, CPU, the settling."""
+    cpu = m["cpu_until_back"]
+    return [
+        f"  {m['scenario']}: reconnect attempts that failed, by reason: {m['refusals'] or 0}",
+        f"  {m['scenario']}: cpu% from the signal until everyone was back: generators "
+        f"{'+'.join(str(c) for c in cpu['generator'])}, new worker {cpu['new_worker']}, "
+        f"redis+pg {cpu['services']}; after the messages stopped, settled in "
+        f"{m['settled_s']:.1f} s (tail: missing messages after the last one the user received)",
+    ]
+
+
+def restart_grid(measurements: list[Measurement]) -> tuple[list[str], list[list[str]]]:
+    """The restart scenarios' table: one row per restart."""
+    header = [
+        "measurement",
+        "closed/users",
+        "msg/s",
+        "shutdown s",
+        "downtime s",
+        "back p50/p99/max s",
+        "caught up p50/p99/max s",
+        "never back",
+        "refused",
+        "acknowledged",
+        "missing (tail)",
+        "dupl.",
+        "gaps",
+        "unacked",
+        "attempts (max)",
+        "catch-up reads (refused, gaps)",
+        "closes seen",
+    ]
+    rows = [
+        [
+            f"{m['scenario']} {m['restart']['signal']}",
+            f"{m['closed_users']:,}/{m['users']:,}",
+            f"{m['messages_per_s']:g}",
+            f"{m['restart']['shutdown_s']:.2f}",
+            f"{m['restart']['downtime_s']:.2f}",
+            seconds(m["back_s"]),
+            seconds(m["caught_up_s"]),
+            f"{m['never_back']}",
+            f"{m['refused_users']}",
+            f"{m['acknowledged']:,}",
+            f"{m['missing']} ({m['missing_after_last_received']})",
+            f"{m['duplicates']}",
+            f"{m['gaps']}",
+            f"{m['unacknowledged']}",
+            f"{m['attempts']:,} ({m['attempts_max']})",
+            f"{m['catch_ups']:,} ({m['catch_up_refused']}, {m['gap_fetches']})",
+            ", ".join(f"{code} x{n}" for code, n in sorted(m["closes"].items())),
+        ]
+        for scenario in RESTART_SCENARIOS
+        if (m := find(measurements, scenario, "clarity"))
+    ]
+    return header, rows
 
 
 def lag_text(lag: dict[str, Any]) -> str:
@@ -508,6 +607,17 @@ def table(record: dict[str, Any]) -> str:
             f"per run; off = {', '.join(f'{k}={v}' for k, v in cost['off_env'].items())})"
         )
         lines.extend(_grid(*cost_grid(cost), text_columns={1}))
+        lines.append("")
+    header, rows = restart_grid(measurements)
+    if rows:
+        lines.append(
+            "Worker restart (times from the signal; caught up: every event up to the "
+            "reconnect ack's last_seq arrived)"
+        )
+        lines.extend(_grid(header, rows, text_columns={16}))
+        for scenario in RESTART_SCENARIOS:
+            if m := find(measurements, scenario, "clarity"):
+                lines.extend(restart_notes(m))
         lines.append("")
     failures = [m for m in measurements if "failure" in m]
     for m in failures:

@@ -1,5 +1,6 @@
 """The measurements: room fan-out (fixed-rate sweep and closed loop) and connection storm;
-the fair-share ones (hostile clients, the protections' cost) are in `bench.fairshare`.
+the fair-share ones (hostile clients, the protections' cost) are in `bench.fairshare`, the
+worker restart in `bench.restart`.
 
 Each measurement starts its own fresh servers (`bench.servers.deploy`), connects its users
 through the generator fleet, measures, closes everything and returns a JSON-ready dict.
@@ -18,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from bench import fairshare, loadgen
+from bench import fairshare, loadgen, restart
 from bench.fleet import Fleet, merge_counts
 from bench.progress import Progress
 from bench.servers import (
@@ -70,6 +71,12 @@ class Options:
     attack_seconds: float = 60.0  # hostile: each attack (the issue's targets are over 60 s)
     attacks: tuple[str, ...] = ()  # hostile: these attacks only (default: all, control first)
     cost_runs: int = 3  # fair-share-cost: interleaved runs with the protections on and off
+    restart_users: int = 2000  # restart: users connected when the worker restarts
+    restart_signal: str = "term"  # restart: "term" (a deploy) or "kill" (a crash)
+    restart_rate: float = 200.0  # restart: messages/s sent by all senders together
+    restart_before: float = 3.0  # restart: s of messages before the signal
+    restart_after: float = 3.0  # restart: s of messages once everyone is back
+    restart_deadline: float = 60.0  # restart: s after the signal; later counts as never back
 
     @classmethod
     def quick(cls) -> Options:
@@ -85,13 +92,16 @@ class Options:
             connections=1000,
             hold_seconds=2.0,
             attack_seconds=20.0,
+            restart_users=500,
+            restart_before=2.0,
+            restart_after=2.0,
         )
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "fanout", "storm", "hostile" or "cost"
+    kind: str  # "fanout", "storm", "hostile", "cost" or "restart"
     layer: Layer
     workers: int
     description: str
@@ -131,6 +141,24 @@ SCENARIOS = {
             Layer.MEMORY,
             1,
             "server CPU per 1,000 deliveries with the fair-share protections on and off",
+            servers=(ServerKind.CLARITY,),
+            default=False,
+        ),
+        Scenario(
+            "restart",
+            "restart",
+            Layer.REDIS,
+            1,
+            "a worker restarted under its users: back, caught up, nothing lost or doubled",
+            servers=(ServerKind.CLARITY,),
+            default=False,
+        ),
+        Scenario(
+            "restart-2w",
+            "restart",
+            Layer.REDIS,
+            2,
+            "as restart, two workers (users split), the first restarted",
             servers=(ServerKind.CLARITY,),
             default=False,
         ),
@@ -223,6 +251,8 @@ class Bench:
             return fairshare.hostile(self, scenario)
         if scenario.kind == "cost":
             return fairshare.cost(self, scenario)
+        if scenario.kind == "restart":
+            return restart.restart(self, scenario)
         return self.fanout(scenario, kind)
 
     # --- users ------------------------------------------------------------------------------
@@ -256,21 +286,10 @@ class Bench:
         """One step; the users' rooms have `room_size` members (default: `options.room_size`);
         `tick` (if given) is called about every 0.25 s while the users send."""
         fleet, size = self.fleet, room_size or self.options.room_size
-        self.step_number += 1
         metrics_before = deployment.metrics()
         log_lines_before = len(deployment.log_problems())
         cpu_before = CpuSnapshot.take(deployment, self.fleet)
-        start_at = time.monotonic() + 0.3
-        command = {
-            "op": "start",
-            "step": self.step_number,
-            "mode": mode,
-            "rate_per_user": (offered or 0.0) / size / users,
-            "start_at": start_at,
-            "duration": duration,
-            "timeout": 30.0,
-        }
-        fleet.broadcast(command)
+        start_at = self.start(mode, (offered or 0.0) / size / users, duration)
         end = start_at + duration
         what = f"{offered:,.0f} deliveries/s offered" if offered else "closed loop"
         while (now := time.monotonic()) < end:
@@ -305,6 +324,28 @@ class Bench:
         )
         self.progress.note(f"  {label} {what}: {describe(result)}")
         return result
+
+    def start(
+        self, mode: str, rate_per_user: float, duration: float, senders: list[int] | None = None
+    ) -> float:
+        """Start the next step in every generator process: `mode` `rate` (each sender sends
+        `rate_per_user` messages/s; default senders: every user), `closed` (loop) or
+        `recover` (as `rate`, while recovering users reconnect and catch up); when it starts."""
+        self.step_number += 1
+        start_at = time.monotonic() + 0.3
+        self.fleet.broadcast(
+            {
+                "op": "start",
+                "step": self.step_number,
+                "mode": mode,
+                "rate_per_user": rate_per_user,
+                "senders": senders,
+                "start_at": start_at,
+                "duration": duration,
+                "timeout": 30.0,
+            }
+        )
+        return start_at
 
     def _show(self, label: str, what: str, clock: str) -> None:
         fleet = self.fleet
@@ -457,9 +498,11 @@ class Bench:
         label: str,
         *,
         padding: str | None = None,
+        recover: bool = False,
     ) -> dict[str, Any]:
         """Open these users' sockets in bursts; join latency, failures. Their messages end with
-        `padding` (default: `options.padding` characters)."""
+        `padding` (default: `options.padding` characters); `recover`: they reconnect and catch
+        up as protocol clients do."""
         if padding is None:
             padding = "x" * self.options.padding
         burst = self.options.burst
@@ -471,7 +514,9 @@ class Bench:
                 f"{label} connecting {first:,}/{len(users):,} "
                 f"errors {self.fleet.total(loadgen.ERRORS):,}"
             )
-            replies = self.fleet.connect(kind, users[first : first + burst], padding=padding)
+            replies = self.fleet.connect(
+                kind, users[first : first + burst], padding=padding, recover=recover
+            )
             for reply in replies:
                 latencies.extend(reply["latencies_ms"])
                 failed += reply["failed"]

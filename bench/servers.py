@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +27,14 @@ import psutil
 from chat.testing.cluster import Cluster, cluster_start
 from chat.testing.databases import POSTGRES_URL as LOCAL_POSTGRES_URL
 from chat.testing.databases import database_create, database_drop
-from chat.testing.processes import ServerError, Worker, migrate, serve_command, server_env
+from chat.testing.processes import (
+    ServerError,
+    Worker,
+    migrate,
+    serve_command,
+    server_env,
+    worker_start,
+)
 from chat.testing.redis_server import REDIS_URL as LOCAL_REDIS_URL
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", LOCAL_REDIS_URL)
@@ -64,6 +73,8 @@ FAIR_SHARE_OFF: dict[str, str | None] = {
     "CHAT_ANALYSIS_RATE_LIMIT": "1000000",
 }
 PROBLEM = re.compile(r"WARNING|ERROR|CRITICAL|Traceback|Exception")
+STARTUP_TIMEOUT = 60.0  # s for a server to listen
+STOP_TIMEOUT = 15.0  # s for a server to exit after SIGTERM (its shutdown grace is 5) before SIGKILL
 
 
 class ServerKind(StrEnum):
@@ -126,6 +137,18 @@ def worker_cpu_seconds(worker: Worker) -> float:
     return seconds
 
 
+@dataclass(frozen=True)
+class Restart:
+    """One server's restart: when (monotonic) it was signalled, had exited, and its successor
+    listened on the same port."""
+
+    signal: str
+    exit_code: int
+    signalled_at: float
+    exited_at: float
+    listening_at: float
+
+
 @dataclass
 class Deployment:
     kind: ServerKind
@@ -162,6 +185,27 @@ class Deployment:
             line for server in self.servers for line in server.log_lines() if PROBLEM.search(line)
         ]
 
+    def restart(self, index: int, sig: signal.Signals) -> Restart:
+        """Stop server `index` with `sig` and start a fresh process of the same command on its
+        port as soon as it has exited (the port is free only then), as a deploy's service
+        manager does; its output continues the old process's log files."""
+        old = self.servers[index]
+        signalled_at = time.monotonic()
+        old.send_signal(sig)
+        exit_code = old.reap(STOP_TIMEOUT)
+        exited_at = time.monotonic()
+        new = worker_start(
+            index=old.index,
+            port=old.port,
+            env=old.env,
+            log_dir=old.stdout_path.parent,
+            label=old.stdout_path.name.removesuffix(f"worker{old.index}.out.log"),
+            command=self.kind.command,
+        )
+        self.cluster.workers[index] = new  # stopped with the deployment
+        new.wait_listening(STARTUP_TIMEOUT)
+        return Restart(sig.name, exit_code, signalled_at, exited_at, time.monotonic())
+
     def check_alive(self) -> None:
         for server in self.servers:
             if not server.alive():
@@ -196,8 +240,8 @@ def deploy(
         redis_url=REDIS_URL if layer is Layer.REDIS else None,
         label=f"{label}.",
         command=kind.command,
-        startup_timeout=60,
-        stop_timeout=15,
+        startup_timeout=STARTUP_TIMEOUT,
+        stop_timeout=STOP_TIMEOUT,
     ) as cluster:
         yield Deployment(kind, layer, cluster)
 

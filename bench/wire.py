@@ -64,10 +64,13 @@ class Wire:
     def url(self, user: User) -> str:
         raise NotImplementedError
 
-    async def join(self, connection: ClientConnection, timeout: float) -> None:
-        """Read what the server sends after the handshake, until the socket is usable."""
+    async def join(self, connection: ClientConnection, timeout: float) -> list[dict]:
+        """Read what the server sends after the handshake, until the socket is usable; the
+        frames read."""
+        return []
 
-    def encode(self, content: str) -> str:
+    def encode(self, content: str, message_id: str | None = None) -> str:
+        """A chat message; `message_id`: the client's id (where the protocol has one)."""
         raise NotImplementedError
 
     def decode(self, raw: str | bytes) -> tuple[str, str]:
@@ -81,7 +84,7 @@ class BaselineWire(Wire):
     def url(self, user: User) -> str:
         return f"{user.url}/ws/{user.room}/"
 
-    def encode(self, content: str) -> str:
+    def encode(self, content: str, message_id: str | None = None) -> str:
         return json.dumps({"message": content})
 
     def decode(self, raw: str | bytes) -> tuple[str, str]:
@@ -100,17 +103,28 @@ class ClarityWire(Wire):
         )
         return f"{user.url}/api/v1/ws/{user.room}?token={token}"
 
-    async def join(self, connection: ClientConnection, timeout: float) -> None:
+    async def join(self, connection: ClientConnection, timeout: float) -> list[dict]:
+        """The join frames in order, and any room frame that came between them (a message
+        sent to the room while this socket joined)."""
+        frames: list[dict] = []
         async with asyncio.timeout(timeout):
             for expected in self.JOIN_FRAMES:
-                frame = json.loads(await connection.recv())
-                if frame.get("type") == "error":
-                    raise JoinRefused(frame.get("error_code") or "error")
-                if frame.get("type") != expected:
-                    raise JoinRefused(f"expected {expected}, got {frame.get('type')}")
+                while True:
+                    frame = json.loads(await connection.recv())
+                    frames.append(frame)
+                    if frame.get("type") == "error":
+                        raise JoinRefused(frame.get("error_code") or "error")
+                    if frame.get("type") == expected:
+                        break
+                    if not frames[1:]:  # the ack comes first
+                        raise JoinRefused(f"expected {expected}, got {frame.get('type')}")
+        return frames
 
-    def encode(self, content: str) -> str:
-        return json.dumps({"type": "message", "content": content}, ensure_ascii=False)
+    def encode(self, content: str, message_id: str | None = None) -> str:
+        frame = {"type": "message", "content": content}
+        if message_id is not None:
+            frame["message_id"] = message_id
+        return json.dumps(frame, ensure_ascii=False)
 
     def decode(self, raw: str | bytes) -> tuple[str, str]:
         frame = json.loads(raw)
