@@ -65,7 +65,7 @@ from chat.rooms import (
     worker_group,
 )
 from chat.sequence import room_last_seq
-from chat.sessions import SessionRefused, SessionRequest, session_close
+from chat.sessions import SessionEnd, SessionRefused, SessionRequest
 from chat.timers import Due, SocketTimers
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
         # Accept first, so every refusal below reaches the client as an error frame and a
         # typed close code (closing before accept would be a bare HTTP 403).
         await self.accept()
+        if self.worker.shutting_down:
+            # Reconnecting clients would otherwise join a worker about to close them again.
+            return await self.end(Close.SHUTDOWN)
         budgets = self.config.budgets
         address = (self.scope.get("client") or ["", 0])[0] or ""
         try:
@@ -238,12 +241,14 @@ class SessionConsumer(AsyncWebsocketConsumer):
             Close.SLOW_CONSUMER if code == Close.SLOW_CONSUMER.value.code else None
         )
         try:
-            closed = await database_sync_to_async(session_close)(
-                session_id=session_id,
-                close_code=closing.value.code if closing else code,
-                close_reason=closing.name.lower() if closing else "client",
-                last_seen=self.worker.clock.now(),
-                messages_sent=self.messages_sent,
+            closed = await self.worker.session_closer.close(
+                SessionEnd(
+                    session_id=session_id,
+                    close_code=closing.value.code if closing else code,
+                    close_reason=closing.name.lower() if closing else "client",
+                    last_seen=self.worker.clock.now(),
+                    messages_sent=self.messages_sent,
+                )
             )
         except Exception:
             logger.exception("ending the session failed session=%s", session_id)

@@ -21,7 +21,7 @@ from django.core.signals import setting_changed
 from chat.analysis_pool import AnalysisPool, AnalysisQueue
 from chat.assistant.base import AssistantProvider, get_provider
 from chat.budgets import Budgets
-from chat.joins import RoomViewer, SessionOpener
+from chat.joins import RoomViewer, SessionCloser, SessionOpener
 from chat.overload import DeliveryDelays
 from chat.ratelimit import Rule
 from chat.timers import Clock, LoopClock, TimerIntervals
@@ -117,6 +117,9 @@ class WorkerContext:
         self._config: SocketConfig | None = None
         self._per_loop: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}
         self._analysis_pool: AnalysisPool | None = None
+        # Set when this worker starts shutting down (SIGTERM): new sockets are told to go
+        # elsewhere (4012) instead of joining a worker about to close them.
+        self.shutting_down = False
         setting_changed.connect(self._setting_changed)
 
     def _setting_changed(self, **kwargs: Any) -> None:
@@ -164,6 +167,11 @@ class WorkerContext:
                 limits=lambda: (self.config.max_connections_per_user, self.config.open_rooms),
             ),
         )
+
+    @property
+    def session_closer(self) -> SessionCloser:
+        """Batched session ends of this worker's sockets (chat.joins)."""
+        return self.per_loop("session_closer", SessionCloser)
 
     @property
     def room_viewer(self) -> RoomViewer:

@@ -1,5 +1,5 @@
-"""Socket joins in batches (protocol §4, §11): the joins that arrive together share their
-database work.
+"""Socket joins (and leaves) in batches (protocol §4, §11): the joins that arrive together
+share their database work, and so do the sessions that end together.
 
 A join is two database calls, each batched per worker (chat.batching) with the other
 sockets joining at the same time:
@@ -14,7 +14,9 @@ sockets joining at the same time:
    in the page or delivered live (or both: clients keep one copy per seq).
 
 In a reconnect storm a batch holds hundreds of joins: one thread round trip, one commit,
-and one presence and history query per room instead of per socket.
+and one presence and history query per room instead of per socket. When a worker restarts,
+its thousands of sockets close at once: `SessionCloser` ends them in batches too
+(`sessions_close`), within the shutdown's grace.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ from chat.access import Action, Ask, Refused, rooms_authorize
 from chat.batching import Batcher
 from chat.history import messages_page
 from chat.sessions import (
+    SessionClosed,
+    SessionEnd,
     SessionOpened,
     SessionRequest,
     room_presence,
+    sessions_close,
     sessions_open,
 )
 
@@ -113,3 +118,16 @@ class RoomViewer(Batcher[ViewRequest, RoomView]):
     async def view(self, request: ViewRequest) -> RoomView:
         """The room as the socket sees it on joining; raises Refused."""
         return await self.submit(request)
+
+
+class SessionCloser(Batcher[SessionEnd, SessionClosed | None]):
+    """This worker's session ends, batched (one per event loop)."""
+
+    def __init__(self, *, max_batch: int = 500) -> None:
+        super().__init__(
+            run=lambda batch: sessions_close(ends=batch), what="session close", max_batch=max_batch
+        )
+
+    async def close(self, end: SessionEnd) -> SessionClosed | None:
+        """What ended, or None if the session had already ended."""
+        return await self.submit(end)

@@ -48,7 +48,20 @@ class SessionClosed:
     user_id: str
     username: str
     room_id: str
+    channel_name: str
     last_in_room: bool
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    """A session to end, and how it ended."""
+
+    session_id: str
+    close_code: int | None
+    close_reason: str
+    # The socket's final liveness; None: as last written (a reaped session).
+    last_seen: datetime | None = None
+    messages_sent: int | None = None
 
 
 def user_lock(*, user_id: str, username: str) -> ChatUser:
@@ -250,40 +263,67 @@ def sessions_touch(*, sessions: list[SessionLiveness]) -> None:
     )
 
 
-def session_close(
-    *,
-    session_id: str,
-    close_code: int | None,
-    close_reason: str,
-    last_seen: datetime,
-    messages_sent: int,
-) -> SessionClosed | None:
-    """End a session; None if it was already ended (e.g. by the reaper)."""
+def sessions_close(*, ends: list[SessionEnd]) -> list[SessionClosed | None]:
+    """End sessions, in one transaction (the closes of a batch, chat.joins, or a reaped
+    worker's sessions): for each, in order, what ended, or None if it had already ended (by
+    its socket, a reaper or a shutdown: each session ends once, and is reported once).
+
+    The users' rows are locked in user id order, as `sessions_open` locks them, so "last
+    socket out" is exact across workers: `last_in_room` is true for one ended session per
+    user and room the user has no open session left in: the last of them in `ends`."""
+    if not ends:
+        return []
+    by_id = {end.session_id: end for end in ends}
+    sessions = {
+        str(session.session_id): session
+        for session in ChatSession.objects.filter(session_id__in=by_id)
+    }
+    users = sorted({session.user_id for session in sessions.values()})
+    now = timezone.now()
+    closed: dict[str, SessionClosed] = {}
     with transaction.atomic():
-        session = ChatSession.objects.select_related("user").filter(session_id=session_id).first()
-        if session is None:
-            return None
-        ChatUser.objects.select_for_update().get(pk=session.user_id)
-        ended = ChatSession.objects.filter(
-            session_id=session_id, disconnected_at__isnull=True
-        ).update(
-            disconnected_at=timezone.now(),
-            last_seen=last_seen,
-            close_code=close_code,
-            close_reason=close_reason[:64],
-            messages_sent=messages_sent,
+        list(ChatUser.objects.select_for_update().filter(pk__in=users).order_by("pk"))
+        still_open = set(
+            ChatSession.objects.filter(
+                session_id__in=by_id, disconnected_at__isnull=True
+            ).values_list("session_id", flat=True)
         )
-        if not ended:
-            return None
-        still_here = ChatSession.objects.filter(
-            user_id=session.user_id, room_id=session.room_id, disconnected_at__isnull=True
-        ).exists()
-    return SessionClosed(
-        user_id=session.user_id,
-        username=session.username,
-        room_id=session.room_id,
-        last_in_room=not still_here,
-    )
+        ending = [
+            sessions[end.session_id]
+            for end in ends
+            if end.session_id in sessions and sessions[end.session_id].session_id in still_open
+        ]
+        for session in ending:
+            end = by_id[str(session.session_id)]
+            session.disconnected_at = now
+            session.close_code = end.close_code
+            session.close_reason = end.close_reason[:64]
+            if end.last_seen is not None:
+                session.last_seen = end.last_seen
+            if end.messages_sent is not None:
+                session.messages_sent = end.messages_sent
+        ChatSession.objects.bulk_update(
+            ending,
+            ["disconnected_at", "close_code", "close_reason", "last_seen", "messages_sent"],
+            batch_size=500,
+        )
+        still_in = set(
+            ChatSession.objects.filter(user_id__in=users, disconnected_at__isnull=True).values_list(
+                "user_id", "room_id"
+            )
+        )
+    announced: set[tuple[str, str]] = set()
+    for session in reversed(ending):  # the last to end of a user's sockets in a room is out last
+        place = (session.user_id, session.room_id)
+        closed[str(session.session_id)] = SessionClosed(
+            user_id=session.user_id,
+            username=session.username,
+            room_id=session.room_id,
+            channel_name=session.channel_name,
+            last_in_room=place not in still_in and place not in announced,
+        )
+        announced.add(place)
+    return [closed.get(end.session_id) for end in ends]
 
 
 def room_presence(*, room_id: str) -> list[dict]:
@@ -311,15 +351,6 @@ def room_presence(*, room_id: str) -> list[dict]:
     ]
 
 
-@dataclass(frozen=True)
-class SessionReaped:
-    user_id: str
-    username: str
-    room_id: str
-    channel_name: str
-    last_in_room: bool
-
-
 def session_workers() -> set[str]:
     """Workers that own at least one open session."""
     return set(
@@ -329,39 +360,26 @@ def session_workers() -> set[str]:
     )
 
 
-def sessions_reap(*, worker_id: str) -> list[SessionReaped]:
-    """End every open session of a dead worker (reason `worker_lost`).
+REAP_BATCH = 500
 
-    Each user's sessions are ended under that user's lock, so when several live workers reap
-    the same dead one at once, each session is ended (and each departure reported) once.
-    """
-    reaped: list[SessionReaped] = []
-    open_sessions = ChatSession.objects.filter(worker_id=worker_id, disconnected_at__isnull=True)
-    for user_id in set(open_sessions.values_list("user_id", flat=True)):
-        with transaction.atomic():
-            ChatUser.objects.select_for_update().get(pk=user_id)
-            sessions = list(open_sessions.filter(user_id=user_id))
-            ChatSession.objects.filter(pk__in=[s.pk for s in sessions]).update(
-                disconnected_at=timezone.now(), close_reason="worker_lost"
-            )
-            still_in = set(
-                ChatSession.objects.filter(
-                    user_id=user_id, disconnected_at__isnull=True
-                ).values_list("room_id", flat=True)
-            )
-            announced: set[str] = set()
-            for session in sessions:
-                last = session.room_id not in still_in and session.room_id not in announced
-                announced.add(session.room_id)
-                reaped.append(
-                    SessionReaped(
-                        user_id=user_id,
-                        username=session.username,
-                        room_id=session.room_id,
-                        channel_name=session.channel_name,
-                        last_in_room=last,
-                    )
-                )
+
+def sessions_reap(*, worker_id: str) -> list[SessionClosed]:
+    """End every open session of a dead worker (reason `worker_lost`), a batch of
+    `sessions_close` at a time: when several live workers reap the same dead one at once,
+    each session is ended (and each departure reported) once."""
+    ids = [
+        str(session_id)
+        for session_id in ChatSession.objects.filter(
+            worker_id=worker_id, disconnected_at__isnull=True
+        ).values_list("session_id", flat=True)
+    ]
+    reaped: list[SessionClosed] = []
+    for first in range(0, len(ids), REAP_BATCH):
+        ends = [
+            SessionEnd(session_id=session_id, close_code=None, close_reason="worker_lost")
+            for session_id in ids[first : first + REAP_BATCH]
+        ]
+        reaped += [closed for closed in sessions_close(ends=ends) if closed is not None]
     return reaped
 
 

@@ -36,7 +36,7 @@ class SessionToucher:
             self.task = asyncio.create_task(self.flush_soon())
 
     def forget(self, *, session_id: str) -> None:
-        """The session is ending: its final values are written by `session_close`."""
+        """The session is ending: its final values are written by `sessions_close`."""
         self.noted.pop(session_id, None)
 
     async def flush_soon(self) -> None:

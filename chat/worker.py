@@ -87,7 +87,8 @@ class WorkerLifecycle:
     On the first request on an event loop: mark the worker alive (before any session can be
     recorded under its id), start its housekeeping loop, and chain a graceful shutdown onto
     the server's SIGTERM/SIGINT handlers: every socket of this worker is closed with 4012 and
-    its session ended (reason `shutdown`), within CHAT_SHUTDOWN_GRACE seconds, and its
+    its session ended (reason `shutdown`; ended in batches, chat.joins.SessionCloser), within
+    CHAT_SHUTDOWN_GRACE seconds, a socket opened meanwhile is closed 4012 at once, and its
     analysis processes stopped (chat/analysis_pool.py), before the server's own handler stops
     it. (daphne 4.2's own shutdown cannot do this: it fails with a KeyError while WebSockets
     are open and leaves the consumers pending.)
@@ -164,6 +165,7 @@ class WorkerLifecycle:
 
     async def shutdown(self, server_handler, number, frame) -> None:
         logger.info("shutting down: closing this worker's sockets")
+        self.worker.shutting_down = True
         try:
             await get_channel_layer().group_send(
                 worker_group(self.worker.worker_id), {"type": "worker.shutdown"}

@@ -21,7 +21,15 @@ from chat.history import message_store
 from chat.joins import ViewRequest, rooms_view
 from chat.models import ChatSession, ChatUser, Endpoint, Role, Room, RoomKind, RoomMember
 from chat.protocol import Close
-from chat.sessions import SessionOpened, SessionRefused, SessionRequest, sessions_open
+from chat.sessions import (
+    SessionEnd,
+    SessionOpened,
+    SessionRefused,
+    SessionRequest,
+    sessions_close,
+    sessions_open,
+    sessions_reap,
+)
 from tests.conftest import open_socket, read_join, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -137,6 +145,61 @@ def test_a_batch_is_one_transaction(db):
     commits = [q for q in queries.captured_queries if q["sql"].upper().startswith("COMMIT")]
     assert len(commits) <= 1
     assert len(queries.captured_queries) < 20  # not a query per join
+
+
+# --- leaves in batches ------------------------------------------------------------------------
+
+
+def ends(outcomes, reason: str = "client") -> list[SessionEnd]:
+    return [
+        SessionEnd(session_id=o.session_id, close_code=1000, close_reason=reason) for o in outcomes
+    ]
+
+
+def test_closes_in_one_batch_report_last_out_once_per_user_and_room(db):
+    public("lobby")
+    public("den")
+    opened = open_batch(
+        [
+            request("alice", "lobby", 0),
+            request("alice", "lobby", 1),
+            request("alice", "den", 2),
+            request("bob", "lobby", 3),
+        ]
+    )
+    closed = sessions_close(ends=ends(opened[:2] + opened[3:]))
+    assert [c.last_in_room for c in closed] == [False, True, True]  # alice twice, then bob
+    assert [c.channel_name for c in closed] == ["test.alice.0", "test.alice.1", "test.bob.3"]
+    assert sessions_close(ends=ends(opened[:1])) == [None]  # each session ends once
+    assert ChatSession.objects.filter(disconnected_at__isnull=True).count() == 1  # alice, den
+
+
+def test_a_reaper_and_a_close_end_each_session_once(db):
+    public("lobby")
+    opened = open_batch([request(f"user{n}", "lobby", n) for n in range(5)])
+    closed = sessions_close(ends=ends(opened[:2]))
+    reaped = sessions_reap(worker_id="w1")
+    assert len([c for c in closed if c]) == 2 and len(reaped) == 3
+    assert {c.user_id for c in reaped} == {"user2", "user3", "user4"}
+    assert all(c.last_in_room for c in closed + reaped)
+    assert sessions_reap(worker_id="w1") == []
+    reasons = sorted(ChatSession.objects.values_list("close_reason", flat=True))
+    assert reasons == ["client"] * 2 + ["worker_lost"] * 3
+
+
+async def test_a_stopping_worker_sends_a_new_socket_elsewhere(clients):
+    """During its shutdown grace a worker still listens: a reconnecting client that reaches
+    it is told 4012 at once instead of joining a worker about to close it again."""
+    from clarity_project.asgi import worker
+
+    await database_sync_to_async(public)("lobby")
+    worker.shutting_down = True
+    try:
+        client = await open_socket("lobby", token=token_for("alice"))
+        await client.expect_refusal("SERVICE_UNAVAILABLE", 4012)
+    finally:
+        worker.shutting_down = False
+    assert await database_sync_to_async(ChatSession.objects.count)() == 0
 
 
 # --- the view on joining --------------------------------------------------------------------

@@ -181,3 +181,47 @@ async def test_sigterm_closes_sockets_4012_and_ends_sessions(tmp_path):
                 (4012, "shutdown"),
                 (4012, "shutdown"),
             ]
+
+
+async def close_code(client: ChatSocket, timeout: float = 20) -> int | None:
+    """Read whatever the server sends until it closes; its close code."""
+    try:
+        while True:
+            await client.recv(timeout)
+    except ConnectionClosed as closed:
+        return closed.rcvd.code if closed.rcvd is not None else None
+
+
+async def test_sigterm_ends_hundreds_of_sessions_within_the_grace(tmp_path):
+    """A worker restarted under its users ends every session itself (reason `shutdown`), in
+    batches, well within the grace: none left for another worker to reap as `worker_lost`,
+    none still counting toward its user's connection cap."""
+    import signal
+    import sqlite3
+    import time
+
+    count = 300
+    with run_workers(tmp_path, count=1, env={"CHAT_SHUTDOWN_GRACE": "20"}) as (worker,):
+        clients = await asyncio.gather(
+            *(ChatSocket.join(worker.url, f"restart-{n % 30}", f"user{n}") for n in range(count))
+        )
+        started = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        codes = await asyncio.gather(*(close_code(c) for c in clients))
+        assert worker.reap(timeout=25) == 0, worker.logs()
+        elapsed = time.monotonic() - started
+        database = worker.env["DATABASE_URL"].removeprefix("sqlite:///")
+        with sqlite3.connect(database) as db:
+            reasons = [
+                reason
+                for (reason,) in db.execute(
+                    "select close_reason from chat_chatsession where disconnected_at is not null"
+                )
+            ]
+            still_open = db.execute(
+                "select count(*) from chat_chatsession where disconnected_at is null"
+            ).fetchone()[0]
+    assert set(codes) == {4012}
+    assert reasons == ["shutdown"] * count and still_open == 0
+    assert "shutdown grace over" not in worker.logs()
+    print(f"SIGTERM with {count} sockets: worker gone after {elapsed:.2f} s")
