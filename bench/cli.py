@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=sorted(SCENARIOS),
-        help="run only this scenario (repeatable; default: all but hostile, fair-share-cost "
+        help="run only this scenario (repeatable; default: all but hostile, the *-cost ones "
         "and the restarts)",
     )
     parser.add_argument(
@@ -61,7 +61,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="hostile: run only this attack (repeatable; default: all, the control first)",
     )
     parser.add_argument(
-        "--cost-runs", type=int, help="on/off pairs of runs (fair-share-cost; default 3)"
+        "--cost-runs",
+        type=int,
+        help="pairs of runs, on/off or with/without (fair-share-cost, seq-cost; default 3)",
+    )
+    parser.add_argument(
+        "--seq-cost-base",
+        metavar="COMMIT",
+        help="seq-cost: the code without sequence numbers to compare with (default 95b091a, "
+        "the parent of 49f5564), run from a temporary git worktree",
     )
     parser.add_argument(
         "--restart-users", type=int, help="users connected at the restart (2,000, quick 500)"
@@ -103,6 +111,7 @@ def options_from(args: argparse.Namespace) -> Options:
         "connections": args.connections,
         "attack_seconds": args.attack_seconds,
         "cost_runs": args.cost_runs,
+        "seq_cost_base": args.seq_cost_base,
         "restart_users": args.restart_users,
         "restart_signal": args.restart_signal,
         "restart_rate": args.restart_rate,

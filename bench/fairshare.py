@@ -1,4 +1,5 @@
-"""The fair-share measurements (protocol §16, issue 13), Clarity only.
+"""The hostile-client measurements (protocol §16, issue 13), Clarity only; the protections'
+CPU cost (`fair-share-cost`) is in `bench.cost`.
 
 `hostile`: for each attack of `bench.attacks.ATTACKS` in turn (a control without attack
 first), a fresh worker (memory figures mean something only on a fresh one), a busy room (one
@@ -7,23 +8,17 @@ machinery, lasting the attack), a bystander timing heartbeats in a quiet room, a
 attack. The worker's own figures come from its `/metrics` read before and after: its
 event-loop lag (`clarity_event_loop_lag_seconds`, and the longest so far), the slow-consumer
 closes; its RSS from psutil, read every 0.25 s.
-
-`fair-share-cost`: server CPU-seconds per 1,000 deliveries in the fan-out-memory setup at a
-fixed rate, with the protections on (the defaults) and off (`bench.servers.FAIR_SHARE_OFF`),
-in interleaved runs (on/off, then off/on, ...), each on a fresh worker; the median of the
-runs' on/off ratios.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
 from bench import attacks
-from bench.fleet import Fleet, merge_counts
-from bench.servers import FAIR_SHARE_OFF, HOSTILE_ENV, Deployment, ServerKind
+from bench.fleet import Fleet
+from bench.servers import HOSTILE_ENV, Deployment, ServerKind
 from bench.wire import User
 
 if TYPE_CHECKING:
@@ -34,8 +29,6 @@ LAG_LIMIT = "0.05"  # s: the loop is never later (a bucket bound of the lag hist
 RTT_LIMIT_MS = 50.0  # a bystander's heartbeat p99
 RSS_LIMIT_MB = 50.0  # worker RSS growth over an attack (the issue: over 60 s)
 CLOSE_LIMIT = "5.0"  # s from passing the outbound bound to the connection gone (a bucket bound)
-COST_LIMIT = 1.05  # CPU per delivery, protections on / off
-COST_LOAD = 2000.0  # deliveries/s offered in the cost runs (well under one worker's capacity)
 
 LAG = "clarity_event_loop_lag_seconds"
 LAG_MAX = "clarity_event_loop_lag_max_seconds"
@@ -308,64 +301,3 @@ def attacker_outcome(attacker: dict[str, Any]) -> str:
         if key in attacker:
             parts.append(f"{key.replace('_', ' ')} {attacker[key]}")
     return ", ".join(parts)
-
-
-# --- cost -----------------------------------------------------------------------------------
-
-
-def cost(bench: Bench, scenario: Scenario) -> dict[str, Any]:
-    options, kind = bench.options, ServerKind.CLARITY
-    count = options.rooms * options.room_size
-    runs = []
-    for index in range(options.cost_runs):
-        for setting in ("on", "off") if index % 2 == 0 else ("off", "on"):
-            label = f"{scenario.name}/{setting} {index + 1}"
-            env = FAIR_SHARE_OFF if setting == "off" else None
-            with bench.deploy(scenario, kind, env=env, label=f"-{setting}{index}") as deployment:
-                bench.connect(deployment, kind, bench.users(deployment, count, "user-"), label)
-                step = {"mode": "rate", "users": count}
-                bench.step(
-                    deployment,
-                    label,
-                    offered=COST_LOAD / 4,
-                    duration=options.warmup_seconds,
-                    **step,
-                )
-                result = bench.step(
-                    deployment, label, offered=COST_LOAD, duration=options.step_seconds, **step
-                )
-                closes = merge_counts([reply["closes"] for reply in bench.fleet.close_all()])
-            runs.append(
-                {
-                    "run": index,
-                    "protections": setting,
-                    "delivered": result.received,
-                    "server_cpu_seconds": round(result.server_cpu_seconds, 3),
-                    "cpu_s_per_1000": result.server_cpu_seconds / max(result.received, 1) * 1000,
-                    "sustained": result.sustained,
-                    "other_cpu": result.other_cpu,
-                    "closes": closes,
-                }
-            )
-    per_run = {
-        index: {run["protections"]: run["cpu_s_per_1000"] for run in runs if run["run"] == index}
-        for index in range(options.cost_runs)
-    }
-    ratios = [pair["on"] / pair["off"] for pair in per_run.values() if pair["off"]]
-    ratio = statistics.median(ratios) if ratios else None
-    bench.progress.note(
-        f"  {scenario.name}: CPU per 1,000 deliveries on/off "
-        f"{', '.join(f'{r:.3f}' for r in ratios)}; median {ratio}"
-    )
-    return {
-        "scenario": scenario.name,
-        "server": kind.value,
-        "layer": scenario.layer.value,
-        "workers": scenario.workers,
-        "offered": COST_LOAD,
-        "step_seconds": options.step_seconds,
-        "off_env": FAIR_SHARE_OFF,
-        "runs": runs,
-        "ratios": ratios,
-        "ratio": ratio,
-    }

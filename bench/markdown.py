@@ -14,8 +14,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.fairshare import COST_LIMIT, RSS_LIMIT_MB, RTT_LIMIT_MS
-from bench.report import NOISY_CPU, cost_grid, find, hostile_grid, number, restart_grid, table
+from bench.fairshare import RSS_LIMIT_MB, RTT_LIMIT_MS
+from bench.report import (
+    NOISY_CPU,
+    cost_grid,
+    cost_measurements,
+    cost_title,
+    find,
+    hostile_grid,
+    number,
+    restart_grid,
+    table,
+)
 from bench.restart import RESTART_LIMIT
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,16 +77,30 @@ def _fair_share(record: dict[str, Any]) -> list[str]:
             "",
         ]
     if cost:
-        lines += [
-            f"Server CPU-seconds per 1,000 deliveries at {cost['offered']:,.0f} deliveries/s, "
-            f"protections on (defaults) and off "
-            f"({', '.join(f'`{k}={v}`' for k, v in cost['off_env'].items())}), interleaved; "
-            f"median on/off ratio **{number(cost['ratio'])}** (target <= {COST_LIMIT}).",
-            "",
-            *_table(*cost_grid(cost)),
-            "",
-        ]
+        lines += _cost(cost)
     return lines
+
+
+def _sequence_cost(record: dict[str, Any]) -> list[str]:
+    """The sequence numbers' CPU cost (protocol §15, issue 16), if this run measured it."""
+    costs = [m for m in cost_measurements(record["measurements"]) if "commits" in m]
+    if not costs:
+        return []
+    lines = ["## Sequence numbers (protocol §15, issue 16): their CPU cost", ""]
+    for cost in costs:
+        lines += _cost(cost)
+    return lines
+
+
+def _cost(cost: dict[str, Any]) -> list[str]:
+    """One CPU-cost comparison (`bench.cost`): what ran, the median ratio, every run."""
+    return [
+        f"{cost_title(cost)}; interleaved runs, median {cost['measured']}/{cost['reference']} "
+        f"ratio **{number(cost['ratio'])}** (target <= {cost['limit']}).",
+        "",
+        *_table(*cost_grid(cost)),
+        "",
+    ]
 
 
 def _restart(record: dict[str, Any]) -> list[str]:
@@ -127,6 +151,7 @@ def render(record: dict[str, Any], plot_name: str | None) -> str:
         *_targets(record),
         "",
         *_fair_share(record),
+        *_sequence_cost(record),
         *_restart(record),
     ]
     other = record.get("cpu", {}).get("other_mean", 0.0)

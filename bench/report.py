@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.fairshare import (
-    COST_LIMIT,
     LAG_LIMIT,
     RSS_LIMIT_MB,
     RTT_LIMIT_MS,
@@ -126,6 +125,7 @@ def targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
         )
     results.extend(loss_targets(measurements))
     results.extend(fair_share_targets(measurements))
+    results.extend(cost_targets(measurements))
     results.extend(restart_targets(measurements))
     return sorted(results, key=lambda target: target["target"].split(".", 1)[0])
 
@@ -174,7 +174,7 @@ def loss_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
 
 
 def fair_share_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
-    """6: each attack within the limits; 7: the protections' CPU cost; 8: slow sockets closed."""
+    """6: each attack within the limits; 8: slow sockets closed (7 is in `cost_targets`)."""
     results = []
     hostile = find(measurements, "hostile", "clarity")
     for phase in hostile["attacks"] if hostile else []:
@@ -213,19 +213,28 @@ def fair_share_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
             )
             if verdicts["closed"] is None:
                 results[-1]["met"] = None
-    cost = find(measurements, "fair-share-cost", "clarity")
-    if cost:
-        results.append(
-            _target(
-                "7. server CPU per 1,000 deliveries, protections on / off (median of runs)",
-                cost["ratio"],
-                f"<= {COST_LIMIT}",
-                lambda value: value <= COST_LIMIT,
-                f"{len(cost['ratios'])} interleaved pairs at {cost['offered']:,.0f} deliveries/s: "
-                + ", ".join(f"{ratio:.3f}" for ratio in cost["ratios"]),
-            )
-        )
     return results
+
+
+def cost_measurements(measurements: list[Measurement]) -> list[Measurement]:
+    """The CPU-cost comparisons of this run (`bench.cost`), as run."""
+    return [m for m in measurements if "ratios" in m and "failure" not in m]
+
+
+def cost_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """Each CPU-cost comparison's median ratio against its limit (7: the fair-share
+    protections; issue 16: sequence numbers)."""
+    return [
+        _target(
+            cost["target"],
+            cost["ratio"],
+            f"<= {cost['limit']}",
+            lambda value, limit=cost["limit"]: value <= limit,
+            f"{len(cost['ratios'])} interleaved pairs at {cost['offered']:,.0f} deliveries/s: "
+            + ", ".join(f"{ratio:.3f}" for ratio in cost["ratios"]),
+        )
+        for cost in cost_measurements(measurements)
+    ]
 
 
 RESTART_SCENARIOS = ("restart", "restart-2w")
@@ -385,29 +394,51 @@ def hostile_grid(measurement: Measurement) -> tuple[list[str], list[list[str]]]:
 
 
 def cost_grid(measurement: Measurement) -> tuple[list[str], list[list[str]]]:
-    """The cost comparison's table: one row per run, in the order run."""
+    """A cost comparison's table: one row per run, in the order run; each pair's ratio on its
+    second run's row."""
+    measured, reference = measurement["measured"], measurement["reference"]
     header = [
         "run",
-        "protections",
+        measurement["varies"],
         "delivered",
         "server cpu s",
         "cpu s / 1,000",
+        f"pair {measured}/{reference}",
         "sustained",
         "other cpu%",
     ]
-    rows = [
-        [
-            f"{run['run'] + 1}",
-            run["protections"],
-            f"{run['delivered']:,}",
-            f"{run['server_cpu_seconds']:.2f}",
-            f"{run['cpu_s_per_1000']:.4f}",
-            "yes" if run["sustained"] else "NO",
-            f"{run['other_cpu']:.0f}",
-        ]
-        for run in measurement["runs"]
-    ]
+    rows, pair = [], {}
+    for run in measurement["runs"]:
+        pair[run["variant"]] = run["cpu_s_per_1000"]
+        pair_ratio = ""
+        if measured in pair and reference in pair:
+            value = ratio(pair.pop(measured), pair.pop(reference))
+            pair_ratio = "-" if value is None else f"{value:.3f}"
+        rows.append(
+            [
+                f"{run['run'] + 1}",
+                run["variant"],
+                f"{run['delivered']:,}",
+                f"{run['server_cpu_seconds']:.2f}",
+                f"{run['cpu_s_per_1000']:.4f}",
+                pair_ratio,
+                "yes" if run["sustained"] else "NO",
+                f"{run['other_cpu']:.0f}",
+            ]
+        )
     return header, rows
+
+
+def cost_title(measurement: Measurement) -> str:
+    """What a cost comparison ran: the load, and what each variant is."""
+    variants = "; ".join(
+        f"{name} = {variant['what']}" for name, variant in measurement["variants"].items()
+    )
+    return (
+        f"{measurement['scenario']}: server CPU-seconds per 1,000 deliveries at "
+        f"{measurement['offered']:,.0f} deliveries/s for {measurement['step_seconds']:g} s per "
+        f"run, {measurement['layer']} layer, {measurement['database']} ({variants})"
+    )
 
 
 def cpu_usage(measurements: list[Measurement]) -> dict[str, float]:
@@ -600,12 +631,8 @@ def table(record: dict[str, Any]) -> str:
         )
         lines.extend(_grid(*hostile_grid(hostile), text_columns={1, 9, 10}))
         lines.append("")
-    cost = find(measurements, "fair-share-cost", "clarity")
-    if cost:
-        lines.append(
-            f"Fair-share cost ({cost['offered']:,.0f} deliveries/s for {cost['step_seconds']:g} s "
-            f"per run; off = {', '.join(f'{k}={v}' for k, v in cost['off_env'].items())})"
-        )
+    for cost in cost_measurements(measurements):
+        lines.append(cost_title(cost))
         lines.extend(_grid(*cost_grid(cost), text_columns={1}))
         lines.append("")
     header, rows = restart_grid(measurements)

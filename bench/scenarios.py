@@ -1,6 +1,6 @@
 """The measurements: room fan-out (fixed-rate sweep and closed loop) and connection storm;
-the fair-share ones (hostile clients, the protections' cost) are in `bench.fairshare`, the
-worker restart in `bench.restart`.
+hostile clients are in `bench.fairshare`, the CPU-cost comparisons (the fair-share
+protections', sequence numbers') in `bench.cost`, the worker restart in `bench.restart`.
 
 Each measurement starts its own fresh servers (`bench.servers.deploy`), connects its users
 through the generator fleet, measures, closes everything and returns a JSON-ready dict.
@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from bench import fairshare, loadgen, restart
+from bench import cost, fairshare, loadgen, restart
 from bench.fleet import Fleet, merge_counts
 from bench.progress import Progress
 from bench.servers import (
@@ -70,7 +70,8 @@ class Options:
     baseline_layer: str = "project"  # or "stock": the baseline on channels' own layer class
     attack_seconds: float = 60.0  # hostile: each attack (the issue's targets are over 60 s)
     attacks: tuple[str, ...] = ()  # hostile: these attacks only (default: all, control first)
-    cost_runs: int = 3  # fair-share-cost: interleaved runs with the protections on and off
+    cost_runs: int = 3  # fair-share-cost, seq-cost: interleaved pairs of runs
+    seq_cost_base: str = "95b091a"  # seq-cost: the code without sequence numbers (49f5564^)
     restart_users: int = 2000  # restart: users connected when the worker restarts
     restart_signal: str = "term"  # restart: "term" (a deploy) or "kill" (a crash)
     restart_rate: float = 200.0  # restart: messages/s sent by all senders together
@@ -101,7 +102,7 @@ class Options:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "fanout", "storm", "hostile", "cost" or "restart"
+    kind: str  # "fanout", "storm", "hostile", "restart" or a key of `bench.cost.COMPARISONS`
     layer: Layer
     workers: int
     description: str
@@ -137,10 +138,29 @@ SCENARIOS = {
         ),
         Scenario(
             "fair-share-cost",
-            "cost",
+            "fair-share-cost",
             Layer.MEMORY,
             1,
             "server CPU per 1,000 deliveries with the fair-share protections on and off",
+            servers=(ServerKind.CLARITY,),
+            default=False,
+        ),
+        Scenario(
+            "seq-cost",
+            "seq-cost",
+            Layer.MEMORY,
+            1,
+            "server CPU per 1,000 deliveries with sequence numbers (this checkout) and without "
+            "(the code before them)",
+            servers=(ServerKind.CLARITY,),
+            default=False,
+        ),
+        Scenario(
+            "seq-cost-redis",
+            "seq-cost",
+            Layer.REDIS,
+            1,
+            "seq-cost on the Redis layer and PostgreSQL",
             servers=(ServerKind.CLARITY,),
             default=False,
         ),
@@ -211,13 +231,14 @@ class Bench:
         self.work_dir = work_dir
         self.progress = progress
         self.postgres = postgres
-        self.databases: dict[Layer, Databases] = {}
+        self.databases: dict[tuple[Layer, Path | None], Databases] = {}
         self.step_number = 0
 
-    def database(self, layer: Layer) -> Databases:
-        if layer not in self.databases:
-            self.databases[layer] = Databases(layer, self.work_dir, self.postgres)
-        return self.databases[layer]
+    def database(self, layer: Layer, tree: Path | None = None) -> Databases:
+        """The layer's template, migrated by this checkout's code or by `tree`'s."""
+        if (layer, tree) not in self.databases:
+            self.databases[layer, tree] = Databases(layer, self.work_dir, self.postgres, tree)
+        return self.databases[layer, tree]
 
     def close(self) -> None:
         for databases in self.databases.values():
@@ -230,13 +251,15 @@ class Bench:
         *,
         env: dict[str, str | None] | None = None,
         label: str = "",
+        tree: Path | None = None,
     ) -> contextlib.AbstractContextManager[Deployment]:
-        """Fresh servers for `scenario`; `env` is added to the bench's server environment."""
+        """Fresh servers for `scenario`; `env` is added to the bench's server environment;
+        `tree`: the project's code from there (`bench.revisions`), not this checkout's."""
         return deploy(
             kind,
             scenario.layer,
             workers=scenario.workers,
-            databases=self.database(scenario.layer),
+            databases=self.database(scenario.layer, tree),
             log_dir=self.work_dir,
             label=f"{scenario.name}-{kind.value}{label}",
             baseline_layer=self.options.baseline_layer,
@@ -249,8 +272,8 @@ class Bench:
             return self.storm(scenario, kind)
         if scenario.kind == "hostile":
             return fairshare.hostile(self, scenario)
-        if scenario.kind == "cost":
-            return fairshare.cost(self, scenario)
+        if scenario.kind in cost.COMPARISONS:
+            return cost.COMPARISONS[scenario.kind](self, scenario)
         if scenario.kind == "restart":
             return restart.restart(self, scenario)
         return self.fanout(scenario, kind)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.revisions import code_env
 from chat.testing.cluster import Cluster, cluster_start
 from chat.testing.databases import POSTGRES_URL as LOCAL_POSTGRES_URL
 from chat.testing.databases import database_create, database_drop
@@ -95,9 +96,13 @@ class Layer(StrEnum):
 
 
 class Databases:
-    """A layer's migrated template database; each deployment runs on a fresh copy of it."""
+    """A layer's template database, migrated by the code that will run on it (this checkout's,
+    or `tree`'s: another commit's migrations); each deployment runs on a fresh copy of it."""
 
-    def __init__(self, layer: Layer, work_dir: Path, use_postgres: bool) -> None:
+    def __init__(
+        self, layer: Layer, work_dir: Path, use_postgres: bool, tree: Path | None = None
+    ) -> None:
+        self.tree = tree
         backend = "postgres" if use_postgres and layer is Layer.REDIS else "sqlite"
         self.template = database_create(
             backend=backend,
@@ -107,7 +112,7 @@ class Databases:
         )
         try:
             migrate(
-                env=server_env({**BENCH_ENV, "DATABASE_URL": self.template.url}),
+                env=server_env({**BENCH_ENV, **code_env(tree), "DATABASE_URL": self.template.url}),
                 log_path=work_dir / f"{self.template.name}.migrate.log",
             )
         except BaseException:
@@ -226,8 +231,9 @@ def deploy(
 ) -> Iterator[Deployment]:
     """Fresh servers for one measurement; always stopped (their database dropped, their Redis
     keys deleted). `baseline_layer`: `project` (the layer class Clarity uses) or `stock`
-    (channels' own). `env` is added to BENCH_ENV (a None value removes a variable)."""
-    env = {**BENCH_ENV, **(env or {})}
+    (channels' own). `env` is added to BENCH_ENV (a None value removes a variable). The
+    servers run the code that migrated `databases` (this checkout's, or its `tree`'s)."""
+    env = {**BENCH_ENV, **(env or {}), **code_env(databases.tree)}
     if kind is ServerKind.BASELINE:
         env["BENCH_BASELINE_LAYER"] = baseline_layer
     with cluster_start(
