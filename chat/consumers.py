@@ -231,7 +231,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await self.best_effort(
                 "typing withdrawal", self.broadcast, self.typing_frame(is_typing=False)
             )
-        for group in self.groups_joined():
+        # A stopping worker's groups go with it (its Redis subscriptions end with its
+        # connection): discarding each socket's one by one only delayed the shutdown.
+        for group in self.groups_joined() if not self.worker.shutting_down else ():
             await self.best_effort(
                 "group discard", self.channel_layer.group_discard, group, self.channel_name
             )

@@ -120,6 +120,9 @@ class WorkerContext:
         # Set when this worker starts shutting down (SIGTERM): new sockets are told to go
         # elsewhere (4012) instead of joining a worker about to close them.
         self.shutting_down = False
+        # What stops the server accepting connections (set by clarity_project/serve.py; none
+        # in tests that run the application in process).
+        self.stop_listening: Callable[[], None] | None = None
         setting_changed.connect(self._setting_changed)
 
     def _setting_changed(self, **kwargs: Any) -> None:

@@ -121,6 +121,24 @@ class ResubscribingPubSub(PubSub):
             self._resubscribed()
 
 
+# Seconds a command waits for one of the pool's connections before it fails.
+PUBLISH_CONNECTION_WAIT = 10.0
+
+
+def publishing_pool(host: dict, *, retry: Retry) -> aioredis.ConnectionPool:
+    """The pool commands (publishes) are sent on: at most the host's `max_connections`, and
+    a command finding them all busy waits for one. (redis-py's default pool opens a new
+    connection for every concurrent command, then raises "Too many connections": a restart's
+    burst of leave notices lost hundreds.) Hosts given otherwise than by `address`
+    (sentinels) keep channels-redis' pool."""
+    if "address" not in host:
+        return create_pool({"retry": retry, **host})
+    options = {key: value for key, value in host.items() if key != "address"}
+    return aioredis.BlockingConnectionPool.from_url(
+        host["address"], retry=retry, timeout=PUBLISH_CONNECTION_WAIT, **options
+    )
+
+
 class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
     _subscriber: aioredis.Redis | None = None
 
@@ -129,7 +147,7 @@ class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
             # Publishing: a command whose connection turns out to be lost is sent once more
             # on a new one (redis-py's default retries three times, with backoff).
             retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-            self._redis = aioredis.Redis(connection_pool=create_pool({"retry": retry, **self.host}))
+            self._redis = aioredis.Redis(connection_pool=publishing_pool(self.host, retry=retry))
             # Subscribing: never reconnected inside redis-py (3. in the module docstring).
             no_retry = Retry(NoBackoff(), 0)
             self._subscriber = aioredis.Redis(

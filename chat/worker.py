@@ -88,7 +88,8 @@ class WorkerLifecycle:
     recorded under its id), start its housekeeping loop, and chain a graceful shutdown onto
     the server's SIGTERM/SIGINT handlers: every socket of this worker is closed with 4012 and
     its session ended (reason `shutdown`; ended in batches, chat.joins.SessionCloser), within
-    CHAT_SHUTDOWN_GRACE seconds, a socket opened meanwhile is closed 4012 at once, and its
+    CHAT_SHUTDOWN_GRACE seconds (the server stops listening first; a socket accepted before
+    that is closed 4012 at once instead of joining), and its
     analysis processes stopped (chat/analysis_pool.py), before the server's own handler stops
     it. (daphne 4.2's own shutdown cannot do this: it fails with a KeyError while WebSockets
     are open and leaves the consumers pending.)
@@ -167,6 +168,8 @@ class WorkerLifecycle:
         logger.info("shutting down: closing this worker's sockets")
         self.worker.shutting_down = True
         try:
+            if self.worker.stop_listening is not None:
+                self.worker.stop_listening()
             await get_channel_layer().group_send(
                 worker_group(self.worker.worker_id), {"type": "worker.shutdown"}
             )

@@ -20,6 +20,8 @@ line holds everywhere:
 - On the embedded default (no REDIS_URL), the worker takes the lock of its SQLite database
   (chat/embedded.py) before it listens, and holds it until it exits: a second worker on the
   same file logs why it refuses and exits 1 instead of ending the first one's sessions.
+- When its shutdown begins (SIGTERM/SIGINT, chat/worker.py), the worker stops listening:
+  reconnecting clients are refused by the kernel instead of handshaking with it.
 - The application is always clarity_project.asgi:application; do not name one.
 """
 
@@ -83,6 +85,18 @@ class WorkerServer(Server):
 
     def __init__(self, *args: Any, action_logger: Any = None, **kwargs: Any):
         super().__init__(*args, action_logger=access_log if action_logger else None, **kwargs)
+        self.ports: list[Any] = []
+
+    def listen_success(self, port: Any) -> None:
+        self.ports.append(port)
+        super().listen_success(port)
+
+    def stop_listening(self) -> None:
+        """Accept no more connections (a shutdown has begun): clients that reconnect are
+        refused by the kernel at once and try again, elsewhere or on the restarted worker,
+        instead of costing this worker a handshake it would only answer with 4012."""
+        for port in self.ports:
+            port.stopListening()
 
     def run(self) -> None:
         # The application, and with it Django and its logging, is loaded by now; nothing
@@ -100,6 +114,9 @@ class WorkerServer(Server):
         # which runs one server, reads them.
         daphne.server.HTTPFactory = WorkerHTTPFactory
         daphne.server.WebSocketFactory = WorkerWebSocketFactory
+        from clarity_project.asgi import worker
+
+        worker.stop_listening = self.stop_listening
         super().run()
 
 

@@ -218,6 +218,11 @@ REDIS_PREFIX = env_str("REDIS_PREFIX", "clarity")
 # whose queue fills up (its consumer falls behind its rooms) has them dropped and is closed
 # 4009 `Client too slow` (protocol §16; chat/layers.py, chat/pubsub.py).
 CHANNEL_LAYER_CAPACITY = env_int("CHANNEL_LAYER_CAPACITY", 1000)
+# CHANNEL_LAYER_REDIS_CONNECTIONS: Redis connections a worker's layer sends commands on, at
+# most. A burst of group sends (a restart's thousands of leave notices) waits for a free one:
+# redis-py's default pool opened a connection per concurrent send, then raised "Too many
+# connections" and the notices were lost.
+CHANNEL_LAYER_REDIS_CONNECTIONS = env_int("CHANNEL_LAYER_REDIS_CONNECTIONS", 64)
 # CHANNEL_LAYER_EXPIRY: seconds an undelivered message lives in the in-memory layer. (The
 # Redis layer hands each message to its worker's queue at once.)
 CHANNEL_LAYER_EXPIRY = env_int("CHANNEL_LAYER_EXPIRY", 60)
@@ -238,7 +243,9 @@ if REDIS_URL:
             # for a full receiver.
             "BACKEND": "chat.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {
-                "hosts": [{"address": REDIS_URL, "max_connections": 1000}],
+                "hosts": [
+                    {"address": REDIS_URL, "max_connections": CHANNEL_LAYER_REDIS_CONNECTIONS}
+                ],
                 "prefix": f"{REDIS_PREFIX}:layer",
                 "capacity": CHANNEL_LAYER_CAPACITY,
             },

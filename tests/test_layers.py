@@ -251,3 +251,30 @@ async def test_redis_pubsub_direct_sends_overflow_too(redis_layer):
     assert counts.growth() == (1, 20)
     async with asyncio.timeout(5):
         assert await layer.receive(slow) == OVERFLOW
+
+
+async def test_a_burst_of_group_sends_waits_for_the_pools_connections_and_loses_none():
+    """A worker restarting under 2,000 users sends 2,000 leave notices at once: with a pool
+    of 4 connections every one of 500 concurrent sends is published (none fails with "Too
+    many connections"), on at most 4 connections."""
+    if not redis_answers(REDIS_URL):
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    layer = RedisPubSubChannelLayer(
+        hosts=[{"address": REDIS_URL, "max_connections": 4}],
+        prefix=f"test-layers-{uuid.uuid4().hex}",
+        capacity=1000,
+    )
+    try:
+        member = await layer.new_channel()
+        await layer.group_add("room", member)
+        await asyncio.gather(
+            *(layer.group_send("room", {"type": "chat.frame", "n": n}) for n in range(500))
+        )
+        received = set()
+        async with asyncio.timeout(10):
+            while len(received) < 500:
+                received.add((await layer.receive(member))["n"])
+        pool = layer._get_layer()._shards[0]._redis.connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= 4
+    finally:
+        await layer.flush()

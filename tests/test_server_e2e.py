@@ -207,7 +207,18 @@ async def test_sigterm_ends_hundreds_of_sessions_within_the_grace(tmp_path):
         )
         started = time.monotonic()
         worker.send_signal(signal.SIGTERM)
-        codes = await asyncio.gather(*(close_code(c) for c in clients))
+        closing = asyncio.gather(*(close_code(c) for c in clients))
+        # It stops listening first: a client reconnecting now is refused by the kernel while
+        # the worker is still closing its sockets (not handshaked, not joined).
+        refused_while_closing = None
+        while refused_while_closing is None and time.monotonic() - started < 10:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", worker.port)
+                writer.close()
+                await asyncio.sleep(0.02)
+            except ConnectionRefusedError:
+                refused_while_closing = not closing.done()
+        codes = await closing
         assert worker.reap(timeout=25) == 0, worker.logs()
         elapsed = time.monotonic() - started
         database = worker.env["DATABASE_URL"].removeprefix("sqlite:///")
@@ -222,6 +233,7 @@ async def test_sigterm_ends_hundreds_of_sessions_within_the_grace(tmp_path):
                 "select count(*) from chat_chatsession where disconnected_at is null"
             ).fetchone()[0]
     assert set(codes) == {4012}
+    assert refused_while_closing is True
     assert reasons == ["shutdown"] * count and still_open == 0
     assert "shutdown grace over" not in worker.logs()
     print(f"SIGTERM with {count} sockets: worker gone after {elapsed:.2f} s")
