@@ -44,7 +44,7 @@ async def test_a_source_that_fails_ends_the_loop_with_its_error_and_cancels_the_
     channel_reads: list[asyncio.Task] = []
 
     async def broken():
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # fails once the other source is waiting
         raise RuntimeError("layer gone")
 
     async def waiting():
@@ -69,11 +69,13 @@ async def test_an_idle_loop_waits_then_dispatches_what_comes():
             raise StopConsumer
 
     loop_task = asyncio.create_task(dispatch_events([source(queue)], dispatch))
-    await asyncio.sleep(0.05)
-    assert got == []
+    for _ in range(10):  # the loop runs and finds nothing: it waits
+        await asyncio.sleep(0)
+    assert got == [] and not loop_task.done()
     for event in ("a", "b", "last"):
         queue.put_nowait(event)
-        await asyncio.sleep(0.01)
+        for _ in range(10):
+            await asyncio.sleep(0)
     with pytest.raises(StopConsumer):
         await asyncio.wait_for(loop_task, 5)
     assert got == ["a", "b", "last"]
