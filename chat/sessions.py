@@ -64,20 +64,11 @@ class SessionEnd:
     messages_sent: int | None = None
 
 
-def user_lock(*, user_id: str, username: str) -> ChatUser:
-    """Lock the user's row (created if new) until the transaction ends: whatever opens,
-    closes or revokes this user's sessions holds it, so those decisions are exact."""
-    ChatUser.objects.bulk_create(
-        [ChatUser(user_id=user_id, username=username)], ignore_conflicts=True
-    )
-    return ChatUser.objects.select_for_update().get(pk=user_id)
-
-
-def _users_lock(*, identities: list[Identity]) -> tuple[dict[str, ChatUser], set[str]]:
-    """`user_lock` for a batch: every user's row locked, in user id order (two batches on
-    two workers never wait for each other in a circle); returns the rows and the ids of the
-    rows made now. A new name is recorded."""
-    names = {identity.user_id: identity.username for identity in identities}
+def users_lock(*, names: dict[str, str]) -> tuple[dict[str, ChatUser], set[str]]:
+    """Lock these users' rows (made if new, with the name given) until the transaction ends,
+    in user id order, so two batches on two workers never wait for each other in a circle:
+    whatever opens, closes or revokes a user's sessions holds its row, so those decisions
+    are exact. The rows by user id, and the ids of the rows made now."""
     locked = ChatUser.objects.select_for_update().filter(pk__in=names).order_by("pk")
     users = {user.pk: user for user in locked}
     made = set(names) - set(users)
@@ -88,11 +79,13 @@ def _users_lock(*, identities: list[Identity]) -> tuple[dict[str, ChatUser], set
         )
         again = ChatUser.objects.select_for_update().filter(pk__in=made).order_by("pk")
         users |= {user.pk: user for user in again}
-    for user in users.values():
-        if user.username != names[user.pk]:
-            user.username = names[user.pk]
-            user.save(update_fields=["username"])
     return users, made
+
+
+def user_lock(*, user_id: str, username: str) -> ChatUser:
+    """`users_lock` for one user."""
+    users, _ = users_lock(names={user_id: username})
+    return users[user_id]
 
 
 @dataclass(frozen=True)
@@ -167,7 +160,12 @@ def sessions_open(
     Locks, always in this order (as the membership services take them): the users' rows,
     in user id order, then the capped rooms' rows (`max_users`), in room id order."""
     with transaction.atomic():
-        users, made = _users_lock(identities=[request.identity for request in requests])
+        names = {request.identity.user_id: request.identity.username for request in requests}
+        users, made = users_lock(names=names)
+        for user in users.values():  # the name the user's token carries now
+            if user.username != names[user.pk]:
+                user.username = names[user.pk]
+                user.save(update_fields=["username"])
         rooms = _rooms_to_join(requests=requests, open_rooms=open_rooms)
         capped = sorted(
             {a[0].pk for a in rooms if not isinstance(a, SessionRefused) and a[0].max_users}
