@@ -190,6 +190,8 @@ def messages_page(
         page = list(newer[: limit + 1])
         has_more = len(page) > limit
         page = page[:limit]
+    elif before is None and before_seq is None:
+        return newest_pages(room_ids=[room_id], limit=limit, max_bytes=max_bytes)[room_id]
     else:
         if before is not None:
             messages = messages.filter(id__lt=before)
@@ -201,6 +203,39 @@ def messages_page(
     frames = [message_frame(message) for message in page]
     newest_last = after is None and after_seq is None
     return fit_page(frames, has_more, max_bytes=max_bytes, keep_newest=newest_last)
+
+
+# Rooms per statement of `newest_pages` (SQLite allows 500 terms in a compound SELECT).
+NEWEST_PAGES_ROOMS = 200
+
+
+def newest_pages(
+    *, room_ids: list[str], limit: int, max_bytes: int
+) -> dict[str, tuple[list[dict[str, Any]], bool]]:
+    """`messages_page`'s default page (the newest `limit` messages, oldest first, and
+    whether older ones exist) of each room, read in one statement for up to
+    NEWEST_PAGES_ROOMS rooms (a batch of joins reads hundreds: one query per room was most
+    of its database time). Each room's part is its own `ORDER BY id DESC LIMIT` on the
+    (room, id) index, so a long history is never scanned."""
+    table = ChatMessage._meta.db_table
+    quote = connection.ops.quote_name
+    part = (
+        f"SELECT * FROM (SELECT * FROM {quote(table)} WHERE {quote('room_id')} = %s"
+        f" ORDER BY {quote('id')} DESC LIMIT %s) AS {quote('page')}"
+    )
+    found: dict[str, list[ChatMessage]] = {room_id: [] for room_id in room_ids}
+    rooms = list(found)
+    for start in range(0, len(rooms), NEWEST_PAGES_ROOMS):
+        chunk = rooms[start : start + NEWEST_PAGES_ROOMS]
+        sql = " UNION ALL ".join([part] * len(chunk))
+        for row in ChatMessage.objects.raw(sql, [v for r in chunk for v in (r, limit + 1)]):
+            found[row.room_id].append(row)
+    pages = {}
+    for room_id, rows in found.items():
+        rows.sort(key=lambda row: row.pk, reverse=True)  # (UNION ALL keeps no order)
+        frames = [message_frame(message) for message in rows[:limit][::-1]]
+        pages[room_id] = fit_page(frames, len(rows) > limit, max_bytes=max_bytes, keep_newest=True)
+    return pages
 
 
 # Room for the history frame's own fields around its messages (room id, request id, ...).

@@ -27,13 +27,13 @@ from typing import Any
 
 from chat.access import Action, Ask, Refused, rooms_authorize
 from chat.batching import Batcher
-from chat.history import messages_page
+from chat.history import newest_pages
 from chat.sessions import (
     SessionClosed,
     SessionEnd,
     SessionOpened,
     SessionRequest,
-    room_presence,
+    rooms_presence,
     sessions_close,
     sessions_open,
 )
@@ -57,31 +57,36 @@ class RoomView:
 
 
 def rooms_view(*, requests: list[ViewRequest]) -> list[RoomView | Refused]:
-    """For each request, in order, its room's presence and newest history page (read once
-    per room and page size), or the rule's refusal. Blocking (database)."""
+    """For each request, in order, its room's presence and newest history page, or the
+    rule's refusal: presence in one query for every room of the batch, history in one per
+    page size (chat.history.newest_pages). Blocking (database)."""
     answers = rooms_authorize(
         asks=[Ask(user_id=r.user_id, room_id=r.room_id, action=Action.READ) for r in requests]
     )
-    views: dict[tuple[str, int, int], RoomView] = {}
-    outcomes: list[RoomView | Refused] = []
-    for request, answer in zip(requests, answers, strict=True):
-        if isinstance(answer, Refused):
-            outcomes.append(answer)
-            continue
-        key = (request.room_id, request.history_limit, request.history_max_bytes)
-        if key not in views:
-            history, has_more = messages_page(
-                room_id=request.room_id,
-                limit=request.history_limit,
-                max_bytes=request.history_max_bytes,
-            )
-            views[key] = RoomView(
-                presence=room_presence(room_id=request.room_id),
-                history=history,
-                has_more=has_more,
-            )
-        outcomes.append(views[key])
-    return outcomes
+    admitted = [
+        request
+        for request, answer in zip(requests, answers, strict=True)
+        if not isinstance(answer, Refused)
+    ]
+    presence = rooms_presence(room_ids=list(dict.fromkeys(r.room_id for r in admitted)))
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for request in admitted:
+        sizes.setdefault((request.history_limit, request.history_max_bytes), []).append(
+            request.room_id
+        )
+    views = {  # one per room and page size, shared by its requests
+        (room_id, *size): RoomView(presence=presence[room_id], history=history, has_more=more)
+        for size, room_ids in sizes.items()
+        for room_id, (history, more) in newest_pages(
+            room_ids=list(dict.fromkeys(room_ids)), limit=size[0], max_bytes=size[1]
+        ).items()
+    }
+    return [
+        answer
+        if isinstance(answer, Refused)
+        else views[(request.room_id, request.history_limit, request.history_max_bytes)]
+        for request, answer in zip(requests, answers, strict=True)
+    ]
 
 
 class SessionOpener(Batcher[SessionRequest, SessionOpened]):

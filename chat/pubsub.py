@@ -273,6 +273,8 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
         # channels made while Redis was unreachable, not subscribed yet (4.)
         self._unsubscribed: set[str] = set()
         self._releasing: set[asyncio.Task] = set()
+        # channels made by new_channel, released when the task that made them ends (1.)
+        self._owned: set[str] = set()
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         channel = f"{self.prefix}{prefix}{uuid.uuid4().hex}"
@@ -287,8 +289,25 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
             raise
         owner = asyncio.current_task()
         if owner is not None:
+            self._owned.add(channel)
             owner.add_done_callback(lambda _: self._release_soon(channel))
         return channel
+
+    async def receive(self, channel: str) -> dict:
+        """The stock `receive` unsubscribes its channel when it is cancelled, one UNSUBSCRIBE
+        per socket, awaited under the shard's lock, in the cancellation itself (a stopping
+        worker's thousands of sockets logged a traceback each when that wait was cancelled in
+        turn). A channel made by `new_channel` is released with its owner (1. in the module
+        docstring); any other, as the stock layer does, when its receive is cancelled."""
+        if channel not in self.channels:
+            await self._subscribe_to_channel(channel)
+        try:
+            message = await self.channels[channel].get()
+        except (asyncio.CancelledError, GeneratorExit):
+            if channel not in self._owned:
+                self._release_soon(channel)
+            raise
+        return self.channel_layer.deserialize(message)
 
     async def _subscribe_to_channel(self, channel: str) -> None:
         self.channels[channel] = ChannelQueue(channel, self.capacity, self._overflow_item)
@@ -321,6 +340,7 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
         """The channel's owner has ended: nothing will receive from it again."""
         self.channels.pop(channel, None)
         self._unsubscribed.discard(channel)
+        self._owned.discard(channel)
         groups = self._memberships.pop(channel, set())
         try:
             task = asyncio.get_running_loop().create_task(self._release(channel, groups))

@@ -14,13 +14,23 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from chat import history
 from chat.access import Refused
 from chat.auth import Identity
 from chat.batching import Batcher
-from chat.history import message_store
+from chat.history import HISTORY_ENVELOPE_BYTES, message_store
 from chat.joins import ViewRequest, rooms_view
-from chat.models import ChatSession, ChatUser, Endpoint, Role, Room, RoomKind, RoomMember
-from chat.protocol import Close
+from chat.models import (
+    ChatMessage,
+    ChatSession,
+    ChatUser,
+    Endpoint,
+    Role,
+    Room,
+    RoomKind,
+    RoomMember,
+)
+from chat.protocol import Close, encode
 from chat.sessions import (
     SessionEnd,
     SessionOpened,
@@ -205,7 +215,7 @@ async def test_a_stopping_worker_sends_a_new_socket_elsewhere(clients):
 # --- the view on joining --------------------------------------------------------------------
 
 
-def test_presence_and_history_are_read_once_per_room_and_asked_of_the_rule(db):
+def test_presence_and_history_are_read_once_per_batch_and_asked_of_the_rule(db):
     public("lobby")
     public("den")
     for n in range(3):
@@ -233,7 +243,39 @@ def test_presence_and_history_are_read_once_per_room_and_asked_of_the_rule(db):
     assert [m["content"] for m in views[0].history] == ["m0", "m1", "m2"]
     assert {u["user_id"] for u in views[0].presence} == {"alice", "bob"}
     assert views[2].history == [] and [u["user_id"] for u in views[2].presence] == ["carol"]
-    assert len(queries.captured_queries) == 2 + 2 * 2  # the rule, then per room
+    # The rule (two queries), then presence and history, each in one query for both rooms.
+    assert len(queries.captured_queries) == 2 + 2
+
+
+def test_newest_pages_of_many_rooms_are_each_rooms_own_page(db, monkeypatch):
+    """One statement per NEWEST_PAGES_ROOMS rooms, each room's page exactly what the ORM
+    reads for it alone: its newest messages, none of another room's, has_more when older
+    ones exist, and the byte bound applied per room."""
+    monkeypatch.setattr(history, "NEWEST_PAGES_ROOMS", 2)  # 5 rooms: three statements
+    counts = {"r0": 0, "r1": 1, "r2": 7, "r3": 5, "r4": 6}
+    for room_id, count in counts.items():
+        public(room_id)
+        for n in range(count):
+            message_store(
+                room_id=room_id,
+                user_id="bob",
+                username="Bob",
+                content=f"{room_id}-{n}",
+                metadata=None,
+                client_message_id=None,
+            )
+    with CaptureQueriesContext(connection) as queries:
+        pages = history.newest_pages(room_ids=list(counts), limit=5, max_bytes=262_144)
+    assert len(queries.captured_queries) == 3
+    for room_id, count in counts.items():
+        newest = ChatMessage.objects.filter(room_id=room_id).order_by("-id")[:5]
+        frames, has_more = pages[room_id]
+        assert [f["content"] for f in frames] == [m.content for m in reversed(newest)]
+        assert [f["seq"] for f in frames] == sorted(f["seq"] for f in frames)
+        assert has_more == (count > 5)
+    small = HISTORY_ENVELOPE_BYTES + 2 * len(encode(pages["r2"][0][-1]).encode()) + 2
+    frames, has_more = history.newest_pages(room_ids=["r2"], limit=5, max_bytes=small)["r2"]
+    assert [f["content"] for f in frames] == ["r2-5", "r2-6"] and has_more
 
 
 def test_a_member_removed_after_opening_reads_nothing(db):
