@@ -586,6 +586,7 @@ def table(record: dict[str, Any]) -> str:
                     "RSS before MB",
                     "RSS after MB",
                     "KB/socket",
+                    "CPU ms/join",
                 ],
                 [
                     [
@@ -599,6 +600,7 @@ def table(record: dict[str, Any]) -> str:
                         f"{m['rss_before_mb']:.0f}",
                         f"{m['rss_after_mb']:.0f}",
                         f"{m['kb_per_connection']:.1f}",
+                        f"{m['cpu_ms_per_join']:.2f}" if "cpu_ms_per_join" in m else "",
                     ]
                     for m in storms
                 ],

@@ -568,7 +568,9 @@ class Bench:
             time.sleep(1.0)
             rss_before = deployment.rss()
             users = self.users(deployment, options.connections, "storm-")
+            cpu_before = deployment.cpu_seconds()
             joined = self.connect(deployment, kind, users, label)
+            join_cpu = deployment.cpu_seconds() - cpu_before
             deadline = time.monotonic() + options.hold_seconds
             while (now := time.monotonic()) < deadline:
                 self.progress.update(
@@ -597,12 +599,16 @@ class Bench:
             "rss_before_mb": round(rss_before / 2**20, 1),
             "rss_after_mb": round(rss_after / 2**20, 1),
             "kb_per_connection": round(per_connection, 1),
+            # server CPU while the sockets joined, per join: steadier than joins/s on a
+            # shared machine
+            "cpu_ms_per_join": round(1000 * join_cpu / max(1, joined["joined"]), 3),
             "log_problems": problems[-20:],
             "log_problem_count": len(problems),
         }
         self.progress.note(
             f"  {label}: {held:,}/{options.connections:,} held, join p50 {joined['p50_ms']:.0f} ms "
             f"p99 {joined['p99_ms']:.0f} ms, {per_connection:.1f} KB/socket, "
+            f"{1000 * join_cpu / max(1, joined['joined']):.2f} CPU ms/join, "
             f"failed {joined['failed']}, closes {closes or 0}"
         )
         return result

@@ -194,6 +194,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.room_assistant_mode = opened.room_assistant_mode
         self.room_kind = opened.room_kind
         metrics.CONNECTIONS_OPEN.labels(self.endpoint).inc()
+        # From here the socket is open: its timers run while it joins (its notice to the
+        # room may wait a turn for the room's other notices, chat.joins.MembershipNotices).
+        self.timers.start(token_expires_at=self.identity.expires_at)
         try:
             await self.join_groups()
             await self.send_frame(
@@ -213,7 +216,6 @@ class SessionConsumer(AsyncWebsocketConsumer):
             # The session is open: `disconnect` ends it after this close.
             logger.exception("join failed session=%s", self.session_id)
             return await self.end(Close.SERVICE_UNAVAILABLE)
-        self.timers.start(token_expires_at=self.identity.expires_at)
         logger.info(
             "session opened session=%s user=%s room=%s",
             self.session_id,
@@ -496,10 +498,12 @@ class SessionConsumer(AsyncWebsocketConsumer):
         await self.end(Close.SESSION_TERMINATED)
 
     async def chat_frame(self, event: dict) -> None:
-        excluded = event.get("exclude_user")
-        if self.closing is not None or (excluded is not None and excluded == self.identity.user_id):
+        if self.closing is not None:
             return
-        for text, kind, error_code in event["frames"]:
+        me = self.identity.user_id
+        for text, kind, error_code, excluded in event["frames"]:
+            if excluded is not None and excluded == me:
+                continue
             metrics.FRAMES_OUT.labels(kind).inc()
             if kind == MessageType.ERROR:
                 metrics.ERRORS.labels(error_code).inc()
@@ -719,9 +723,10 @@ class ChatConsumer(SessionConsumer):
         await self.send_frame(payload, text=text)
 
     async def announce(self, *, joined: bool) -> None:
-        await self.channel_layer.group_send(
-            room_group(self.room_id),
-            membership_notice(
+        await self.worker.membership_notices.send(
+            layer=self.channel_layer,
+            group=room_group(self.room_id),
+            event=membership_notice(
                 user_id=self.identity.user_id, username=self.identity.username, joined=joined
             ),
         )

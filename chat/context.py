@@ -21,7 +21,7 @@ from django.core.signals import setting_changed
 from chat.analysis_pool import AnalysisPool, AnalysisQueue
 from chat.assistant.base import AssistantProvider, get_provider
 from chat.budgets import Budgets
-from chat.joins import RoomViewer, SessionCloser, SessionOpener
+from chat.joins import MembershipNotices, RoomViewer, SessionCloser, SessionOpener
 from chat.overload import DeliveryDelays
 from chat.ratelimit import Rule
 from chat.timers import Clock, LoopClock, TimerIntervals
@@ -180,6 +180,11 @@ class WorkerContext:
     def room_viewer(self) -> RoomViewer:
         """Batched presence and history on join of this worker's sockets (chat.joins)."""
         return self.per_loop("room_viewer", RoomViewer)
+
+    @property
+    def membership_notices(self) -> MembershipNotices:
+        """This worker's join and leave notices, one event per room per turn (chat.joins)."""
+        return self.per_loop("membership_notices", MembershipNotices)
 
     @property
     def message_writer(self) -> MessageWriter:

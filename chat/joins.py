@@ -17,17 +17,24 @@ In a reconnect storm a batch holds hundreds of joins: one thread round trip, one
 and one presence and history query per room instead of per socket. When a worker restarts,
 its thousands of sockets close at once: `SessionCloser` ends them in batches too
 (`sessions_close`), within the shutdown's grace.
+
+The room is told of each join and leave (`system` + `user_joined` / `user_left`, skipping
+the user's own sockets): `MembershipNotices` sends the notices of one event-loop turn as one
+channel-layer event per room, so a room whose members rejoin together gets one delivery
+per socket, not one per member who joined.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from chat.access import Action, Ask, Refused, rooms_authorize
 from chat.batching import Batcher
 from chat.history import newest_pages
+from chat.rooms import room_events_join
 from chat.sessions import (
     SessionClosed,
     SessionEnd,
@@ -136,3 +143,44 @@ class SessionCloser(Batcher[SessionEnd, SessionClosed | None]):
     async def close(self, end: SessionEnd) -> SessionClosed | None:
         """What ended, or None if the session had already ended."""
         return await self.submit(end)
+
+
+@dataclass
+class _Notices:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    sent: asyncio.Future | None = None
+
+
+class MembershipNotices:
+    """This worker's join and leave notices, sent once per room per event-loop turn (one per
+    event loop): the first notice of a room in a turn starts the send, which runs on the
+    next turn with every notice of that room queued meanwhile, joined into one event
+    (`room_events_join`, order kept). Each caller waits for that one `group_send` and gets its
+    error. The send is a task of its own, so a caller cancelled meanwhile (its socket gone)
+    takes no one else's notice with it."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, _Notices] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    async def send(self, *, layer: Any, group: str, event: dict[str, Any]) -> None:
+        notices = self.pending.get(group)
+        if notices is None:
+            loop = asyncio.get_running_loop()
+            notices = self.pending[group] = _Notices(sent=loop.create_future())
+            # (retrieved here, so an error no caller waited for is not logged as unretrieved)
+            notices.sent.add_done_callback(lambda sent: sent.cancelled() or sent.exception())
+            task = loop.create_task(self._send(layer=layer, group=group, notices=notices))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        notices.events.append(event)
+        await asyncio.shield(notices.sent)
+
+    async def _send(self, *, layer: Any, group: str, notices: _Notices) -> None:
+        del self.pending[group]  # (a task's first step runs on the turn after it was made)
+        try:
+            await layer.group_send(group, room_events_join(notices.events))
+        except Exception as exc:
+            notices.sent.set_exception(exc)
+        else:
+            notices.sent.set_result(None)

@@ -37,14 +37,24 @@ def room_id_problem(*, room_id: str) -> Close | None:
 
 def room_event(*payloads: dict[str, Any], exclude_user: str | None = None) -> dict[str, Any]:
     """A channel-layer message delivering frames to a room, in order: encoded once, by the
-    sender; frames that go together (a join's notices) travel as one message."""
+    sender; frames that go together (a join's notices) travel as one message. Each frame
+    says whose sockets it skips (`exclude_user`), so events can be joined (`room_events_join`)."""
     return {
         "type": "chat.frame",
-        # (text, frame type for metrics without decoding the text, error code or None)
-        "frames": [(encode(p), p["type"], p.get("error_code")) for p in payloads],
-        "exclude_user": exclude_user,
+        # (text, frame type for metrics without decoding the text, error code or None,
+        #  the user whose sockets skip it or None)
+        "frames": [(encode(p), p["type"], p.get("error_code"), exclude_user) for p in payloads],
         "sent_at": time.time(),  # for the delivery delay (chat.overload)
     }
+
+
+def room_events_join(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """One event delivering the frames of several room events, in order (the first's
+    `sent_at`): one delivery per socket instead of one per event."""
+    first, *rest = events
+    if not rest:
+        return first
+    return {**first, "frames": [item for event in events for item in event["frames"]]}
 
 
 def membership_notice(*, user_id: str, username: str, joined: bool) -> dict[str, Any]:

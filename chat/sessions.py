@@ -15,7 +15,7 @@ from datetime import datetime
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Count, Max, Min
 from django.utils import timezone
 
@@ -23,6 +23,7 @@ from chat.access import Action, Ask, Refused, rooms_authorize
 from chat.auth import Identity
 from chat.models import ChatSession, ChatUser, Endpoint, Role, Room, RoomKind, RoomMember
 from chat.protocol import HEALTH_ROOM_PREFIX, Close, iso
+from chat.rows import rows_insert, rows_update
 
 
 class SessionRefused(Exception):
@@ -73,8 +74,8 @@ def users_lock(*, names: dict[str, str]) -> tuple[dict[str, ChatUser], set[str]]
     users = {user.pk: user for user in locked}
     made = set(names) - set(users)
     if made:
-        ChatUser.objects.bulk_create(
-            [ChatUser(user_id=uid, username=names[uid]) for uid in sorted(made)],
+        rows_insert(
+            rows=[ChatUser(user_id=uid, username=names[uid]) for uid in sorted(made)],
             ignore_conflicts=True,  # made meanwhile by another worker: then it is theirs
         )
         again = ChatUser.objects.select_for_update().filter(pk__in=made).order_by("pk")
@@ -231,8 +232,8 @@ def sessions_open(
                     room_last_seq=room.last_seq,
                 )
             )
-        RoomMember.objects.bulk_create(new_members, ignore_conflicts=True)
-        ChatSession.objects.bulk_create(sessions)
+        rows_insert(rows=new_members, ignore_conflicts=True)
+        rows_insert(rows=sessions)
         unused = made - {session.user_id for session in sessions}
         if unused:  # (rows that have sessions are another worker's, made meanwhile)
             ChatUser.objects.filter(pk__in=unused, sessions__isnull=True).delete()
@@ -300,7 +301,7 @@ def sessions_close(*, ends: list[SessionEnd]) -> list[SessionClosed | None]:
                 session.last_seen = end.last_seen
             if end.messages_sent is not None:
                 session.messages_sent = end.messages_sent
-        _sessions_save_end(ending)
+        rows_update(rows=ending, fields=_ENDED)
         still_in = set(
             ChatSession.objects.filter(user_id__in=users, disconnected_at__isnull=True).values_list(
                 "user_id", "room_id"
@@ -320,36 +321,8 @@ def sessions_close(*, ends: list[SessionEnd]) -> list[SessionClosed | None]:
     return [closed.get(end.session_id) for end in ends]
 
 
-# What ending a session writes, in this order, then the row's key.
-_ENDED = [
-    ChatSession._meta.get_field(name)
-    for name in ("disconnected_at", "close_code", "close_reason", "last_seen", "messages_sent")
-]
-
-
-def _sessions_save_end(sessions: list[ChatSession]) -> None:
-    """Write the ended sessions' end fields: one UPDATE statement, sent once per row with the
-    driver's `executemany` (pipelined on PostgreSQL). `bulk_update` built a CASE expression
-    per row and field, most of a shutdown's time closing thousands of sockets. Values are
-    prepared by the fields themselves, as the ORM would send them."""
-    if not sessions:
-        return
-    quote = connection.ops.quote_name
-    key = ChatSession._meta.pk
-    assignments = ", ".join(f"{quote(field.column)} = %s" for field in _ENDED)
-    with connection.cursor() as cursor:
-        cursor.executemany(
-            f"UPDATE {quote(ChatSession._meta.db_table)} SET {assignments}"
-            f" WHERE {quote(key.column)} = %s",
-            [
-                [
-                    field.get_db_prep_save(getattr(row, field.attname), connection)
-                    for field in _ENDED
-                ]
-                + [key.get_db_prep_save(row.pk, connection)]
-                for row in sessions
-            ],
-        )
+# What ending a session writes.
+_ENDED = ("disconnected_at", "close_code", "close_reason", "last_seen", "messages_sent")
 
 
 def room_presence(*, room_id: str) -> list[dict]:

@@ -31,7 +31,13 @@ from chat.context import WorkerContext
 from chat.liveness import LivenessUnknown, worker_mark_alive, workers_dead
 from chat.metrics import REAPED_SESSIONS
 from chat.overload import watch_overload
-from chat.rooms import membership_notice, room_group, user_group, worker_group
+from chat.rooms import (
+    membership_notice,
+    room_events_join,
+    room_group,
+    user_group,
+    worker_group,
+)
 from chat.sessions import session_workers, sessions_open_on, sessions_reap
 
 logger = logging.getLogger(__name__)
@@ -63,18 +69,20 @@ async def reap_dead_workers(
     total = 0
     for worker_id in sorted(dead):
         reaped = await database_sync_to_async(sessions_reap)(worker_id=worker_id)
+        notices: dict[str, list[dict]] = {}
         for session in reaped:
             group = room_group(session.room_id)
             # Every group the socket's consumer joined (as its disconnect would have).
             for joined in (group, user_group(session.user_id), worker_group(worker_id)):
                 await layer.group_discard(joined, session.channel_name)
             if session.last_in_room:
-                await layer.group_send(
-                    group,
+                notices.setdefault(group, []).append(
                     membership_notice(
                         user_id=session.user_id, username=session.username, joined=False
-                    ),
+                    )
                 )
+        for group, events in notices.items():  # one event per room
+            await layer.group_send(group, room_events_join(events))
         total += len(reaped)
         REAPED_SESSIONS.inc(len(reaped))
         logger.warning("reaped %d sessions of dead worker %s", len(reaped), worker_id)

@@ -19,7 +19,8 @@ from chat.access import Refused
 from chat.auth import Identity
 from chat.batching import Batcher
 from chat.history import HISTORY_ENVELOPE_BYTES, message_store
-from chat.joins import ViewRequest, rooms_view
+from chat.joins import MembershipNotices, ViewRequest, rooms_view
+from chat.layers import InMemoryChannelLayer
 from chat.models import (
     ChatMessage,
     ChatSession,
@@ -31,6 +32,7 @@ from chat.models import (
     RoomMember,
 )
 from chat.protocol import Close, encode
+from chat.rooms import membership_notice
 from chat.sessions import (
     SessionEnd,
     SessionOpened,
@@ -311,6 +313,29 @@ async def test_a_burst_of_joins_gets_every_frame_of_a_lone_join(clients):
         await client.close()
 
 
+async def test_a_burst_tells_the_room_of_every_join_and_no_one_of_their_own(clients):
+    """The notices of joins in one turn travel as one event per room (MembershipNotices):
+    each still reaches everyone in the room but the user who joined."""
+    await database_sync_to_async(public)("lobby")
+    carol = await clients.join("lobby", "carol")
+    sockets = await asyncio.gather(
+        *(open_socket("lobby", token=token_for(f"user{n}")) for n in range(12))
+    )
+    joined = await asyncio.gather(*(read_join(s) for s in sockets))
+    heard = [(await carol.recv_type("user_joined"))["user_id"] for _ in range(12)]
+    assert sorted(heard) == sorted(f"user{n}" for n in range(12))
+    await carol.expect_nothing_pending()
+    for n, client in enumerate(joined):
+        await client.send({"type": "heartbeat", "client_timestamp": "probe"})
+        seen = []
+        while (got := await client.recv())["type"] != "heartbeat_ack":
+            if got["type"] == "user_joined":
+                seen.append(got["user_id"])
+        assert f"user{n}" not in seen and set(seen) <= {f"user{m}" for m in range(12)}
+    for client in joined:
+        await client.close()
+
+
 async def test_one_user_bursting_past_the_cap_is_refused_exactly(clients, settings):
     settings.CHAT_MAX_CONNECTIONS_PER_USER = 3
     await database_sync_to_async(public)("lobby")
@@ -344,3 +369,56 @@ async def test_a_failing_batch_is_retried_one_call_at_a_time():
     assert isinstance(results[1], ValueError)  # its own outcome
     assert isinstance(results[2], RuntimeError)  # the call that broke the batch, alone
     assert calls[0] == [1, 2, 13, 5] and [1] in calls and [13] in calls
+
+
+# --- membership notices ---------------------------------------------------------------------
+
+
+async def test_notices_of_one_turn_are_one_event_per_room_in_order():
+    layer = InMemoryChannelLayer()
+    room, other = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("room.a", room)
+    await layer.group_add("room.b", other)
+    notices = MembershipNotices()
+    events = [
+        membership_notice(user_id=f"u{n}", username=f"U{n}", joined=n % 2 == 0) for n in range(4)
+    ]
+    await asyncio.gather(
+        *(notices.send(layer=layer, group="room.a", event=event) for event in events),
+        notices.send(layer=layer, group="room.b", event=events[0]),
+    )
+    delivered = await layer.receive(room)
+    assert delivered["frames"] == [item for event in events for item in event["frames"]]
+    assert [item[3] for item in delivered["frames"]] == [
+        "u0",
+        "u0",
+        "u1",
+        "u1",
+        "u2",
+        "u2",
+        "u3",
+        "u3",
+    ]
+    assert (await layer.receive(other))["frames"] == events[0]["frames"]
+    assert not notices.pending and not layer.channels.get(room)  # nothing else queued
+
+
+async def test_every_sender_of_a_turn_gets_the_send_error_and_a_cancelled_one_costs_no_one():
+    layer = InMemoryChannelLayer()
+    notices = MembershipNotices()
+    event = membership_notice(user_id="u", username="U", joined=True)
+    results = await asyncio.gather(
+        *(notices.send(layer=layer, group="bad group!", event=event) for _ in range(3)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(result, TypeError) for result in results)  # an invalid group name
+
+    channel = await layer.new_channel()
+    await layer.group_add("room.a", channel)
+    gone = asyncio.create_task(notices.send(layer=layer, group="room.a", event=event))
+    stays = asyncio.create_task(notices.send(layer=layer, group="room.a", event=event))
+    await asyncio.sleep(0)  # both queued their notice: one send, on the next turn
+    gone.cancel()
+    await stays
+    assert gone.cancelled()
+    assert len((await layer.receive(channel))["frames"]) == 4  # the cancelled one's too
