@@ -1,5 +1,7 @@
-"""Database calls batched per event loop: the calls that arrive while the previous batch is
-in the database thread go together into the next one.
+"""Calls batched per event loop.
+
+`Batcher`: database calls; the calls that arrive while the previous batch is in the
+database thread go together into the next one.
 
 A worker has a single database thread (Channels' `database_sync_to_async`), so under load
 its calls queue behind each other; each one costs a thread round trip and, if it writes, a
@@ -7,13 +9,19 @@ commit. A `Batcher` turns the queue into batches: under light load a batch is on
 added wait), under load the batch grows and the cost per call falls (one thread round trip,
 one transaction, and whatever reads the calls share). Used for message storage
 (`chat.writer`) and socket joins (`chat.joins`). One batcher per event loop.
+
+`TurnBatcher`: calls made during one turn of the event loop, run together on the next
+(per key): a room's join and leave notices (`chat.joins.MembershipNotices`), the rate
+limiter's counts on Redis (one pipeline per turn, `chat.shared_state.redis`). Under light
+load a batch is one call, a turn later; in a burst (a reconnect storm wakes hundreds of
+sockets in one turn) one round trip serves them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 from channels.db import database_sync_to_async
@@ -22,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 Call = TypeVar("Call")
 Result = TypeVar("Result")
+Key = TypeVar("Key", bound=Hashable)
 
 
 class Batcher(Generic[Call, Result]):
@@ -75,3 +84,45 @@ class Batcher(Generic[Call, Result]):
             else:
                 future.set_result(outcome)
         return True
+
+
+class TurnBatcher(Generic[Key, Call, Result]):
+    """`run(key, calls)` (a coroutine) takes the calls submitted under one key during one
+    event-loop turn and returns one outcome per call, in order: a result, or an exception
+    that call's caller gets raised; if `run` raises, every caller of the batch gets it. The
+    batch runs in a task of its own, so a caller cancelled meanwhile (its socket gone) takes
+    no other call with it, and its own call still runs. One batcher per event loop."""
+
+    def __init__(
+        self, *, run: Callable[[Key, list[Call]], Awaitable[list[Result | Exception]]]
+    ) -> None:
+        self.run = run
+        self.pending: dict[Key, list[tuple[Call, asyncio.Future]]] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    async def submit(self, key: Key, call: Call) -> Result:
+        loop = asyncio.get_running_loop()
+        batch = self.pending.get(key)
+        if batch is None:
+            batch = self.pending[key] = []
+            # (a task's first step runs on the next turn: every call of this one is in)
+            task = loop.create_task(self._run(key))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        future = loop.create_future()
+        # (retrieved here, so an error whose caller is gone is not logged as unretrieved)
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        batch.append((call, future))
+        return await asyncio.shield(future)
+
+    async def _run(self, key: Key) -> None:
+        batch = self.pending.pop(key)
+        try:
+            outcomes = await self.run(key, [call for call, _ in batch])
+        except Exception as exc:
+            outcomes = [exc] * len(batch)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)

@@ -144,6 +144,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.closing: Close | None = None
         self.tasks: set[asyncio.Task] = set()
         self.messages_sent = 0
+        self.timers_started = False
         self.timers = SocketTimers(
             clock=self.worker.clock, intervals=self.config.timers, on_due=self.on_timers
         )
@@ -194,9 +195,6 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.room_assistant_mode = opened.room_assistant_mode
         self.room_kind = opened.room_kind
         metrics.CONNECTIONS_OPEN.labels(self.endpoint).inc()
-        # From here the socket is open: its timers run while it joins (its notice to the
-        # room may wait a turn for the room's other notices, chat.joins.MembershipNotices).
-        self.timers.start(token_expires_at=self.identity.expires_at)
         try:
             await self.join_groups()
             await self.send_frame(
@@ -216,12 +214,22 @@ class SessionConsumer(AsyncWebsocketConsumer):
             # The session is open: `disconnect` ends it after this close.
             logger.exception("join failed session=%s", self.session_id)
             return await self.end(Close.SERVICE_UNAVAILABLE)
+        self.start_timers()
         logger.info(
             "session opened session=%s user=%s room=%s",
             self.session_id,
             self.identity.user_id,
             self.room_id,
         )
+
+    def start_timers(self) -> None:
+        """Once the socket's join frames are sent (a `joined` may start them before its
+        notice to the room, which can wait a turn: chat.joins.MembershipNotices); never for
+        a socket already closing."""
+        if self.timers_started or self.closing is not None:
+            return
+        self.timers_started = True
+        self.timers.start(token_expires_at=self.identity.expires_at)
 
     def groups_joined(self) -> list[str]:
         """The room, this user's sockets (private results), this worker's sockets (shutdown)."""
@@ -613,6 +621,7 @@ class ChatConsumer(SessionConsumer):
         await self.send_history_page(
             messages=view.history, has_more=view.has_more, request_id=None, joining=True
         )
+        self.start_timers()
         if first_in_room:
             await self.announce(joined=True)
 

@@ -26,13 +26,12 @@ per socket, not one per member who joined.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from chat.access import Action, Ask, Refused, rooms_authorize
-from chat.batching import Batcher
+from chat.batching import Batcher, TurnBatcher
 from chat.history import newest_pages
 from chat.rooms import room_events_join
 from chat.sessions import (
@@ -145,42 +144,18 @@ class SessionCloser(Batcher[SessionEnd, SessionClosed | None]):
         return await self.submit(end)
 
 
-@dataclass
-class _Notices:
-    events: list[dict[str, Any]] = field(default_factory=list)
-    sent: asyncio.Future | None = None
-
-
-class MembershipNotices:
-    """This worker's join and leave notices, sent once per room per event-loop turn (one per
-    event loop): the first notice of a room in a turn starts the send, which runs on the
-    next turn with every notice of that room queued meanwhile, joined into one event
-    (`room_events_join`, order kept). Each caller waits for that one `group_send` and gets its
-    error. The send is a task of its own, so a caller cancelled meanwhile (its socket gone)
-    takes no one else's notice with it."""
+class MembershipNotices(TurnBatcher[tuple[Any, str], dict[str, Any], None]):
+    """This worker's join and leave notices (one per event loop): those of one room in one
+    event-loop turn go as one event (`room_events_join`, order kept), on the next turn.
+    Each caller gets the outcome of that one `group_send`."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, _Notices] = {}
-        self.tasks: set[asyncio.Task] = set()
+        async def run(key: tuple[Any, str], events: list[dict[str, Any]]) -> list[None]:
+            layer, group = key
+            await layer.group_send(group, room_events_join(events))
+            return [None] * len(events)
+
+        super().__init__(run=run)
 
     async def send(self, *, layer: Any, group: str, event: dict[str, Any]) -> None:
-        notices = self.pending.get(group)
-        if notices is None:
-            loop = asyncio.get_running_loop()
-            notices = self.pending[group] = _Notices(sent=loop.create_future())
-            # (retrieved here, so an error no caller waited for is not logged as unretrieved)
-            notices.sent.add_done_callback(lambda sent: sent.cancelled() or sent.exception())
-            task = loop.create_task(self._send(layer=layer, group=group, notices=notices))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-        notices.events.append(event)
-        await asyncio.shield(notices.sent)
-
-    async def _send(self, *, layer: Any, group: str, notices: _Notices) -> None:
-        del self.pending[group]  # (a task's first step runs on the turn after it was made)
-        try:
-            await layer.group_send(group, room_events_join(notices.events))
-        except Exception as exc:
-            notices.sent.set_exception(exc)
-        else:
-            notices.sent.set_result(None)
+        await self.submit((layer, group), event)

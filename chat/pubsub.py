@@ -54,6 +54,12 @@ without its leaks, with bounded queues, and recovering from a Redis restart.
    event (serialized as the layer serializes every message) left for the consumer, which
    closes the socket 4009 (protocol §16).
 
+6. Each publish took a pooled connection (with its wait timeout) and a round trip of its
+   own: a restarting worker's leave notices and its rejoining sockets' notices, a busy
+   room's messages, one at a time. Here the publishes of one event-loop turn go as one
+   pipeline (chat.batching.TurnBatcher), in the order they were made, each sender still
+   awaiting its own (so one sender's frames keep their order).
+
 After a lost connection, the receive loop reconnects within RECONNECT_DELAY and
 re-subscribes every channel and group the worker holds: group memberships come back by
 themselves (tests/test_faults.py measures how fast). Messages published while a
@@ -94,7 +100,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from chat.batching import TurnBatcher
 from chat.layers import ChannelQueue, overflow_event, resubscribed_event
+from chat.shared_state.redis import DRIVER_INFO
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +143,26 @@ def publishing_pool(host: dict, *, retry: Retry) -> aioredis.ConnectionPool:
         return create_pool({"retry": retry, **host})
     options = {key: value for key, value in host.items() if key != "address"}
     return aioredis.BlockingConnectionPool.from_url(
-        host["address"], retry=retry, timeout=PUBLISH_CONNECTION_WAIT, **options
+        host["address"],
+        retry=retry,
+        timeout=PUBLISH_CONNECTION_WAIT,
+        driver_info=DRIVER_INFO,
+        **options,
     )
+
+
+async def _publish_all(client: aioredis.Redis, messages: list[tuple[str, bytes]]) -> list[None]:
+    """These publishes in one pipeline, in order (not a transaction)."""
+    async with client.pipeline(transaction=False) as pipe:
+        for channel, message in messages:
+            pipe.publish(channel, message)
+        await pipe.execute()
+    return [None] * len(messages)
 
 
 class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
     _subscriber: aioredis.Redis | None = None
+    _publishes: TurnBatcher[None, tuple[str, bytes], None]
 
     def _ensure_redis(self) -> None:
         if self._redis is None:
@@ -148,10 +170,14 @@ class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
             # on a new one (redis-py's default retries three times, with backoff).
             retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
             self._redis = aioredis.Redis(connection_pool=publishing_pool(self.host, retry=retry))
+            client = self._redis
+            self._publishes = TurnBatcher(run=lambda _, messages: _publish_all(client, messages))
             # Subscribing: never reconnected inside redis-py (3. in the module docstring).
             no_retry = Retry(NoBackoff(), 0)
             self._subscriber = aioredis.Redis(
-                connection_pool=create_pool({"retry": no_retry, **self.host})
+                connection_pool=create_pool(
+                    {"retry": no_retry, "driver_info": DRIVER_INFO, **self.host}
+                )
             )
             self._pubsub = ResubscribingPubSub(
                 self._subscriber.connection_pool, resubscribed=self.channel_layer.resubscribed
@@ -216,13 +242,14 @@ class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
             self._subscriber = None
 
     async def publish(self, channel: str, message: bytes) -> None:
-        """Without the shard's lock: concurrent publishes go out on the pool's connections at
-        once. (With the lock, every broadcast of a worker waited for the previous one's round
-        trip, one step per event-loop turn: a busy worker published a few hundred messages
-        per second whatever its CPU.) Each sender still awaits its own publish, so one
-        sender's frames keep their order."""
+        """Without the shard's lock, batched per turn (6. in the module docstring): a turn's
+        publishes go out as one pipeline on one of the pool's connections while the previous
+        turn's may still be in flight on another. (With the lock, every broadcast of a worker
+        waited for the previous one's round trip, one step per event-loop turn: a busy worker
+        published a few hundred messages per second whatever its CPU.) Each sender still
+        awaits its own publish, so one sender's frames keep their order."""
         self._ensure_redis()
-        await self._redis.publish(channel, message)
+        await self._publishes.submit(None, (channel, message))
 
     async def unsubscribe(self, channel: str) -> None:
         async with self._lock:

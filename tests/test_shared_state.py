@@ -79,6 +79,23 @@ async def test_concurrent_counts_are_atomic(state):
     assert sorted(values) == list(range(1, 101))
 
 
+async def test_counts_of_one_turn_share_a_round_trip_and_keep_their_own_outcomes(redis_state):
+    """On Redis a turn's counts go as one pipeline: each caller still gets its own value,
+    a count Redis refuses fails alone, and a script cache Redis lost is loaded again."""
+    redis_state.set("text", "not a number", ttl=10)
+    redis_state.client.script_flush()  # as after a Redis restart
+    outcomes = await asyncio.gather(
+        *(redis_state.acount("c", 1, ttl=10) for _ in range(20)),
+        redis_state.acount("text", 1, ttl=10),
+        redis_state.acount("d", 5, ttl=10, also_read="c"),
+        return_exceptions=True,
+    )
+    assert sorted(value for value, _ in outcomes[:20]) == list(range(1, 21))
+    assert isinstance(outcomes[20], Exception)  # INCRBY of a string: that caller's error
+    assert outcomes[21] == (5, 20)  # counted after the 20 before it in the same pipeline
+    assert redis_state.count("c", 0, ttl=10) == (20, 0)
+
+
 def test_add_sets_only_an_absent_key(state):
     assert state.add("k", "first", ttl=10)
     assert not state.add("k", "second", ttl=10)

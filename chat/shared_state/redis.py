@@ -10,7 +10,10 @@ redis-py's asyncio pool raises at its limit by default, stack notes #2):
 - a `redis.asyncio.Redis` per event loop for `acount`, the one round trip on every chat
   frame. From the event loop a synchronous call needs a thread, and a thread that must take
   the GIL back from a busy loop waits up to the interpreter's switch interval (5 ms) each
-  time, several times per call.
+  time, several times per call. The counts of one event-loop turn go as one pipeline
+  (chat.batching.TurnBatcher): a reconnect storm counts three per join (connection attempts
+  by address and by user, the history page's bytes), and each lone call took a pooled
+  connection, its timeout and its reply parsing (a seventh of a restarting worker's time).
 A pooled connection found dead (Redis restarted while it sat idle) is retried once on a new
 one; a timeout is not retried (the command may have run). Other failures reach the caller
 (redis-py's exceptions): the rate limiter, the reaper and the breaker each say what they do
@@ -22,6 +25,7 @@ Only redis-py's public API is used.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import weakref
@@ -31,9 +35,12 @@ import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
+from chat.batching import TurnBatcher
 from chat.shared_state.base import SharedState, Value
 
 # Add to the counter, give it its TTL if it has none (so a counter expires ttl after its
@@ -45,6 +52,15 @@ local other = 0
 if #KEYS > 1 then other = tonumber(redis.call('GET', KEYS[2]) or 0) or 0 end
 return {value, other}
 """
+COUNT_SHA = hashlib.sha1(COUNT_SCRIPT.encode()).hexdigest()
+
+# What a count is: the script's keys and arguments.
+CountCall = tuple[list[str], list[int]]
+
+# What every connection tells Redis it is (CLIENT SETINFO), made once: redis-py otherwise
+# looks its own version up in the installed package's metadata for every new connection
+# (milliseconds each, a burst of them when a restarted worker fills its pools).
+DRIVER_INFO = DriverInfo()
 
 # Per event loop and process: at most this many connections (callers wait for one).
 MAX_CONNECTIONS = 50
@@ -55,6 +71,35 @@ CONNECT_TIMEOUT = 2.0
 
 def _millis(ttl: float | None) -> int | None:
     return None if ttl is None else max(1, math.ceil(ttl * 1000))
+
+
+async def _counts(
+    client: redis.asyncio.Redis, calls: list[CountCall]
+) -> list[tuple[int, int] | Exception]:
+    """Run these counts in one pipeline (not a transaction: each is atomic on its own); the
+    script is loaded once if Redis does not have it (restarted, or flushed), and the counts
+    it refused run again (a refused EVALSHA did nothing)."""
+    outcomes: list[tuple[int, int] | Exception | None] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in range(2):
+        async with client.pipeline(transaction=False) as pipe:
+            for index in todo:
+                keys, args = calls[index]
+                pipe.evalsha(COUNT_SHA, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        missing = []
+        for index, reply in zip(todo, replies, strict=True):
+            if isinstance(reply, NoScriptError) and attempt == 0:
+                missing.append(index)
+            elif isinstance(reply, Exception):
+                outcomes[index] = reply
+            else:
+                outcomes[index] = (int(reply[0]), int(reply[1]))
+        if not missing:
+            break
+        await client.script_load(COUNT_SCRIPT)
+        todo = missing
+    return outcomes  # type: ignore[return-value]
 
 
 class RedisState(SharedState):
@@ -68,6 +113,7 @@ class RedisState(SharedState):
             "timeout": SOCKET_TIMEOUT,
             "socket_timeout": SOCKET_TIMEOUT,
             "socket_connect_timeout": CONNECT_TIMEOUT,
+            "driver_info": DRIVER_INFO,
         }
         self.client = redis.Redis(
             connection_pool=redis.BlockingConnectionPool.from_url(
@@ -77,18 +123,18 @@ class RedisState(SharedState):
             )
         )
         self.count_script = self.client.register_script(COUNT_SCRIPT)
-        # One asyncio client per event loop (they die with it).
-        self.loop_clients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, object]
+        # One asyncio client and its batcher of counts per event loop (they die with it).
+        self.loop_counts: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, TurnBatcher[None, CountCall, tuple[int, int]]
         ] = weakref.WeakKeyDictionary()
 
     def key(self, key: str) -> str:
         return self.prefix + key
 
-    def _loop_client(self) -> tuple[redis.asyncio.Redis, object]:
-        """The running loop's client and its registered count script."""
+    def _loop_counts(self) -> TurnBatcher[None, CountCall, tuple[int, int]]:
+        """The running loop's batcher of counts, on its own client."""
         loop = asyncio.get_running_loop()
-        found = self.loop_clients.get(loop)
+        found = self.loop_counts.get(loop)
         if found is None:
             client = redis.asyncio.Redis(
                 connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
@@ -97,7 +143,11 @@ class RedisState(SharedState):
                     **self.options,
                 )
             )
-            found = self.loop_clients[loop] = (client, client.register_script(COUNT_SCRIPT))
+
+            async def run(_: None, calls: list[CountCall]) -> list[tuple[int, int] | Exception]:
+                return await _counts(client, calls)
+
+            found = self.loop_counts[loop] = TurnBatcher(run=run)
         return found
 
     def _count_args(
@@ -116,10 +166,7 @@ class RedisState(SharedState):
     async def acount(
         self, key: str, delta: int, *, ttl: float | None, also_read: str | None = None
     ) -> tuple[int, int]:
-        _, script = self._loop_client()
-        keys, args = self._count_args(key, delta, ttl, also_read)
-        value, other = await script(keys=keys, args=args)
-        return int(value), int(other)
+        return await self._loop_counts().submit(None, self._count_args(key, delta, ttl, also_read))
 
     def add(self, key: str, value: Value, *, ttl: float | None) -> bool:
         return bool(self.client.set(self.key(key), json.dumps(value), px=_millis(ttl), nx=True))
