@@ -134,6 +134,15 @@ class SessionConsumer(AsyncWebsocketConsumer):
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
 
+    async def websocket_disconnect(self, message: dict) -> None:
+        """Channels' own, without its `close_old_connections` thread hop either (see
+        `dispatch`): one round trip per socket through the worker's one database thread, in
+        line with the session closes, when a stopping worker's thousands of sockets close at
+        once. (This consumer joins no `groups` of Channels' own: `disconnect` leaves its
+        groups.)"""
+        await self.disconnect(message["code"])
+        raise StopConsumer()
+
     # --- connection ---------------------------------------------------------------------
 
     async def connect(self) -> None:
@@ -276,6 +285,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
                     close_reason=closing.name.lower() if closing else "client",
                     last_seen=self.worker.clock.now(),
                     messages_sent=self.messages_sent,
+                    # A stopping worker's users are told to come back (4012): the room
+                    # hears of their leaving only if they do not, within the grace.
+                    leave_grace=self.config.shutdown_rejoin_grace
+                    if closing is Close.SHUTDOWN
+                    else 0.0,
                 )
             )
         except Exception:

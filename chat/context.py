@@ -42,6 +42,7 @@ class SocketConfig:
     max_data_points: int
     history_on_join: int
     resync_spread: float
+    shutdown_rejoin_grace: float
     message_rule: Rule
     budgets: Budgets
     assistant_rule: Rule
@@ -72,6 +73,7 @@ class SocketConfig:
             max_data_points=settings.CHAT_MAX_DATA_POINTS,
             history_on_join=settings.CHAT_HISTORY_ON_JOIN,
             resync_spread=settings.CHAT_RESYNC_SPREAD,
+            shutdown_rejoin_grace=settings.CHAT_SHUTDOWN_REJOIN_GRACE,
             message_rule=message_rule,
             budgets=Budgets(
                 frames=message_rule,

@@ -190,6 +190,13 @@ class ChatSession(models.Model):
         "session_terminated, invalid_token, ...)",
     )
     messages_sent = models.PositiveIntegerField(default=0)
+    leave_due_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        db_index=True,
+        help_text="A stopping worker closed this socket: the room is told the user left only "
+        "if they are not back by then (CHAT_SHUTDOWN_REJOIN_GRACE).",
+    )
 
     class Meta:
         indexes = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
@@ -63,6 +63,9 @@ class SessionEnd:
     # The socket's final liveness; None: as last written (a reaped session).
     last_seen: datetime | None = None
     messages_sent: int | None = None
+    # Seconds the user has to come back before the room is told they left, if this is their
+    # last socket in it (a stopping worker's close: CHAT_SHUTDOWN_REJOIN_GRACE); 0: at once.
+    leave_grace: float = 0.0
 
 
 def users_lock(*, names: dict[str, str]) -> tuple[dict[str, ChatUser], set[str]]:
@@ -184,6 +187,11 @@ def sessions_open(
         open_now: dict[str, list[str]] = {user_id: [] for user_id in users}
         for user_id, room_id in active.filter(user_id__in=users).values_list("user_id", "room_id"):
             open_now[user_id].append(room_id)
+        # Departures not announced yet (a stopping worker closed the user's last socket in
+        # the room): a user back within the grace was never shown as gone, so is not
+        # shown as joining either.
+        pending = _departures_pending(user_ids=list(users))
+        returned: set[tuple[str, str]] = set()
         sessions: list[ChatSession] = []
         new_members: list[RoomMember] = []
         outcomes: list[SessionOpened | SessionRefused] = []
@@ -222,11 +230,13 @@ def sessions_open(
             )
             sessions.append(session)
             mine.append(room.pk)
+            if first_in_room and (user.pk, room.pk) in pending:
+                returned.add((user.pk, room.pk))
             outcomes.append(
                 SessionOpened(
                     session_id=str(session.session_id),
                     connected_at=session.connected_at,
-                    first_in_room=first_in_room,
+                    first_in_room=first_in_room and (user.pk, room.pk) not in returned,
                     room_assistant_mode=room.assistant_mode,
                     room_kind=room.kind,
                     room_last_seq=room.last_seq,
@@ -234,6 +244,7 @@ def sessions_open(
             )
         rows_insert(rows=new_members, ignore_conflicts=True)
         rows_insert(rows=sessions)
+        _departures_cancel(places=returned)
         unused = made - {session.user_id for session in sessions}
         if unused:  # (rows that have sessions are another worker's, made meanwhile)
             ChatUser.objects.filter(pk__in=unused, sessions__isnull=True).delete()
@@ -307,17 +318,26 @@ def sessions_close(*, ends: list[SessionEnd]) -> list[SessionClosed | None]:
                 "user_id", "room_id"
             )
         )
-    announced: set[tuple[str, str]] = set()
-    for session in reversed(ending):  # the last to end of a user's sockets in a room is out last
-        place = (session.user_id, session.room_id)
-        closed[str(session.session_id)] = SessionClosed(
-            user_id=session.user_id,
-            username=session.username,
-            room_id=session.room_id,
-            channel_name=session.channel_name,
-            last_in_room=place not in still_in and place not in announced,
-        )
-        announced.add(place)
+        announced: set[tuple[str, str]] = set()
+        deferred: list[ChatSession] = []
+        # The last to end of a user's sockets in a room is out last.
+        for session in reversed(ending):
+            place = (session.user_id, session.room_id)
+            last_in_room = place not in still_in and place not in announced
+            announced.add(place)
+            grace = by_id[str(session.session_id)].leave_grace
+            if last_in_room and grace > 0:
+                session.leave_due_at = now + timedelta(seconds=grace)
+                deferred.append(session)
+                last_in_room = False  # told later, if they are not back (`departures_due`)
+            closed[str(session.session_id)] = SessionClosed(
+                user_id=session.user_id,
+                username=session.username,
+                room_id=session.room_id,
+                channel_name=session.channel_name,
+                last_in_room=last_in_room,
+            )
+        rows_update(rows=deferred, fields=["leave_due_at"])
     return [closed.get(end.session_id) for end in ends]
 
 
@@ -387,6 +407,57 @@ def sessions_reap(*, worker_id: str) -> list[SessionClosed]:
         ]
         reaped += [closed for closed in sessions_close(ends=ends) if closed is not None]
     return reaped
+
+
+def _departures_pending(*, user_ids: list[str]) -> set[tuple[str, str]]:
+    """(user, room) of these users' departures not announced yet."""
+    return set(
+        ChatSession.objects.filter(user_id__in=user_ids, leave_due_at__isnull=False).values_list(
+            "user_id", "room_id"
+        )
+    )
+
+
+def _departures_cancel(*, places: set[tuple[str, str]]) -> None:
+    """These users are back in these rooms: their departures are never announced."""
+    for user_id, room_id in places:
+        ChatSession.objects.filter(
+            user_id=user_id, room_id=room_id, leave_due_at__isnull=False
+        ).update(leave_due_at=None)
+
+
+def departures_due(*, now: datetime | None = None) -> list[SessionClosed]:
+    """The departures whose grace is over (users a stopping worker closed who have not come
+    back): each reported once, as a last-out `SessionClosed`, and no longer pending. Under
+    the users' locks, in user id order (as joins take them), so a user who comes back at the
+    same moment is either announced as gone and then as joining, or neither. Any worker's
+    housekeeping calls it; at most REAP_BATCH per call."""
+    now = timezone.now() if now is None else now
+    due = ChatSession.objects.filter(leave_due_at__lte=now)
+    users = sorted(set(due.values_list("user_id", flat=True)[:REAP_BATCH]))
+    if not users:
+        return []
+    with transaction.atomic():
+        list(ChatUser.objects.select_for_update().filter(pk__in=users).order_by("pk"))
+        rows = list(due.filter(user_id__in=users))  # again, under the locks
+        still_in = set(
+            ChatSession.objects.filter(user_id__in=users, disconnected_at__isnull=True).values_list(
+                "user_id", "room_id"
+            )
+        )
+        ChatSession.objects.filter(pk__in=[row.pk for row in rows]).update(leave_due_at=None)
+    gone: dict[tuple[str, str], SessionClosed] = {}
+    for row in rows:
+        place = (row.user_id, row.room_id)
+        if place not in still_in:
+            gone[place] = SessionClosed(
+                user_id=row.user_id,
+                username=row.username,
+                room_id=row.room_id,
+                channel_name=row.channel_name,
+                last_in_room=True,
+            )
+    return list(gone.values())
 
 
 def session_channels(*, session_ids: list[str]) -> list[str]:

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable
+from datetime import datetime
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -38,7 +39,7 @@ from chat.rooms import (
     user_group,
     worker_group,
 )
-from chat.sessions import session_workers, sessions_open_on, sessions_reap
+from chat.sessions import departures_due, session_workers, sessions_open_on, sessions_reap
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,21 @@ async def reap_dead_workers(
         REAPED_SESSIONS.inc(len(reaped))
         logger.warning("reaped %d sessions of dead worker %s", len(reaped), worker_id)
     return total
+
+
+async def announce_departures(*, now: datetime | None = None) -> int:
+    """Tell the rooms of the users a stopping worker closed who have not come back within
+    CHAT_SHUTDOWN_REJOIN_GRACE (`system` + `user_left`, one event per room); how many."""
+    gone = await database_sync_to_async(departures_due)(now=now)
+    notices: dict[str, list[dict]] = {}
+    for departure in gone:
+        notices.setdefault(room_group(departure.room_id), []).append(
+            membership_notice(user_id=departure.user_id, username=departure.username, joined=False)
+        )
+    layer = get_channel_layer()
+    for group, events in notices.items():
+        await layer.group_send(group, room_events_join(events))
+    return len(gone)
 
 
 class WorkerLifecycle:
@@ -223,6 +239,10 @@ class WorkerLifecycle:
                     except Exception:
                         self.liveness_trouble()
                         logger.exception("worker housekeeping failed")
+                try:
+                    await announce_departures()
+                except Exception:
+                    logger.exception("announcing departures failed")
                 await asyncio.sleep(settings.CHAT_REAP_INTERVAL)
         finally:
             keep_alive.cancel()

@@ -473,6 +473,13 @@ if CHAT_REAP_INTERVAL * 2 > CHAT_WORKER_TTL:
 # close with 4012 and their sessions to end before it exits.
 CHAT_SHUTDOWN_GRACE = env_float("CHAT_SHUTDOWN_GRACE", 10)
 
+# CHAT_SHUTDOWN_REJOIN_GRACE: seconds a user whose socket a stopping worker closed (4012,
+# "reconnect") has to come back before their rooms are told they left (`user_left`, sent by
+# any worker's housekeeping, within CHAT_REAP_INTERVAL after the grace); back within it,
+# neither their leaving nor their coming back is announced. A restart is not a departure.
+# 0: announced at once, as any other close.
+CHAT_SHUTDOWN_REJOIN_GRACE = env_float("CHAT_SHUTDOWN_REJOIN_GRACE", 15)
+
 # --- Retention (manage.py purgechat; chat/retention.py) -------------------------------------
 
 # CHAT_MESSAGE_RETENTION_DAYS: messages (with their earlier versions) older than this many

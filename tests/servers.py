@@ -29,12 +29,15 @@ TEST_ENV: dict[str, str | None] = {"LOG_LEVEL": "DEBUG", "LOG_FORMAT": "json"}
 
 WORKER_TTL = 2
 REAP_INTERVAL = 1
+# Seconds a user a stopping worker closed has to come back unannounced.
+REJOIN_GRACE = 2
 # Several workers: a dead one is noticed in seconds; no assistant replies (the tests count
 # frames exactly); warnings only (hundreds of sockets come and go).
 CLUSTER_ENV: dict[str, str | None] = {
     **TEST_ENV,
     "CHAT_WORKER_TTL": str(WORKER_TTL),
     "CHAT_REAP_INTERVAL": str(REAP_INTERVAL),
+    "CHAT_SHUTDOWN_REJOIN_GRACE": str(REJOIN_GRACE),
     "LOG_LEVEL": "WARNING",
     "ASSISTANT_MODE": "off",
 }

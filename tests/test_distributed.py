@@ -43,7 +43,7 @@ from chat.testing.databases import BACKENDS, Database
 from chat.testing.processes import Worker, manage
 from chat.testing.redis_server import REDIS_URL, redis_answers
 from chat.testing.waiting import eventually
-from tests.servers import REAP_INTERVAL, WORKER_TTL, start_cluster
+from tests.servers import REAP_INTERVAL, REJOIN_GRACE, WORKER_TTL, start_cluster
 
 RATE_LIMIT = 25  # frames per user per 60 s; test 8 sends 20 per user
 ENV = {"CHAT_MESSAGE_RATE_LIMIT": str(RATE_LIMIT)}
@@ -169,8 +169,8 @@ async def expect_joined(client: ChatSocket, name: str, uid: str) -> None:
     assert (joined["user_id"], joined["username"], joined["status"]) == (uid, name, "online")
 
 
-async def expect_left(client: ChatSocket, name: str, uid: str) -> None:
-    system = await client.expect("system")
+async def expect_left(client: ChatSocket, name: str, uid: str, timeout: float = 3.0) -> None:
+    system = await client.expect("system", timeout=timeout)
     assert system["content"] == f"{name} left the chat" and system["level"] == "info"
     left = await client.expect("user_left")
     assert (left["user_id"], left["username"], left["status"]) == (uid, name, "offline")
@@ -839,46 +839,56 @@ async def test_killed_worker_users_shown_as_left_once_and_sessions_closed(
 # --- a worker stopped with SIGTERM -------------------------------------------------------------
 
 
-async def test_sigterm_on_one_worker_closes_its_sockets_and_the_room_hears_at_once(
+async def test_sigterm_on_one_worker_closes_its_sockets_and_the_room_hears_who_stays_away(
     two_workers: Cluster,
 ):
     """Graceful shutdown (protocol §4.7, §10): A's sockets get SERVICE_UNAVAILABLE and 4012,
-    their sessions end as `shutdown` (not reaped later as `worker_lost`), members on B hear
-    who left, a user still on B is not announced, and a client that reconnects to B catches
-    up with `history` `after`."""
+    their sessions end as `shutdown` (not reaped later as `worker_lost`). A restart is not a
+    departure: members on B hear that Alice left only once she has stayed away for
+    CHAT_SHUTDOWN_REJOIN_GRACE (B's housekeeping tells them), Dave, back on B within it, is
+    announced neither leaving nor joining, a user still on B is not announced, and a client
+    that reconnects to B catches up with `history` `after`."""
     cluster = two_workers
     a, b = cluster.workers
     db, tag = cluster.database, uuid.uuid4().hex[:8]
     room = f"term-{tag}"
-    ids = {name: f"{name.lower()}-{tag}" for name in ("Alice", "Carol", "Bob")}
+    ids = {name: f"{name.lower()}-{tag}" for name in ("Alice", "Carol", "Bob", "Dave")}
     net = Net(cluster)
 
     async def join(worker: Worker, name: str) -> ChatSocket:
         return await net.join(worker, room, ids[name], name)
 
     try:
-        cast = [(a, "Alice"), (b, "Bob"), (a, "Carol"), (b, "Carol")]
+        cast = [(a, "Alice"), (b, "Bob"), (a, "Carol"), (b, "Carol"), (a, "Dave"), (b, "Bob")]
         everyone = await join_in_turn(net, room, [(w, ids[name], name) for w, name in cast])
-        alice, bob, carol_a, carol_b = everyone
+        alice, bob, carol_a, carol_b, dave, bob_2 = everyone
         await barriers(*everyone)
         await bob.send({"type": "message", "content": "before"})
         last_seen = (await alice.expect("message"))["message_id"]
-        for client in (bob, carol_a, carol_b):
+        for client in (bob, carol_a, carol_b, dave, bob_2):
             assert (await client.expect("message"))["message_id"] == last_seen
 
         stopped_at = time.monotonic()
         a.send_signal(signal.SIGTERM)
-        for client in (alice, carol_a):
+        for client in (alice, carol_a, dave):
             await client.expect_error("SERVICE_UNAVAILABLE", timeout=10)
             await client.expect_close(4012, timeout=10)
-        await expect_left(bob, "Alice", ids["Alice"])
+        dave = await join(b, "Dave")  # back at once, on B
+        await expect_left(bob, "Alice", ids["Alice"], timeout=REJOIN_GRACE + 10)
         heard_after = time.monotonic() - stopped_at
-        print(f"[{cluster.database.backend}] SIGTERM -> user_left on B: {heard_after:.2f} s")
+        print(
+            f"[{cluster.database.backend}] SIGTERM -> user_left on B: {heard_after:.2f} s"
+            f" (CHAT_SHUTDOWN_REJOIN_GRACE={REJOIN_GRACE})"
+        )
+        assert heard_after >= REJOIN_GRACE
         await expect_left(carol_b, "Alice", ids["Alice"])
+        await expect_left(dave, "Alice", ids["Alice"])
+        await expect_left(bob_2, "Alice", ids["Alice"])
         assert a.reap(timeout=15) == 0, a.logs()
-        # Nothing more: Carol (still on B) is not announced, and B has nothing to reap later:
-        # every session A held is closed (a reaper ends open sessions of dead workers only).
-        await barriers(bob, carol_b)
+        # Nothing more: not Dave's leaving or coming back, not Carol (still on B); and B
+        # has nothing to reap later: every session A held is closed (a reaper ends open
+        # sessions of dead workers only); no departure is left pending.
+        await barriers(bob, carol_b, dave, bob_2)
         assert await asyncio.to_thread(reaped_sessions, [b]) == 0
         rows = await asyncio.to_thread(
             db.rows,
@@ -886,9 +896,17 @@ async def test_sigterm_on_one_worker_closes_its_sockets_and_the_room_hears_at_on
             "WHERE disconnected_at IS NOT NULL",
         )
         assert sorted(rows) == sorted(
-            [(ids["Alice"], 4012, "shutdown"), (ids["Carol"], 4012, "shutdown")]
+            [
+                (ids["Alice"], 4012, "shutdown"),
+                (ids["Carol"], 4012, "shutdown"),
+                (ids["Dave"], 4012, "shutdown"),
+            ]
         )
-        assert {row[1] for row in db.open_sessions()} == {ids["Bob"], ids["Carol"]}
+        pending = await asyncio.to_thread(
+            db.rows, "SELECT user_id FROM chat_chatsession WHERE leave_due_at IS NOT NULL"
+        )
+        assert pending == []
+        assert {row[1] for row in db.open_sessions()} == {ids["Bob"], ids["Carol"], ids["Dave"]}
 
         # Alice reconnects to B and catches up on what she missed.
         await bob.send({"type": "message", "content": "while you were away"})

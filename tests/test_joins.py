@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -38,10 +39,12 @@ from chat.sessions import (
     SessionOpened,
     SessionRefused,
     SessionRequest,
+    departures_due,
     sessions_close,
     sessions_open,
     sessions_reap,
 )
+from chat.worker import announce_departures
 from tests.conftest import open_socket, read_join, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -422,3 +425,94 @@ async def test_every_sender_of_a_turn_gets_the_send_error_and_a_cancelled_one_co
     await stays
     assert gone.cancelled()
     assert len((await layer.receive(channel))["frames"]) == 4  # the cancelled one's too
+
+
+# --- a restart is not a departure (CHAT_SHUTDOWN_REJOIN_GRACE) ---------------------------------
+
+
+def shutdown_end(session_id: str, *, grace: float = 15) -> SessionEnd:
+    return SessionEnd(
+        session_id=session_id, close_code=4012, close_reason="shutdown", leave_grace=grace
+    )
+
+
+def test_a_departure_in_grace_is_announced_once_when_it_is_over(db):
+    public("lobby")
+    (opened,) = open_batch([request("alice", "lobby")])
+    (closed,) = sessions_close(ends=[shutdown_end(opened.session_id)])
+    assert not closed.last_in_room  # not now
+    due = ChatSession.objects.get().leave_due_at
+    assert departures_due(now=due - timedelta(seconds=1)) == []
+    (gone,) = departures_due(now=due)
+    assert (gone.user_id, gone.room_id, gone.last_in_room) == ("alice", "lobby", True)
+    assert departures_due(now=due + timedelta(hours=1)) == []  # once
+    assert ChatSession.objects.get().leave_due_at is None
+
+
+def test_back_within_the_grace_is_neither_gone_nor_new(db):
+    public("lobby")
+    (first,) = open_batch([request("alice", "lobby")])
+    sessions_close(ends=[shutdown_end(first.session_id)])
+    (again,) = open_batch([request("alice", "lobby", 1)])
+    assert not again.first_in_room  # the room never saw her go: no user_joined
+    assert departures_due(now=timezone.now() + timedelta(hours=1)) == []  # nor user_left
+    (closed,) = sessions_close(
+        ends=[SessionEnd(session_id=again.session_id, close_code=1000, close_reason="client")]
+    )
+    assert closed.last_in_room  # leaving herself later is announced at once
+
+
+def test_only_the_last_socket_out_defers_and_a_grace_of_0_is_at_once(db):
+    public("lobby")
+    one, two = open_batch([request("alice", "lobby", 1), request("alice", "lobby", 2)])
+    (closed,) = sessions_close(ends=[shutdown_end(one.session_id)])
+    assert not closed.last_in_room
+    assert not ChatSession.objects.filter(leave_due_at__isnull=False).exists()  # still in
+    (closed,) = sessions_close(ends=[shutdown_end(two.session_id, grace=0)])
+    assert closed.last_in_room and not ChatSession.objects.filter(leave_due_at__isnull=False)
+
+
+async def test_a_socket_the_worker_closes_for_shutdown_comes_back_unannounced(clients):
+    await database_sync_to_async(public)("lobby")
+    alice = await clients.join("lobby", "alice")
+    bob = await clients.join("lobby", "bob")
+    await alice.recv_type("user_joined")
+    await alice.expect_nothing_pending()
+    await get_channel_layer().send(await bob.channel_name(), {"type": "worker.shutdown"})
+    await bob.expect_refusal("SERVICE_UNAVAILABLE", 4012)
+    await bob.close()
+    bob = await clients.join("lobby", "bob")
+    assert "bob" in {user["user_id"] for user in bob.presence["users"]}
+    await alice.expect_nothing_pending()  # no user_left, no user_joined
+    await bob.expect_nothing_pending()
+
+
+async def test_a_client_closing_with_4012_itself_gets_no_grace(clients):
+    """Only the server's own shutdown close defers the departure: a client cannot hide its
+    leaving by sending the shutdown code."""
+    await database_sync_to_async(public)("lobby")
+    alice = await clients.join("lobby", "alice")
+    bob = await clients.join("lobby", "bob")
+    await alice.recv_type("user_joined")
+    bob.closed = True
+    await bob.communicator.disconnect(code=4012, timeout=5)
+    left = await alice.recv_type("user_left")
+    assert left["user_id"] == "bob"
+    assert not await database_sync_to_async(
+        ChatSession.objects.filter(leave_due_at__isnull=False).exists
+    )()
+
+
+async def test_the_housekeeping_announcement_reaches_the_room(clients):
+    await database_sync_to_async(public)("lobby")
+    alice = await clients.join("lobby", "alice")
+    bob = await clients.join("lobby", "bob")
+    await alice.recv_type("user_joined")
+    await get_channel_layer().send(await bob.channel_name(), {"type": "worker.shutdown"})
+    await bob.expect_refusal("SERVICE_UNAVAILABLE", 4012)
+    await bob.close()
+    await alice.expect_nothing_pending()
+    assert await announce_departures(now=timezone.now() + timedelta(hours=1)) == 1
+    assert (await alice.recv())["content"] == "Bob left the chat"
+    assert (await alice.recv())["type"] == "user_left"
+    assert await announce_departures(now=timezone.now() + timedelta(hours=1)) == 0
