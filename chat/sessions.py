@@ -244,7 +244,7 @@ def sessions_open(
             )
         rows_insert(rows=new_members, ignore_conflicts=True)
         rows_insert(rows=sessions)
-        _departures_cancel(places=returned)
+        _departures_cancel(session_ids=[pk for place in returned for pk in pending[place]])
         unused = made - {session.user_id for session in sessions}
         if unused:  # (rows that have sessions are another worker's, made meanwhile)
             ChatUser.objects.filter(pk__in=unused, sessions__isnull=True).delete()
@@ -409,21 +409,19 @@ def sessions_reap(*, worker_id: str) -> list[SessionClosed]:
     return reaped
 
 
-def _departures_pending(*, user_ids: list[str]) -> set[tuple[str, str]]:
-    """(user, room) of these users' departures not announced yet."""
-    return set(
-        ChatSession.objects.filter(user_id__in=user_ids, leave_due_at__isnull=False).values_list(
-            "user_id", "room_id"
-        )
-    )
+def _departures_pending(*, user_ids: list[str]) -> dict[tuple[str, str], list]:
+    """These users' departures not announced yet: (user, room) -> the sessions holding them."""
+    pending: dict[tuple[str, str], list] = {}
+    rows = ChatSession.objects.filter(user_id__in=user_ids, leave_due_at__isnull=False)
+    for pk, user_id, room_id in rows.values_list("pk", "user_id", "room_id"):
+        pending.setdefault((user_id, room_id), []).append(pk)
+    return pending
 
 
-def _departures_cancel(*, places: set[tuple[str, str]]) -> None:
-    """These users are back in these rooms: their departures are never announced."""
-    for user_id, room_id in places:
-        ChatSession.objects.filter(
-            user_id=user_id, room_id=room_id, leave_due_at__isnull=False
-        ).update(leave_due_at=None)
+def _departures_cancel(*, session_ids: list) -> None:
+    """Their users are back in these rooms: these departures are never announced."""
+    if session_ids:
+        ChatSession.objects.filter(pk__in=session_ids).update(leave_due_at=None)
 
 
 def departures_due(*, now: datetime | None = None) -> list[SessionClosed]:
