@@ -22,14 +22,13 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 
 from chat import metrics
-from chat.access import Action, Refused, room_authorize
+from chat.access import Refused
 from chat.analysis import health_analysis
 from chat.analysis_jobs import AnalysisLimits, FrameRejected
 from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
 from chat.budgets import HEARTBEAT_MAX_SIZE, Refusal, SocketBudget, connect_refused
 from chat.context import WorkerContext
 from chat.dispatching import dispatch_events
-from chat.history import messages_page
 from chat.inbound import frame_size, frame_type, large_frame, parse_message, small_heartbeat
 from chat.joins import ViewRequest
 from chat.logs import bind_log_context
@@ -60,6 +59,7 @@ from chat.protocol import (
     now_iso,
 )
 from chat.ratelimit import rate_limit_hit
+from chat.reads import PageRequest
 from chat.replies import assistant_reply, room_assistant_mode, wants_reply
 from chat.rooms import (
     membership_notice,
@@ -701,22 +701,21 @@ class ChatConsumer(SessionConsumer):
         after_seq: int | None = None,
     ) -> None:
         """A requested history page, asked of the rule again in the same database call: the
-        user may have been removed since the socket joined, even a moment ago."""
-
-        def page() -> tuple[list[dict], bool]:
-            room_authorize(user_id=self.identity.user_id, room_id=self.room_id, action=Action.READ)
-            return messages_page(
-                room_id=self.room_id,
-                limit=limit,
-                before=before,
-                after=after,
-                before_seq=before_seq,
-                after_seq=after_seq,
-                max_bytes=self.config.history_max_bytes,
-            )
-
+        user may have been removed since the socket joined, even a moment ago (batched with
+        the worker's other requests, chat.reads)."""
         try:
-            messages, has_more = await database_sync_to_async(page)()
+            messages, has_more = await self.worker.history_reader.read(
+                PageRequest(
+                    user_id=self.identity.user_id,
+                    room_id=self.room_id,
+                    limit=limit,
+                    max_bytes=self.config.history_max_bytes,
+                    before=before,
+                    after=after,
+                    before_seq=before_seq,
+                    after_seq=after_seq,
+                )
+            )
         except Refused:
             return await self.end(Close.ROOM_FORBIDDEN)
         await self.send_history_page(

@@ -24,6 +24,7 @@ from chat.budgets import Budgets
 from chat.joins import MembershipNotices, RoomViewer, SessionCloser, SessionOpener
 from chat.overload import DeliveryDelays
 from chat.ratelimit import Rule
+from chat.reads import HistoryReader
 from chat.timers import Clock, LoopClock, TimerIntervals
 from chat.touches import SessionToucher
 from chat.writer import MessageWriter
@@ -187,6 +188,11 @@ class WorkerContext:
     def membership_notices(self) -> MembershipNotices:
         """This worker's join and leave notices, one event per room per turn (chat.joins)."""
         return self.per_loop("membership_notices", MembershipNotices)
+
+    @property
+    def history_reader(self) -> HistoryReader:
+        """Batched `history` requests of this worker's sockets (chat.reads)."""
+        return self.per_loop("history_reader", HistoryReader)
 
     @property
     def message_writer(self) -> MessageWriter:
