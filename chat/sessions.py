@@ -36,6 +36,8 @@ class SessionRefused(Exception):
 class SessionOpened:
     session_id: str
     connected_at: datetime
+    # The user's first socket in the room, to be announced (not when back within a
+    # stopping worker's rejoin grace: the room never saw them go).
     first_in_room: bool
     # The room's assistant mode as stored (empty: the default for its kind).
     room_assistant_mode: str

@@ -39,7 +39,13 @@ from chat.rooms import (
     user_group,
     worker_group,
 )
-from chat.sessions import departures_due, session_workers, sessions_open_on, sessions_reap
+from chat.sessions import (
+    SessionClosed,
+    departures_due,
+    session_workers,
+    sessions_open_on,
+    sessions_reap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +76,15 @@ async def reap_dead_workers(
     total = 0
     for worker_id in sorted(dead):
         reaped = await database_sync_to_async(sessions_reap)(worker_id=worker_id)
-        notices: dict[str, list[dict]] = {}
         for session in reaped:
-            group = room_group(session.room_id)
             # Every group the socket's consumer joined (as its disconnect would have).
-            for joined in (group, user_group(session.user_id), worker_group(worker_id)):
+            for joined in (
+                room_group(session.room_id),
+                user_group(session.user_id),
+                worker_group(worker_id),
+            ):
                 await layer.group_discard(joined, session.channel_name)
-            if session.last_in_room:
-                notices.setdefault(group, []).append(
-                    membership_notice(
-                        user_id=session.user_id, username=session.username, joined=False
-                    )
-                )
-        for group, events in notices.items():  # one event per room
-            await layer.group_send(group, room_events_join(events))
+        await announce_leaves(departures=[session for session in reaped if session.last_in_room])
         total += len(reaped)
         REAPED_SESSIONS.inc(len(reaped))
         logger.warning("reaped %d sessions of dead worker %s", len(reaped), worker_id)
@@ -94,15 +95,21 @@ async def announce_departures(*, now: datetime | None = None) -> int:
     """Tell the rooms of the users a stopping worker closed who have not come back within
     CHAT_SHUTDOWN_REJOIN_GRACE (`system` + `user_left`, one event per room); how many."""
     gone = await database_sync_to_async(departures_due)(now=now)
+    await announce_leaves(departures=gone)
+    return len(gone)
+
+
+async def announce_leaves(*, departures: list[SessionClosed]) -> None:
+    """`system` + `user_left` to each departed user's room, from this worker (not from a
+    socket: the reaper, the end of a rejoin grace), one event per room."""
     notices: dict[str, list[dict]] = {}
-    for departure in gone:
+    for departure in departures:
         notices.setdefault(room_group(departure.room_id), []).append(
             membership_notice(user_id=departure.user_id, username=departure.username, joined=False)
         )
     layer = get_channel_layer()
     for group, events in notices.items():
         await layer.group_send(group, room_events_join(events))
-    return len(gone)
 
 
 class WorkerLifecycle:
