@@ -7,7 +7,7 @@ retry_after)`. The window is rolling, estimated from two fixed windows (the curr
 plus the previous window's count weighted by how much of it still overlaps), so each frame
 costs one atomic increment (of its `cost`: 1, or its size in bytes). What the limit refuses
 is not counted against it (as the original), but counts toward the abuse threshold that
-closes the socket.
+closes the socket, estimated over the same rolling window.
 
 On Redis that increment is one script round trip made on the event loop, with no thread
 (chat/shared_state/redis.py says why); in memory it runs inline.
@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 class Rule:
     seconds: int
     max_requests: int
-    # More than max_requests * close_factor frames in one window is abuse: close the socket.
+    # More than max_requests * close_factor frames (accepted or refused) in the rolling window
+    # is abuse: close the socket.
     close_factor: int = 3
 
 
@@ -72,11 +73,16 @@ async def rate_limit_hit(
     if estimate <= rule.max_requests:
         return Verdict(limited=False)
     current, _ = await state.acount(accepted_key, -cost, ttl=ttl)
-    refused, _ = await state.acount(f"rl:{key}:{window}:refused", cost, ttl=ttl)
+    refused, previous_refused = await state.acount(
+        f"rl:{key}:{window}:refused", cost, ttl=ttl, also_read=f"rl:{key}:{window - 1}:refused"
+    )
+    # Abuse is judged on the same rolling estimate as the limit, accepted and refused alike:
+    # a burst that straddles two fixed windows is still one burst.
+    sent = (previous + previous_refused) * (1 - elapsed / rule.seconds) + current + refused
     return Verdict(
         limited=True,
         retry_after=_retry_after(
             rule=rule, previous=previous, current=current, elapsed=elapsed, cost=cost
         ),
-        abusive=current + refused > rule.max_requests * rule.close_factor,
+        abusive=sent > rule.max_requests * rule.close_factor,
     )

@@ -405,7 +405,8 @@ if min(CHAT_ANALYSIS_RATE_LIMIT, CHAT_ANALYSIS_QUEUE, CHAT_ANALYSIS_PROCESSES) <
 CHAT_MESSAGE_RATE_LIMIT = env_int("CHAT_MESSAGE_RATE_LIMIT", 60)
 # CHAT_RATE_LIMIT_WINDOW: seconds of the rolling rate-limit window.
 CHAT_RATE_LIMIT_WINDOW = env_int("CHAT_RATE_LIMIT_WINDOW", 60)
-# CHAT_RATE_LIMIT_CLOSE_FACTOR: frames beyond limit x this factor in one window close 4029.
+# CHAT_RATE_LIMIT_CLOSE_FACTOR: frames (accepted and refused) beyond limit x this factor in the
+# rolling window close 4029.
 CHAT_RATE_LIMIT_CLOSE_FACTOR = env_int("CHAT_RATE_LIMIT_CLOSE_FACTOR", 3)
 
 # --- Fair share (protocol §16; chat/budgets.py) -----------------------------------------------

@@ -73,3 +73,24 @@ async def test_retry_after_is_honest(limit):
     assert verdict.limited
     later = START + 10 + verdict.retry_after
     assert not (await rate_limit_hit(key="u", rule=rule, now=later)).limited
+
+
+async def test_a_burst_straddling_two_windows_is_still_abuse():
+    """The abuse threshold weighs the previous window as the limit does: a hostile burst
+    that starts just before a window's end is closed at the same frame as one that does not
+    (with fixed windows it was never closed: each window saw less than three times the
+    limit)."""
+    before = await hits(40, at=START + 59.9)  # 40 accepted in the first window
+    after = await hits(141, at=START + 60.1)  # 20 accepted, then refused, in the next
+    assert not any(v.limited for v in before)
+    assert [v.limited for v in after[:21]] == [False] * 20 + [True]
+    # 40 * (1 - 0.1/60) + 141 frames > 180 from the 141st frame of the next window on
+    assert [v.abusive for v in after].index(True) == 140
+
+
+async def test_refused_frames_of_the_previous_window_weigh_toward_abuse():
+    await hits(180, at=START + 30)  # 60 accepted, 120 refused: not yet abuse
+    verdicts = await hits(40, at=START + 90)  # half of those 180 still weigh
+    # 180 * 0.5 = 90 weigh: 91 more frames would be abuse, not 40
+    assert not any(v.abusive for v in verdicts)
+    assert (await hits(52, at=START + 90))[-1].abusive
