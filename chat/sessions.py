@@ -286,42 +286,43 @@ def sessions_close(*, ends: list[SessionEnd]) -> list[SessionClosed | None]:
     if not ends:
         return []
     by_id = {end.session_id: end for end in ends}
-    sessions = {
-        str(session.session_id): session
-        for session in ChatSession.objects.filter(session_id__in=by_id)
-    }
-    users = sorted({session.user_id for session in sessions.values()})
     now = timezone.now()
     closed: dict[str, SessionClosed] = {}
     with transaction.atomic():
-        list(ChatUser.objects.select_for_update().filter(pk__in=users).order_by("pk"))
-        still_open = set(
-            ChatSession.objects.filter(
-                session_id__in=by_id, disconnected_at__isnull=True
-            ).values_list("session_id", flat=True)
+        users = list(
+            ChatUser.objects.select_for_update()
+            .filter(pk__in=ChatSession.objects.filter(session_id__in=by_id).values("user_id"))
+            .order_by("pk")
+            .values_list("pk", flat=True)
         )
-        ending = [
-            sessions[end.session_id]
-            for end in ends
-            if end.session_id in sessions and sessions[end.session_id].session_id in still_open
-        ]
-        for session in ending:
-            end = by_id[str(session.session_id)]
-            session.disconnected_at = now
-            session.close_code = end.close_code
-            session.close_reason = end.close_reason[:64]
-            if end.last_seen is not None:
-                session.last_seen = end.last_seen
-            if end.messages_sent is not None:
-                session.messages_sent = end.messages_sent
-        rows_update(rows=ending, fields=_ENDED)
-        still_in = set(
-            ChatSession.objects.filter(user_id__in=users, disconnected_at__isnull=True).values_list(
-                "user_id", "room_id"
+        # These users' open sessions: those to end, and those that stay (in one query).
+        still_open = {
+            str(session_id): rest
+            for session_id, *rest in ChatSession.objects.filter(
+                user_id__in=users, disconnected_at__isnull=True
+            ).values_list("session_id", "user_id", "username", "room_id", "channel_name")
+        }
+        ending: list[ChatSession] = []
+        for end in ends:
+            if end.session_id not in still_open:
+                continue  # ended already (or ended twice in `ends`: once)
+            user_id, username, room_id, channel_name = still_open.pop(end.session_id)
+            ending.append(
+                ChatSession(
+                    session_id=end.session_id,
+                    user_id=user_id,
+                    username=username,
+                    room_id=room_id,
+                    channel_name=channel_name,
+                    disconnected_at=now,
+                    close_code=end.close_code,
+                    close_reason=end.close_reason[:64],
+                    last_seen=end.last_seen,
+                    messages_sent=end.messages_sent or 0,
+                )
             )
-        )
+        still_in = {(user_id, room_id) for user_id, _, room_id, _ in still_open.values()}
         announced: set[tuple[str, str]] = set()
-        deferred: list[ChatSession] = []
         # The last to end of a user's sockets in a room is out last.
         for session in reversed(ending):
             place = (session.user_id, session.room_id)
@@ -330,7 +331,6 @@ def sessions_close(*, ends: list[SessionEnd]) -> list[SessionClosed | None]:
             grace = by_id[str(session.session_id)].leave_grace
             if last_in_room and grace > 0:
                 session.leave_due_at = now + timedelta(seconds=grace)
-                deferred.append(session)
                 last_in_room = False  # told later, if they are not back (`departures_due`)
             closed[str(session.session_id)] = SessionClosed(
                 user_id=session.user_id,
@@ -339,12 +339,32 @@ def sessions_close(*, ends: list[SessionEnd]) -> list[SessionClosed | None]:
                 channel_name=session.channel_name,
                 last_in_room=last_in_room,
             )
-        rows_update(rows=deferred, fields=["leave_due_at"])
+        # One statement per set of fields written: last_seen and messages_sent only where
+        # given (a reaped session keeps what was last written).
+        written: dict[tuple[str, ...], list[ChatSession]] = {}
+        for session in ending:
+            end = by_id[str(session.session_id)]
+            fields = tuple(
+                name
+                for name in _ENDED
+                if not (name == "last_seen" and end.last_seen is None)
+                and not (name == "messages_sent" and end.messages_sent is None)
+            )
+            written.setdefault(fields, []).append(session)
+        for fields, rows in written.items():
+            rows_update(rows=rows, fields=fields)
     return [closed.get(end.session_id) for end in ends]
 
 
 # What ending a session writes.
-_ENDED = ("disconnected_at", "close_code", "close_reason", "last_seen", "messages_sent")
+_ENDED = (
+    "disconnected_at",
+    "close_code",
+    "close_reason",
+    "leave_due_at",
+    "last_seen",
+    "messages_sent",
+)
 
 
 def room_presence(*, room_id: str) -> list[dict]:
