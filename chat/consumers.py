@@ -472,8 +472,15 @@ class SessionConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_send(room_group(self.room_id), room_event(payload))
 
     async def worker_shutdown(self, event: dict) -> None:
-        """This worker is stopping (SIGTERM/SIGINT): the client should reconnect elsewhere."""
+        """This worker is stopping (SIGTERM/SIGINT): the client should reconnect elsewhere.
+
+        The session ends now, with the close on its way, not when the client answers it:
+        the stopping worker waits only for its sessions to end (chat.worker), and thousands
+        of clients answering at once (or one that never does) would hold up its exit and
+        the restart. (`disconnect` ends a session once: daphne's later disconnect event
+        finds nothing left to do.)"""
         await self.end(Close.SHUTDOWN)
+        await self.disconnect(Close.SHUTDOWN.value.code)
 
     async def layer_overflow(self, event: dict) -> None:
         """This socket's channel-layer queue filled up (it reads slower than its rooms talk):

@@ -60,6 +60,13 @@ without its leaks, with bounded queues, and recovering from a Redis restart.
    pipeline (chat.batching.TurnBatcher), in the order they were made, each sender still
    awaiting its own (so one sender's frames keep their order).
 
+7. Each SUBSCRIBE and UNSUBSCRIBE was a command of its own, sent under the shard's lock: a
+   join subscribes its own channel and usually its user's group, so a reconnect storm sent
+   thousands, one send each. Here the (un)subscriptions asked before the batch takes the
+   lock go as one SUBSCRIBE and one UNSUBSCRIBE, the last asked of a channel winning (a
+   channel subscribed and released in one turn is not left subscribed); a channel already
+   subscribed, with nothing pending for it, costs no wait at all.
+
 After a lost connection, the receive loop reconnects within RECONNECT_DELAY and
 re-subscribes every channel and group the worker holds: group memberships come back by
 themselves (tests/test_faults.py measures how fast). Messages published while a
@@ -89,7 +96,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from channels_redis import pubsub
 from channels_redis.utils import _close_redis, _wrap_close, create_pool
@@ -164,6 +171,14 @@ class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
     _subscriber: aioredis.Redis | None = None
     _publishes: TurnBatcher[None, tuple[str, bytes], None]
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # (un)subscriptions asked, not sent yet: channel -> subscribe (7.)
+        self._changes: dict[str, bool] = {}
+        # their callers' outcomes, by kind (None: nothing asked)
+        self._changed: dict[bool, asyncio.Future] | None = None
+        self._changing: set[asyncio.Task] = set()
+
     def _ensure_redis(self) -> None:
         if self._redis is None:
             # Publishing: a command whose connection turns out to be lost is sent once more
@@ -192,20 +207,89 @@ class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
         await self._pubsub.connect()
 
     async def subscribe(self, channel: str) -> None:
+        if channel in self._subscribed_to and channel not in self._changes:
+            return
+        await self._change(channel, subscribe=True)
+
+    async def unsubscribe(self, channel: str) -> None:
+        if channel not in self._subscribed_to and channel not in self._changes:
+            return
+        await self._change(channel, subscribe=False)
+
+    # --- subscription changes, batched per turn (7. in the module docstring) ---------------
+
+    def _change(self, channel: str, *, subscribe: bool) -> Awaitable[None]:
+        """Ask for a (un)subscription: those asked before the batch takes the lock go
+        together, the last asked of a channel winning; each caller gets the outcome of its
+        own kind's command."""
+        loop = asyncio.get_running_loop()
+        if self._changed is None:
+            self._changes = {}
+            self._changed = {True: loop.create_future(), False: loop.create_future()}
+            for future in self._changed.values():
+                # (retrieved here: a caller gone meanwhile leaves no unretrieved error)
+                future.add_done_callback(lambda done: done.cancelled() or done.exception())
+            task = loop.create_task(self._apply_changes())
+            self._changing.add(task)
+            task.add_done_callback(self._changing.discard)
+        self._changes.pop(channel, None)  # (order kept: the last asked goes last)
+        self._changes[channel] = subscribe
+        return asyncio.shield(self._changed[subscribe])
+
+    async def _apply_changes(self) -> None:
         async with self._lock:
-            if channel in self._subscribed_to:
-                return
-            self._ensure_redis()
-            self._ensure_receiver()
-            if not self._pubsub.subscribed and self._pubsub.connection is not None:
-                await self._pubsub.connection.disconnect()  # idle: renewed (3.)
+            changes, changed = self._changes, self._changed
+            self._changes, self._changed = {}, None
+            assert changed is not None
+            wanted = [c for c, sub in changes.items() if sub and c not in self._subscribed_to]
+            unwanted = [c for c, sub in changes.items() if not sub and c in self._subscribed_to]
             try:
-                await self._pubsub.subscribe(channel)
-            except CONNECTION_LOST as lost:
-                logger.info("subscriber connection lost (%r): reconnecting", lost)
-                await self._reconnect()
-                await self._pubsub.subscribe(channel)
-            self._subscribed_to.add(channel)
+                await self._subscribe_all(wanted)
+            except Exception as exc:
+                changed[True].set_exception(exc)
+            else:
+                changed[True].set_result(None)
+            try:
+                await self._unsubscribe_all(unwanted)
+            except Exception as exc:
+                changed[False].set_exception(exc)
+            else:
+                changed[False].set_result(None)
+
+    async def _subscribe_all(self, channels: list[str]) -> None:
+        """Under the lock: one SUBSCRIBE for these channels."""
+        if not channels:
+            return
+        self._ensure_redis()
+        self._ensure_receiver()
+        if not self._pubsub.subscribed and self._pubsub.connection is not None:
+            await self._pubsub.connection.disconnect()  # idle: renewed (3.)
+        try:
+            await self._pubsub.subscribe(*channels)
+        except CONNECTION_LOST as lost:
+            logger.info("subscriber connection lost (%r): reconnecting", lost)
+            await self._reconnect()
+            await self._pubsub.subscribe(*channels)
+        self._subscribed_to.update(channels)
+
+    async def _unsubscribe_all(self, channels: list[str]) -> None:
+        """Under the lock: one UNSUBSCRIBE for these channels."""
+        if not channels:
+            return
+        self._ensure_redis()
+        self._ensure_receiver()
+        try:
+            await self._pubsub.unsubscribe(*channels)
+        except CONNECTION_LOST as lost:
+            # No connection, no subscription.
+            logger.info("unsubscribed %d with the connection lost (%r)", len(channels), lost)
+        # Forget them now, not when Redis confirms: redis-py's PubSub keeps a channel until
+        # the confirmation is read, and a reconnection meanwhile (Redis restarted, the
+        # connection lost) would subscribe it again, for good. (Their messages, if any
+        # still come, are dropped: no local channel or group has those names.)
+        for key in self._pubsub._normalize_keys(dict.fromkeys(channels)):
+            self._pubsub.channels.pop(key, None)
+        self._subscribed_to.difference_update(channels)
 
     async def _do_receiving(self) -> None:
         """Read what Redis publishes to this worker's subscriptions, reconnecting (under the
@@ -251,25 +335,6 @@ class RedisSingleShardConnection(pubsub.RedisSingleShardConnection):
         self._ensure_redis()
         await self._publishes.submit(None, (channel, message))
 
-    async def unsubscribe(self, channel: str) -> None:
-        async with self._lock:
-            if channel not in self._subscribed_to:
-                return
-            self._ensure_redis()
-            self._ensure_receiver()
-            try:
-                await self._pubsub.unsubscribe(channel)
-            except CONNECTION_LOST as lost:
-                # No connection, no subscription.
-                logger.info("unsubscribed %s with the connection lost (%r)", channel, lost)
-            # Forget it now, not when Redis confirms: redis-py's PubSub keeps a channel until
-            # the confirmation is read, and a reconnection meanwhile (Redis restarted, the
-            # connection lost) would subscribe it again, for good. (Its messages, if any
-            # still come, are dropped: no local channel or group has that name.)
-            for key in self._pubsub._normalize_keys({channel: None}):
-                self._pubsub.channels.pop(key, None)
-            self._subscribed_to.discard(channel)
-
     def _receive_message(self, message: dict | None) -> None:
         """One pub/sub message to its channel's queue, or to each local member's of its
         group, through the bounded queue (5. in the module docstring)."""
@@ -302,6 +367,8 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
         self._releasing: set[asyncio.Task] = set()
         # channels made by new_channel, released when the task that made them ends (1.)
         self._owned: set[str] = set()
+        # False once the worker is stopping: its subscriptions end with its connection.
+        self._unsubscribing = True
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         channel = f"{self.prefix}{prefix}{uuid.uuid4().hex}"
@@ -369,6 +436,8 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
         self._unsubscribed.discard(channel)
         self._owned.discard(channel)
         groups = self._memberships.pop(channel, set())
+        if not self._unsubscribing:
+            return
         try:
             task = asyncio.get_running_loop().create_task(self._release(channel, groups))
         except RuntimeError:  # the loop is closing: its connections go with it
@@ -386,6 +455,12 @@ class RedisPubSubLoopLayer(pubsub.RedisPubSubLoopLayer):
 
 
 class RedisPubSubChannelLayer(pubsub.RedisPubSubChannelLayer):
+    def worker_stopping(self) -> None:
+        """This worker is stopping: its sockets' channels are forgotten as they close, not
+        unsubscribed one by one (an UNSUBSCRIBE per socket, each waiting for the shard's
+        lock, while thousands close at once); the subscriber connection's end ends them."""
+        self._get_layer()._unsubscribing = False
+
     def _get_layer(self) -> RedisPubSubLoopLayer:
         loop = asyncio.get_running_loop()
         try:

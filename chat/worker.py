@@ -201,9 +201,10 @@ class WorkerLifecycle:
         try:
             if self.worker.stop_listening is not None:
                 self.worker.stop_listening()
-            await get_channel_layer().group_send(
-                worker_group(self.worker.worker_id), {"type": "worker.shutdown"}
-            )
+            layer = get_channel_layer()
+            if hasattr(layer, "worker_stopping"):  # Redis: no UNSUBSCRIBE per closing socket
+                layer.worker_stopping()
+            await layer.group_send(worker_group(self.worker.worker_id), {"type": "worker.shutdown"})
             deadline = time.monotonic() + settings.CHAT_SHUTDOWN_GRACE
             while time.monotonic() < deadline:
                 if not await database_sync_to_async(sessions_open_on)(

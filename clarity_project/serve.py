@@ -27,6 +27,7 @@ line holds everywhere:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -141,7 +142,24 @@ def daphne_arguments(options: list[str]) -> list[str]:
 
 def main(options: list[str]) -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "clarity_project.settings")
+    stopped = False
+
+    def exit_without_teardown() -> None:
+        """Once the worker has stopped (its sessions ended, its sockets closed, its analysis
+        processes stopped) and every exit handler registered after this one has run (the
+        analysis pool's included): exit without the interpreter's teardown, which freed a
+        stopped worker's heap object by object (~0.3 s with 2,000 sockets' objects, in a
+        restart whose port is free only once the process is gone). Instagram's exit, for
+        the same reason. A worker that did not stop cleanly takes the normal way out."""
+        if stopped:
+            logging.shutdown()  # (its own exit handler was registered before this one)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    atexit.register(exit_without_teardown)  # the first registered here: it runs last
     WorkerCommandLine().run(daphne_arguments(options))
+    stopped = True
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ in-memory layer's own semantics (copies, expiry)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
 
 import pytest
+import redis
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
@@ -278,3 +280,42 @@ async def test_a_burst_of_group_sends_waits_for_the_pools_connections_and_loses_
         assert len(pool._available_connections) + len(pool._in_use_connections) <= 4
     finally:
         await layer.flush()
+
+
+def subscribe_commands() -> int:
+    """SUBSCRIBE commands Redis has run since it started (every client's)."""
+    with contextlib.closing(redis.Redis.from_url(REDIS_URL)) as client:
+        return int(client.info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0))
+
+
+async def test_a_turns_subscriptions_go_as_one_command_and_the_last_asked_wins(redis_layer):
+    """200 sockets joining at once subscribe their channels with one SUBSCRIBE, and each is
+    subscribed for real; a group joined and left before its subscription was sent is not
+    left subscribed (nothing is sent for it at all)."""
+    layer = redis_layer
+    own = await layer.new_channel()  # (the subscriber connection made)
+
+    async def socket(n: int) -> int:  # a consumer's task: its channel lives as long
+        channel = await layer.new_channel()
+        await layer.send(channel, {"type": "chat.frame", "n": n})
+        async with asyncio.timeout(10):
+            return (await layer.receive(channel))["n"]
+
+    before = subscribe_commands()
+    assert await asyncio.gather(*(socket(n) for n in range(200))) == list(range(200))
+    assert subscribe_commands() - before <= 2  # (another client's may land in between)
+
+    loop_layer = layer._get_layer()
+    group_channel = loop_layer._get_group_channel_name("fleeting")
+    joined = asyncio.ensure_future(layer.group_add("fleeting", own))
+    await asyncio.sleep(0)  # group_add has asked for the subscription, not sent it
+    await layer.group_discard("fleeting", own)
+    await joined
+    assert group_channel not in loop_layer._shards[0]._subscribed_to
+    with contextlib.closing(redis.Redis.from_url(REDIS_URL)) as client:
+        assert client.pubsub_numsub(group_channel) == [(group_channel.encode(), 0)]
+    # and a group joined for real is subscribed
+    await layer.group_add("lasting", own)
+    await layer.group_send("lasting", {"type": "chat.frame", "n": "group"})
+    async with asyncio.timeout(5):
+        assert (await layer.receive(own))["n"] == "group"
