@@ -44,6 +44,7 @@ from chat.sessions import (
     sessions_open,
     sessions_reap,
 )
+from chat.testing.waiting import until
 from chat.worker import announce_departures
 from tests.conftest import open_socket, read_join, token_for
 
@@ -485,6 +486,32 @@ async def test_a_socket_the_worker_closes_for_shutdown_comes_back_unannounced(cl
     assert "bob" in {user["user_id"] for user in bob.presence["users"]}
     await alice.expect_nothing_pending()  # no user_left, no user_joined
     await bob.expect_nothing_pending()
+
+
+async def test_a_shutdown_close_ends_the_session_before_the_client_answers(clients):
+    """A stopping worker waits only for its sessions to end: each ends as its close is sent,
+    so a client that never answers the close (or thousands answering at once) does not hold
+    up the restart. The client's later disconnect changes nothing."""
+    await database_sync_to_async(public)("lobby")
+    bob = await clients.join("lobby", "bob")
+    session_id = bob.ack["session_id"]
+    await get_channel_layer().send(await bob.channel_name(), {"type": "worker.shutdown"})
+    await bob.expect_error("SERVICE_UNAVAILABLE")
+    close = await bob.communicator.receive_output(2)
+    assert (close["type"], close["code"]) == ("websocket.close", 4012)
+    # the client has not answered the close: its socket is still open to the server
+    ended = database_sync_to_async(
+        lambda: (
+            ChatSession.objects.filter(session_id=session_id, disconnected_at__isnull=False)
+            .values("disconnected_at", "close_code", "close_reason", "leave_due_at")
+            .first()
+        )
+    )
+    row = await until(ended, what="the session ended")
+    assert (row["close_code"], row["close_reason"]) == (4012, "shutdown")
+    assert row["leave_due_at"] is not None  # a restart is not a departure
+    await bob.close()
+    assert await ended() == row
 
 
 async def test_a_client_closing_with_4012_itself_gets_no_grace(clients):
