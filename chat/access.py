@@ -28,6 +28,8 @@ class Action(StrEnum):
     REMOVE_MEMBER = "remove_member"  # remove someone else (a ban in a public room)
     LEAVE = "leave"  # remove oneself
     MUTE = "mute"  # one's own push setting
+    EDIT_MESSAGE = "edit_message"  # replace a message's content: its author only
+    DELETE_MESSAGE = "delete_message"  # its author, or a moderator or owner of the room
 
 
 class Refused(Exception):
@@ -51,6 +53,7 @@ class Subject:
     member: RoomMember | None  # their current row, if any
     role: str | None = None  # the role asked for (ADD_MEMBER, SET_ROLE)
     owners: int = 0  # owners the room has now (the last one cannot go)
+    author: str | None = None  # the message's author (EDIT_MESSAGE, DELETE_MESSAGE)
 
 
 def sees(*, room: Room | None, member: RoomMember | None, action: Action) -> bool:
@@ -87,6 +90,11 @@ def decide(
         return ErrorCode.NOT_ALLOWED  # a public room seen from outside
     if action == Action.MUTE:
         return None
+    if action in (Action.EDIT_MESSAGE, Action.DELETE_MESSAGE):
+        if subject is not None and subject.author == member.user_id:
+            return None
+        moderates = member.role in MANAGERS and room.kind in MANAGED_KINDS
+        return None if action == Action.DELETE_MESSAGE and moderates else ErrorCode.NOT_ALLOWED
     if room.kind not in MANAGED_KINDS:
         return ErrorCode.NOT_ALLOWED
     subject = subject or Subject(member=None)

@@ -33,6 +33,8 @@ BYTES_PER_CHARGE = 4096
 HEARTBEAT_MAX_SIZE = 512
 # Larger than any catch-up read a client sends (~120 bytes): a larger one is charged as a frame.
 CATCH_UP_MAX_SIZE = 512
+# Larger than any `read` a client sends (~40 bytes): a larger one is charged as a frame.
+READ_MAX_SIZE = 128
 # One heartbeat per this many seconds per socket is free.
 FREE_HEARTBEAT_SPACING = 1.0
 
@@ -46,6 +48,7 @@ class Budgets:
     catch_up: Rule | None
     connects_per_user: Rule | None
     connects_per_address: Rule | None
+    reads: Rule | None = None  # `read` frames (protocol §12): apart from the rate limit
 
 
 @dataclass(frozen=True)
@@ -95,12 +98,23 @@ class SocketBudget:
             and '"after_seq"' in text
         )
 
+    def may_be_read(self, text: str | None, *, size: int) -> bool:
+        """Whether a frame may be a `read`, to be paid from that allowance (a substring
+        search, no decoding: `frame` charges it after all if it is not one)."""
+        return (
+            self.budgets.reads is not None
+            and text is not None
+            and size <= READ_MAX_SIZE
+            and '"read"' in text
+        )
+
     async def inbound(
-        self, *, size: int, heartbeat: bool, catch_up: bool = False
+        self, *, size: int, heartbeat: bool, catch_up: bool = False, read: bool = False
     ) -> Refusal | None:
         """Pay for one inbound frame of `size` bytes, before anything else is done with it;
         `heartbeat`: it is a well-formed heartbeat (free if the last free one was at least a
-        second ago); `catch_up`: it may be a catch-up read (`may_catch_up`). A Refusal: the
+        second ago); `catch_up`: it may be a catch-up read (`may_catch_up`); `read`: it may be
+        a `read` (`may_be_read`). A Refusal: the
         frame must be dropped."""
         self.unpaid_bytes += size
         if self.budgets.bytes is not None and self.unpaid_bytes >= BYTES_PER_CHARGE:
@@ -118,6 +132,9 @@ class SocketBudget:
                 key=f"catch_up:{self.user_id}", rule=self.budgets.catch_up
             )
             return _refusal(verdict, budget="catch_up", scope="catch_up")
+        if read and self.budgets.reads is not None:
+            verdict = await rate_limit_hit(key=f"read:{self.user_id}", rule=self.budgets.reads)
+            return _refusal(verdict, budget="read", scope="read")
         return await self.frame()
 
     async def frame(self) -> Refusal | None:

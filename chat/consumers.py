@@ -29,6 +29,13 @@ from chat.auth import AuthFailure, Identity, authenticate, token_from_scope
 from chat.budgets import HEARTBEAT_MAX_SIZE, Refusal, SocketBudget, connect_refused
 from chat.context import WorkerContext
 from chat.dispatching import dispatch_events
+from chat.edits import (
+    EditRefused,
+    MessageNotFound,
+    message_deleted_frame,
+    message_updated_frame,
+    message_user_change,
+)
 from chat.inbound import frame_size, frame_type, large_frame, parse_message, small_heartbeat
 from chat.joins import ViewRequest
 from chat.logs import bind_log_context
@@ -42,12 +49,15 @@ from chat.protocol import (
     AuthIn,
     ChatIn,
     Close,
+    DeleteIn,
+    EditIn,
     ErrorCode,
     FrameError,
     HeartbeatIn,
     HistoryIn,
     Inbound,
     MessageType,
+    ReadIn,
     TypingIn,
     connection_ack_frame,
     decode_json,
@@ -60,6 +70,7 @@ from chat.protocol import (
 )
 from chat.ratelimit import rate_limit_hit
 from chat.reads import PageRequest
+from chat.receipts import ReadMark, read_frame, receipts_to_room
 from chat.replies import assistant_reply, room_assistant_mode, wants_reply
 from chat.rooms import (
     membership_notice,
@@ -363,8 +374,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
         size = frame_size(text, raw)
         heartbeat = small_heartbeat(text, size=size, max_size=HEARTBEAT_MAX_SIZE)
         catch_up = heartbeat is None and self.budget.may_catch_up(text, size=size)
+        read = heartbeat is None and not catch_up and self.budget.may_be_read(text, size=size)
         await self.refuse(
-            await self.budget.inbound(size=size, heartbeat=heartbeat is not None, catch_up=catch_up)
+            await self.budget.inbound(
+                size=size, heartbeat=heartbeat is not None, catch_up=catch_up, read=read
+            )
         )
         if heartbeat is not None:
             metrics.FRAMES_IN.labels(MessageType.HEARTBEAT).inc()
@@ -372,11 +386,13 @@ class SessionConsumer(AsyncWebsocketConsumer):
         try:
             message = self.decoded(text, size=size)
         except FrameError:
-            if catch_up:  # refused frames are paid for (§16), dressed as catch-up reads too
+            if catch_up or read:  # refused frames are paid for (§16), dressed up or not
                 await self.refuse(await self.budget.frame())
             raise
         if catch_up and not (isinstance(message, HistoryIn) and message.catching_up):
             await self.refuse(await self.budget.frame())  # not a catch-up read after all
+        if read and not isinstance(message, ReadIn):
+            await self.refuse(await self.budget.frame())  # not a `read` after all
         if message is None:
             return await self.request_analysis(text)
         metrics.FRAMES_IN.labels(message.type).inc()
@@ -751,6 +767,86 @@ class ChatConsumer(SessionConsumer):
         await self.refuse(refusal)
         await self.send_frame(payload, text=text)
 
+    # --- edits and deletions (protocol §12; chat.edits) ---------------------------------------
+
+    async def on_edit(self, message: EditIn) -> None:
+        await self.change_message(message.message_id, content=message.content)
+
+    async def on_delete(self, message: DeleteIn) -> None:
+        await self.change_message(message.message_id, content=None)
+
+    async def change_message(self, message_id: int, *, content: str | None) -> None:
+        """Edit (`content`) or delete a message of this room, as the rule allows; the change
+        is broadcast with its own seq. An edit to the same content changes nothing."""
+        try:
+            stored, changed = await database_sync_to_async(message_user_change)(
+                room_id=self.room_id,
+                message_id=message_id,
+                user_id=self.identity.user_id,
+                content=content,
+            )
+        except MessageNotFound:
+            raise FrameError(ErrorCode.MESSAGE_NOT_FOUND) from None
+        except EditRefused as refused:
+            errors = [{"loc": ["content"], "msg": str(refused), "type": "value_error"}]
+            raise FrameError(ErrorCode.MESSAGE_PARSE_ERROR, {"errors": errors}) from None
+        except Refused as refused:
+            if refused.code == ErrorCode.ROOM_FORBIDDEN:
+                return await self.end(Close.ROOM_FORBIDDEN)
+            raise FrameError(refused.code) from None
+        if not changed:
+            return
+        await self.broadcast(
+            message_updated_frame(stored)
+            if content is not None
+            else message_deleted_frame(stored, deleted_by=self.identity.user_id)
+        )
+
+    # --- read positions (protocol §12; chat.receipts) ----------------------------------------
+
+    # The highest seq this socket was told was read, and the highest it has had stored: the
+    # socket's `read` frames are coalesced, one mark in flight at a time.
+    read_wanted = 0
+    read_asked = 0
+    reads_storing = False
+
+    async def on_read(self, message: ReadIn) -> None:
+        self.read_wanted = max(self.read_wanted, message.seq)
+        if not self.reads_storing and self.read_wanted > self.read_asked:
+            self.reads_storing = True
+            self.spawn(self.store_reads())
+
+    async def store_reads(self) -> None:
+        """Store this socket's read position until it has caught up with its `read` frames;
+        each mark that moved it is told to the room (private and direct rooms) or to the
+        user's own sockets (the others)."""
+        try:
+            while self.read_wanted > self.read_asked and self.closing is None:
+                self.read_asked = self.read_wanted
+                try:
+                    marked = await self.worker.read_marker.mark(
+                        ReadMark(
+                            user_id=self.identity.user_id,
+                            room_id=self.room_id,
+                            seq=self.read_asked,
+                        )
+                    )
+                except Refused:
+                    return await self.end(Close.ROOM_FORBIDDEN)
+                if not marked.advanced:
+                    continue
+                receipt = room_event(
+                    read_frame(room_id=self.room_id, user_id=self.identity.user_id, seq=marked.seq)
+                )
+                group = (
+                    room_group(self.room_id)
+                    if receipts_to_room(self.room_kind)
+                    else user_group(self.identity.user_id)
+                )
+                await self.channel_layer.group_send(group, receipt)
+        finally:
+            self.reads_storing = False
+
     async def announce(self, *, joined: bool) -> None:
         await self.worker.membership_notices.send(
             layer=self.channel_layer,
@@ -776,6 +872,9 @@ class ChatConsumer(SessionConsumer):
         MessageType.HEARTBEAT: SessionConsumer.on_heartbeat,
         MessageType.HISTORY: on_history,
         MessageType.AUTH: SessionConsumer.on_auth,
+        MessageType.READ: on_read,
+        MessageType.EDIT: on_edit,
+        MessageType.DELETE: on_delete,
     }
 
 

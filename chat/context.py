@@ -25,6 +25,7 @@ from chat.joins import MembershipNotices, RoomViewer, SessionCloser, SessionOpen
 from chat.overload import DeliveryDelays
 from chat.ratelimit import Rule
 from chat.reads import HistoryReader
+from chat.receipts import ReadMarker
 from chat.timers import Clock, LoopClock, TimerIntervals
 from chat.touches import SessionToucher
 from chat.writer import MessageWriter
@@ -88,6 +89,10 @@ class SocketConfig:
                 ),
                 connects_per_user=_per_minute(settings.CHAT_CONNECT_RATE_LIMIT),
                 connects_per_address=_per_minute(settings.CHAT_CONNECT_RATE_LIMIT_PER_ADDRESS),
+                reads=_per_minute(
+                    settings.CHAT_READ_RATE_LIMIT,
+                    close_factor=settings.CHAT_RATE_LIMIT_CLOSE_FACTOR,
+                ),
             ),
             assistant_rule=Rule(
                 seconds=settings.ASSISTANT_USER_RATE_WINDOW,
@@ -193,6 +198,11 @@ class WorkerContext:
     def history_reader(self) -> HistoryReader:
         """Batched `history` requests of this worker's sockets (chat.reads)."""
         return self.per_loop("history_reader", HistoryReader)
+
+    @property
+    def read_marker(self) -> ReadMarker:
+        """Batched `read` marks of this worker's sockets (chat.receipts)."""
+        return self.per_loop("read_marker", ReadMarker)
 
     @property
     def message_writer(self) -> MessageWriter:

@@ -24,7 +24,20 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, Count, F, FilteredRelation, OuterRef, Q, QuerySet, Subquery, When
+from django.db.models import (
+    Case,
+    Count,
+    F,
+    FilteredRelation,
+    IntegerField,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce
 
 from chat.access import Action, Refused, Subject, decide, room_authorize
 from chat.auth import display_name
@@ -36,6 +49,9 @@ from chat.sessions import sessions_wait_ended, user_lock
 logger = logging.getLogger(__name__)
 
 TITLE_MAX_CHARS = 100
+# A room's `unread_count` counts at most this many messages (a client shows "999+"): a
+# member who never read a busy room costs the rooms list a bounded index scan.
+UNREAD_COUNT_MAX = 999
 UID_MAX_CHARS = 128  # Firebase's limit, and ChatUser.user_id's
 
 
@@ -125,6 +141,28 @@ def _lock_user(user_id: str) -> None:
 # --- selectors --------------------------------------------------------------------------------
 
 
+class CappedCount(Subquery):
+    """The number of rows of a sliced subquery (`[:n]`: at most n), in the same query."""
+
+    template = "(SELECT COUNT(*) FROM (%(subquery)s) _counted)"
+    output_field = IntegerField()
+
+
+def _unread(*, user_id: str) -> CappedCount:
+    """A membership's unread messages (protocol §12): stored after its read position, not
+    the user's own, not deleted; at most UNREAD_COUNT_MAX."""
+    return CappedCount(
+        ChatMessage.objects.filter(
+            room_id=OuterRef("room_id"),
+            seq__gt=Coalesce(OuterRef("last_read_seq"), Value(0)),
+            deleted_at__isnull=True,
+        )
+        .exclude(user_id=user_id)
+        .order_by()
+        .values("id")[:UNREAD_COUNT_MAX]
+    )
+
+
 def _room_entries(memberships: QuerySet[RoomMember], *, user_id: str) -> list[dict[str, Any]]:
     """The rooms-list entries of `user_id`'s memberships that `chat.access` lets them read, in
     two queries whatever their number: the memberships with their rooms, last message ids
@@ -143,6 +181,7 @@ def _room_entries(memberships: QuerySet[RoomMember], *, user_id: str) -> list[di
             partner_name=Case(
                 When(room__kind=RoomKind.DIRECT, then=Subquery(partner_name.values("username")[:1]))
             ),
+            unread_count=_unread(user_id=user_id),
         )
         .order_by(F("last_message_id").desc(nulls_last=True), "-joined_at", "room_id")
         if decide(room=member.room, member=member, action=Action.READ) is None
@@ -159,7 +198,7 @@ def _room_entries(memberships: QuerySet[RoomMember], *, user_id: str) -> list[di
             "kind": row.room.kind,
             "role": row.role,
             "muted": row.muted,
-            "unread_count": None,  # protocol §12
+            "unread_count": row.unread_count,
             "last_read_seq": row.last_read_seq,
             "last_message": messages.get(row.last_message_id),
         }

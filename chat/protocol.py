@@ -62,6 +62,12 @@ class MessageType(StrEnum):
     ERROR = "error"
     # v1.1 (protocol §15)
     RESYNC = "resync"
+    # v1.1 (protocol §12): `read` both ways; `edit` and `delete` in, their broadcasts out
+    READ = "read"
+    EDIT = "edit"
+    DELETE = "delete"
+    MESSAGE_UPDATED = "message_updated"
+    MESSAGE_DELETED = "message_deleted"
 
 
 class ErrorCode(StrEnum):
@@ -91,6 +97,8 @@ class ErrorCode(StrEnum):
     ROOM_FORBIDDEN = "ROOM_FORBIDDEN"
     NOT_ALLOWED = "NOT_ALLOWED"
     INVALID_REQUEST = "INVALID_REQUEST"
+    # v1.1 (protocol §12)
+    MESSAGE_NOT_FOUND = "MESSAGE_NOT_FOUND"
     # v1.1 (protocol §16)
     SLOW_CONSUMER = "SLOW_CONSUMER"
 
@@ -124,6 +132,7 @@ ERROR_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.ROOM_FORBIDDEN: "Room not found",
     ErrorCode.NOT_ALLOWED: "Not allowed",
     ErrorCode.INVALID_REQUEST: "Invalid request",
+    ErrorCode.MESSAGE_NOT_FOUND: "Message not found",
     ErrorCode.SLOW_CONSUMER: "Client too slow",
 }
 
@@ -274,6 +283,25 @@ class HistoryIn(Inbound):
         return self.after_seq is not None
 
 
+class ReadIn(Inbound):
+    """The user has read the socket's room up to `seq` (protocol §12)."""
+
+    seq: Seq
+
+
+class EditIn(Inbound):
+    """The author replaces a stored message's content (protocol §12)."""
+
+    message_id: MessageId
+    content: Annotated[Text, Field(min_length=1, max_length=CONTENT_MAX_CHARS)]
+
+
+class DeleteIn(Inbound):
+    """The author, or a moderator or owner, deletes a stored message (protocol §12)."""
+
+    message_id: MessageId
+
+
 class AuthIn(Inbound):
     token: Annotated[str, Field(min_length=1)]
 
@@ -325,6 +353,9 @@ CHAT_SCHEMAS: dict[str, type[Inbound]] = {
     MessageType.HISTORY: HistoryIn,
     MessageType.AUTH: AuthIn,
     MessageType.HEALTH_INSIGHT: HealthInsightIn,
+    MessageType.READ: ReadIn,
+    MessageType.EDIT: EditIn,
+    MessageType.DELETE: DeleteIn,
 }
 HEALTH_SCHEMAS: dict[str, type[Inbound]] = {
     MessageType.HEALTH_DATA: HealthDataIn,

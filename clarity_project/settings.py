@@ -431,6 +431,13 @@ CHAT_RESYNC_SPREAD = env_float("CHAT_RESYNC_SPREAD", 1.0)
 # RATE_LIMIT_EXCEEDED {retry_after, scope: "catch_up"}; beyond CHAT_RATE_LIMIT_CLOSE_FACTOR
 # times it, close 4029. 0: catch-up reads count as frames.
 CHAT_CATCH_UP_RATE_LIMIT = env_int("CHAT_CATCH_UP_RATE_LIMIT", 60)
+# CHAT_READ_RATE_LIMIT: `read` frames (protocol §12) per user per rolling minute, across
+# sockets and workers, counted apart from CHAT_MESSAGE_RATE_LIMIT (still toward the byte
+# budget). A client reports what it has read as it scrolls: the browser client sends at most
+# one a second while it is being read. Over it: RATE_LIMIT_EXCEEDED {retry_after, scope:
+# "read"}, the position unchanged (a later `read` carries it on); beyond
+# CHAT_RATE_LIMIT_CLOSE_FACTOR times it, close 4029. 0: `read` frames count as frames.
+CHAT_READ_RATE_LIMIT = env_int("CHAT_READ_RATE_LIMIT", 120)
 # CHAT_CONNECT_RATE_LIMIT: socket openings per user per rolling minute, across workers and
 # endpoints, counted before the join does any work (no session, presence or history): over
 # it, RATE_LIMIT_EXCEEDED and close 4029. The browser client opens one socket per room the

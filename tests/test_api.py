@@ -232,7 +232,7 @@ def test_create_private_room(client):
         "kind": "private",
         "role": "owner",
         "muted": False,
-        "unread_count": None,
+        "unread_count": 0,
         "last_read_seq": None,
         "last_message": None,
     }

@@ -298,8 +298,42 @@ class ChatPage:
                 name: b.querySelector('.room-name').textContent,
                 sub: b.querySelector('.room-sub').textContent,
                 current: b.getAttribute('aria-current') === 'true',
+                unread: b.querySelector('.badge')?.textContent ?? '',
             }))""",
             section,
+        )
+
+    def message_action(self, body: str, action: str, answer: str | None = None) -> None:
+        """Click `action` (edit, delete) on the shown message saying `body`, answering the
+        page's prompt with `answer` (or confirming). The dialogs are the browser's own:
+        answered by replacing window.prompt and window.confirm for that click."""
+        self.js(
+            """const [body, action, answer] = arguments;
+            window.prompt = () => answer;
+            window.confirm = () => true;
+            const li = [...document.querySelectorAll('#messages .message')]
+                .find(li => li.querySelector('.body').textContent === body);
+            li.querySelector(`.message-action[data-action=${action}]`).click();""",
+            body,
+            action,
+            answer,
+        )
+
+    def message_labels(self, body: str) -> list[str]:
+        """The labels (edited) on the shown message saying `body`."""
+        return self.js(
+            """return [...[...document.querySelectorAll('#messages .message')]
+                .find(li => li.querySelector('.body').textContent === arguments[0])
+                .querySelectorAll('.edited')].map(e => e.textContent)""",
+            body,
+        )
+
+    def receipts(self) -> list[str]:
+        """The user's own messages that show a read tick, in order."""
+        return self.js(
+            """return [...document.querySelectorAll('#messages .message.mine')]
+                .filter(li => li.querySelector('.receipt'))
+                .map(li => li.querySelector('.body').textContent)"""
         )
 
     def listed(self, section: str, room: str) -> dict | None:
@@ -526,11 +560,26 @@ def test_message_a_user_opens_a_direct_room_both_see(server, ana, ben, tmp_path)
     ben.wait_message("Ana", "Just between us: the lobby is busy today")
     ben.send("Agreed!")
     ana.wait_message("Ben", "Agreed!")
+    # Ana has the room open: her page says she read it, and Ben's shows it on his message.
+    ben.wait(lambda: ben.receipts() == ["Agreed!"], "the read tick on Ben's message")
     # Opening it again from the form finds the same room.
     ana.submit("direct", {"direct-user": "dev-ben"})
     ana.wait(lambda: not ana.find("#direct").get_attribute("open"), "the form to close")
     assert ana.room() == direct
     ana.screenshot(tmp_path, "direct-room")
+    # Away from the room, Ana's list counts what Ben sends; opening the room clears it.
+    ana.sign_in(base_url(server))  # the page again, with no room open
+    ana.wait(lambda: ana.room() == "", "no room open")
+    ben.send("Are you there?")
+    ben.send("Hello?")
+    ana.wait(
+        lambda: (ana.refresh_rooms("my-rooms", direct) or {}).get("unread") == "2",
+        "two unread in Ana's list",
+    )
+    ana.click_room("my-rooms", direct)
+    ana.wait_message("Ben", "Hello?")
+    ana.wait(lambda: ana.listed("my-rooms", direct)["unread"] == "", "the badge cleared")
+    ben.wait(lambda: ben.receipts() == ["Agreed!", "Are you there?", "Hello?"], "read ticks")
 
 
 def test_new_room_with_a_member_both_chat_in_it(server, ana, ben, tmp_path):
@@ -570,6 +619,14 @@ def test_new_room_with_a_member_both_chat_in_it(server, ana, ben, tmp_path):
         print(f"screenshot: {SCREENSHOT}")
     ben.find("#send").click()
     ana.wait_message("Ben", "Within half an hour, I read")
+    # Ben corrects himself; Ana, the room's owner, then deletes it for everyone.
+    ben.message_action("Within half an hour, I read", "edit", answer="Within half an hour")
+    ana.wait_message("Ben", "Within half an hour")
+    assert ana.message_labels("Within half an hour") == ["edited"]
+    ana.message_action("Within half an hour", "delete")
+    for page in (ana, ben):
+        page.wait_message("Ben", "(message deleted)")
+    assert "Within half an hour" not in ben.bodies()
 
 
 def test_a_non_member_cannot_open_a_private_room_by_its_link(server, cleo, tmp_path):

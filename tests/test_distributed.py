@@ -1035,3 +1035,75 @@ async def test_removed_member_is_closed_on_every_worker_before_the_removal_answe
         "GET", f"{a.http_url}/api/v1/ws/chat/users/{room}", token=token_for(member)
     )
     assert users.status_code == 404 and users.json()["error_code"] == "ROOM_FORBIDDEN"
+
+
+# --- read positions across workers (protocol §12) ----------------------------------------------
+
+
+async def test_a_read_on_one_worker_is_a_receipt_on_the_other_and_in_the_rooms_list(net: Net):
+    """A private room: the reader on worker A, the author on worker B. The author hears the
+    receipt, the reader's position is stored once, and the rooms list (asked of either
+    worker) counts what is still unread, the reader's own messages never."""
+    a, b = net.cluster.a, net.cluster.b
+    author, reader = net.uid("ann"), net.uid("rob")
+    created = await http_request(
+        "POST",
+        f"{b.http_url}/api/v1/rooms",
+        token=token_for(author, "Ann"),
+        body={"name": "Care team", "kind": "private", "members": [reader]},
+    )
+    assert created.status_code == 201, created.text
+    room = created.json()["room_id"]
+    ann = await net.join(b, room, author, "Ann")
+    rob = await net.join(a, room, reader, "Rob")
+    await expect_joined(ann, "Rob", reader)
+    for n in range(3):
+        await ann.send({"type": "message", "content": f"m{n}"})
+        for client in (ann, rob):
+            await client.recv_type("message")
+    await rob.send({"type": "message", "content": "mine"})
+    seqs = [(await client.recv_type("message"))["seq"] for client in (ann, rob)]
+    assert seqs == [4, 4]
+
+    await rob.send({"type": "read", "seq": 2})
+    receipt = await ann.recv_type("read")
+    assert (receipt["room_id"], receipt["user_id"], receipt["seq"]) == (room, reader, 2)
+    assert (await rob.recv_type("read"))["seq"] == 2
+    for worker in (a, b):
+        listed = await http_request(
+            "GET", f"{worker.http_url}/api/v1/rooms", token=token_for(reader, "Rob")
+        )
+        (entry,) = listed.json()
+        assert (entry["last_read_seq"], entry["unread_count"]) == (2, 1)  # m2; "mine" is his
+    await barriers(ann, rob)
+
+
+async def test_an_edit_and_a_deletion_on_one_worker_reach_the_other_with_their_seqs(net: Net):
+    """The author on worker A edits, then deletes; the reader on worker B gets both changes
+    live, each with its own seq, and a catch-up read on B replays the current state."""
+    a, b = net.cluster.a, net.cluster.b
+    room, author, reader = net.room("edits"), net.uid("ann"), net.uid("rob")
+    ann = await net.join(a, room, author, "Ann")
+    rob = await net.join(b, room, reader, "Rob")
+    await expect_joined(ann, "Rob", reader)
+    await ann.send({"type": "message", "content": "first draft"})
+    sent = await ann.recv_type("message")
+    await rob.recv_type("message")
+    await ann.send({"type": "edit", "message_id": sent["message_id"], "content": "final"})
+    updated = await rob.recv_type("message_updated")
+    assert (updated["message_id"], updated["seq"], updated["content"]) == (
+        sent["message_id"],
+        sent["seq"] + 1,
+        "final",
+    )
+    await rob.send({"type": "delete", "message_id": sent["message_id"]})
+    await rob.expect_error("NOT_ALLOWED")  # not his
+    await ann.send({"type": "delete", "message_id": sent["message_id"]})
+    deleted = await rob.recv_type("message_deleted")
+    assert (deleted["seq"], deleted["deleted_by"]) == (sent["seq"] + 2, author)
+    await rob.send({"type": "history", "after_seq": sent["seq"]})
+    (entry,) = (await rob.recv_type("history"))["messages"]
+    assert (entry["content"], entry["changed_seq"]) == (None, sent["seq"] + 2)
+    assert (await ann.recv_type("message_updated"))["seq"] == updated["seq"]  # her own too
+    assert (await ann.recv_type("message_deleted"))["seq"] == deleted["seq"]
+    await barriers(ann, rob)

@@ -55,6 +55,10 @@ const state = {
   lastFrame: null, // the latest frame of this room's connection
   messages: new Map(), // stored message id → {li, seq, latest}: shown once each
   newestSeq: 0,
+  readSent: 0, // the highest seq this room's `read` frames have reported (protocol §12)
+  readTimer: null, // a `read` waiting for its second to pass
+  readSentAt: 0,
+  readBy: new Map(), // user id → the seq they have read this room up to (receipts)
   presence: new Map(), // user id → presence entry
   typing: new Map(), // user id → {username, timer}
   typingSentAt: 0,
@@ -192,6 +196,11 @@ function leaveRoom() {
   state.presence.clear();
   state.messages.clear();
   state.newestSeq = 0;
+  clearTimeout(state.readTimer);
+  state.readTimer = null;
+  state.readSent = 0;
+  state.readSentAt = 0;
+  state.readBy.clear();
   state.lastSent = null;
   state.lastFrame = null;
   $("messages").replaceChildren();
@@ -331,6 +340,12 @@ async function refreshRooms() {
   }
   if (mine.status === "fulfilled") state.myRooms = listOf(mine.value);
   if (open.status === "fulfilled") state.publicRooms = listOf(open.value);
+  // An answer asked before this page's latest `read` was stored: what it read stays read.
+  const current = state.myRooms.find((known) => known.room_id === state.connection?.room);
+  if (current && state.readSent >= (Number(current.last_message?.seq) || 0)) {
+    current.unread_count = 0;
+    current.last_read_seq = Math.max(Number(current.last_read_seq) || 0, state.readSent);
+  }
   state.roomsLoaded = true;
   renderRooms();
 }
@@ -493,6 +508,19 @@ const handlers = {
   history(frame) {
     frame.messages.forEach(addMessage);
     if (frame.messages.length) noteLastMessage(frame.messages.at(-1));
+    noteRead();
+  },
+  read(frame) {
+    if (frame.room_id !== state.connection?.room) return;
+    if (frame.user_id === state.me?.uid) {
+      // Read on another of the user's devices: nothing left unread here either.
+      state.readSent = Math.max(state.readSent, Number(frame.seq) || 0);
+      markRoomRead(frame.seq);
+      return;
+    }
+    const seq = Math.max(state.readBy.get(frame.user_id) ?? 0, Number(frame.seq) || 0);
+    state.readBy.set(frame.user_id, seq);
+    renderReceipts();
   },
   message(frame) {
     if (state.lastSent && frame.client_message_id === state.lastSent.clientId) {
@@ -503,6 +531,20 @@ const handlers = {
     if (frame.metadata?.analysis) return;
     addMessage(frame);
     noteLastMessage(frame);
+    noteRead();
+  },
+  message_updated(frame) {
+    const shown = state.messages.get(frame.message_id);
+    if (!shown) return; // not shown here: history brings it in its current state
+    const metadata = { ...(shown.frame.metadata || {}), edited_at: frame.edited_at };
+    const content = frame.content;
+    updateMessage(shown, { ...shown.frame, content, metadata, changed_seq: frame.seq });
+  },
+  message_deleted(frame) {
+    const shown = state.messages.get(frame.message_id);
+    if (!shown) return;
+    const metadata = { deleted_at: frame.timestamp };
+    updateMessage(shown, { ...shown.frame, content: null, metadata, changed_seq: frame.seq });
   },
   system(frame) {
     addNotice(frame.content);
@@ -524,6 +566,13 @@ function handleFrame(frame) {
 function showError(frame) {
   // A catch-up read refused: the connection asks again by itself; nothing the user did.
   if (frame.details?.scope === "catch_up") return;
+  if (frame.details?.scope === "read") {
+    // Told again once the server takes it (a later `read` carries the position on).
+    state.readSent = 0;
+    state.readSentAt = Date.now() + Number(frame.details.retry_after || 1) * 1000;
+    noteRead();
+    return;
+  }
   if (frame.error_code === "RATE_LIMIT_EXCEEDED" && frame.details?.retry_after) {
     rateLimited(Number(frame.details.retry_after));
     return;
@@ -587,7 +636,41 @@ function messageElement(frame) {
   li.dataset.userId = frame.user_id;
   if (frame.message_id !== null) li.dataset.messageId = frame.message_id;
   if (frame.seq != null) li.dataset.seq = frame.seq;
+  if (frame.message_id !== null && !deleted) meta.append(...messageActions(frame, mine));
   return li;
+}
+
+// Edit on the user's own messages; delete on their own, and on anyone's for a moderator or
+// owner of a public or private room (protocol §12: the server decides all the same).
+function messageActions(frame, mine) {
+  const entry = currentEntry();
+  const moderates =
+    ["owner", "moderator"].includes(entry?.role) && ["public", "private"].includes(entry?.kind);
+  const actions = [];
+  if (mine && frame.user_id !== AI_USER_ID) {
+    actions.push(actionButton("Edit", "edit", () => editMessage(frame)));
+  }
+  if (mine || moderates) actions.push(actionButton("Delete", "delete", () => deleteMessage(frame)));
+  return actions;
+}
+
+function actionButton(text, action, onClick) {
+  const button = el("button", { className: "message-action", text, data: { action } });
+  button.type = "button";
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+function editMessage(frame) {
+  const shown = state.messages.get(frame.message_id)?.frame ?? frame;
+  const content = window.prompt("Edit your message", shown.content ?? "");
+  if (content === null || !content.trim() || content === shown.content) return;
+  send({ type: "edit", message_id: frame.message_id, content });
+}
+
+function deleteMessage(frame) {
+  if (!window.confirm("Delete this message for everyone?")) return;
+  send({ type: "delete", message_id: frame.message_id });
 }
 
 // Stored messages are shown once each, in the order of their seq (protocol §15): a message
@@ -609,10 +692,11 @@ function addMessage(frame) {
   if (id === null || seq > state.newestSeq) list.append(li);
   else list.insertBefore(li, nextShown(seq)?.li ?? null);
   if (id !== null) {
-    state.messages.set(id, { li, seq, latest: latestSeq(frame) ?? 0 });
+    state.messages.set(id, { li, seq, latest: latestSeq(frame) ?? 0, frame });
     state.newestSeq = Math.max(state.newestSeq, seq);
   }
   if (atBottom || frame.user_id === state.me?.uid) list.scrollTop = list.scrollHeight;
+  if (state.readBy.size) renderReceipts();
 }
 
 // The shown message that comes right after `seq`.
@@ -632,12 +716,69 @@ function updateMessage(shown, frame) {
   shown.li.replaceWith(li);
   shown.li = li;
   shown.latest = latest;
+  shown.frame = frame;
+  if (state.readBy.size) renderReceipts();
 }
 
 function addNotice(text) {
   const list = $("messages");
   list.append(el("li", { className: "notice", text }));
   list.scrollTop = list.scrollHeight;
+}
+
+// --- what has been read (protocol §12) -----------------------------------------------------
+
+const READ_SPACING = 1000; // ms: at most one `read` a second while the room is read
+
+// The room is being read (its page visible): tell the server how far, at most once a
+// second. `contiguous` is what the connection has seen of the room with no gap before it.
+function noteRead() {
+  const connection = state.connection;
+  if (!connection?.isOpen || document.visibilityState !== "visible") return;
+  const seq = connection.contiguous;
+  if (seq <= state.readSent || state.readTimer !== null) return;
+  const wait = state.readSentAt + READ_SPACING - Date.now();
+  if (wait > 0) {
+    state.readTimer = setTimeout(() => {
+      state.readTimer = null;
+      noteRead();
+    }, wait);
+    return;
+  }
+  if (!connection.send({ type: "read", seq })) return;
+  state.readSent = seq;
+  state.readSentAt = Date.now();
+  markRoomRead(seq);
+}
+
+// The rooms list without this room's badge: read up to `seq`.
+function markRoomRead(seq) {
+  const entry = state.myRooms.find((known) => known.room_id === state.connection?.room);
+  if (!entry) return;
+  entry.last_read_seq = Math.max(Number(entry.last_read_seq) || 0, Number(seq) || 0);
+  entry.unread_count = 0;
+  renderRooms();
+}
+
+// Read ticks on the user's own messages in a direct room: "Read" once the other member's
+// receipt reaches the message's seq.
+function renderReceipts() {
+  if (currentEntry()?.kind !== "direct") return;
+  const readUpTo = Math.max(0, ...state.readBy.values());
+  for (const { li, seq } of state.messages.values()) {
+    if (li.dataset.userId !== state.me?.uid) continue;
+    const read = seq > 0 && seq <= readUpTo;
+    let tick = li.querySelector(".receipt");
+    if (!read) {
+      tick?.remove();
+      continue;
+    }
+    if (!tick) {
+      tick = el("span", { className: "receipt", text: "✓✓ Read" });
+      tick.title = "Read";
+      li.querySelector(".meta").append(tick);
+    }
+  }
 }
 
 // --- presence and typing ------------------------------------------------------------------
@@ -801,7 +942,9 @@ async function start() {
   window.addEventListener("online", () => state.connection?.retryNow());
   document.addEventListener("visibilitychange", () => {
     if (document.visibilityState === "visible") refreshRooms();
+    noteRead();
   });
+  window.addEventListener("focus", noteRead);
   window.addEventListener("hashchange", () => {
     const room = roomInAddress();
     if (state.me && room && room !== state.connection?.room) joinRoom(room);

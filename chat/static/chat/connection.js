@@ -151,6 +151,9 @@ export class RoomConnection extends EventTarget {
     }
     if (frame.type === "connection_ack") this.joined(frame);
     else if (frame.type === "message") this.messageSeen(frame);
+    else if (frame.type === "message_updated" || frame.type === "message_deleted") {
+      this.noteSeq(seqOf(frame.seq)); // a change is a room event of its own (§12, §15)
+    }
     else if (frame.type === "history") this.pageSeen(frame);
     else if (frame.type === "resync") this.resync(frame.last_seq);
     else if (frame.type === "error") this.refused(frame);
