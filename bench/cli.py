@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cost-runs",
         type=int,
-        help="pairs of runs, on/off or with/without (fair-share-cost, seq-cost; default 3)",
+        help="pairs of runs, on/off or with/without (fair-share-cost, seq-cost, read-cost; "
+        "default 3)",
     )
     parser.add_argument(
         "--seq-cost-base",

@@ -41,6 +41,10 @@ SLOTS = 5
 JOIN_TIMEOUT = 30.0  # s: a reconnect's handshake and join frames
 PUMP_EVERY = 0.2  # s between two looks at the recovering users' gaps and refused catch-ups
 QUIET = 1.0  # s without a room frame before a recovering step counts as drained
+# A step with `reads`: each member reports what it has read (`read`, protocol §12) at most
+# once this often, as the browser client does; the members' turns are spread over it.
+READ_SPACING = 1.0  # s
+READ_TURNS = 10
 
 
 class DialFailed(Exception):
@@ -65,6 +69,8 @@ class Member:
     reader: asyncio.Task | None = None
     view: RoomView | None = None  # a recovering user's view of its room
     rejoin: asyncio.Task | None = None
+    read_seq: int = 0  # the highest seq of the messages it received (a step with `reads`)
+    read_sent: int = 0  # the highest it has reported
 
 
 @dataclass
@@ -97,6 +103,8 @@ class LoadProcess:
         self.closing = False
         self.recovering = False  # recovering users reconnect when closed (during a step)
         self.pumping: asyncio.Task | None = None
+        self.reads = False  # members report what they read (`read` frames) during the step
+        self.reading: asyncio.Task | None = None
         self.last_frame_at = 0.0
         self.padding = ""
         # Errors and closes outside a step (e.g. while connecting or holding).
@@ -198,6 +206,9 @@ class LoadProcess:
         gc.collect()
         gc.disable()
         start_at, duration = command["start_at"], command["duration"]
+        self.reads = bool(command.get("reads"))
+        if self.reads:
+            self.reading = asyncio.create_task(self.send_reads(start_at, duration))
         if command["mode"] in ("rate", "recover"):
             senders = command.get("senders")
             chosen = None if senders is None else set(senders)
@@ -213,11 +224,13 @@ class LoadProcess:
     async def collect(self, drain: float) -> dict:
         """Stop sending, and report the step; recovering users first settle (up to `drain`
         seconds), then stop reconnecting, and each reports its view."""
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-            self.task = None
+        for task in (self.task, self.reading):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.task = self.reading = None
+        self.reads = False
         recovery = await self.settle(drain) if self.recovering else None
         step, self.step = self.step, None
         gc.enable()
@@ -312,6 +325,10 @@ class LoadProcess:
         if kind == "error":
             self.count_error(value)
             return
+        if self.reads and kind == "message":
+            seq = json.loads(raw).get("seq")
+            if isinstance(seq, int) and seq > member.read_seq:
+                member.read_seq = seq
         step = self.step
         if kind != "message" or step is None:
             return
@@ -332,6 +349,22 @@ class LoadProcess:
         own = probe.sender == member.user.index and probe.seq == member.waiting_seq
         if own and member.waiter is not None and not member.waiter.done():
             member.waiter.set_result(None)
+
+    async def send_reads(self, start_at: float, duration: float) -> None:
+        """Each member says how far it has read, at most once per READ_SPACING, a tenth of
+        the members at a time."""
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        end, turn = start_at + duration, 0
+        while time.monotonic() < end:
+            for member in self.members[turn % READ_TURNS :: READ_TURNS]:
+                if member.read_seq > member.read_sent:
+                    member.read_sent = member.read_seq
+                    with contextlib.suppress(ConnectionClosed):
+                        await member.connection.send(
+                            json.dumps({"type": "read", "seq": member.read_sent})
+                        )
+            turn += 1
+            await asyncio.sleep(READ_SPACING / READ_TURNS)
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1

@@ -70,7 +70,7 @@ class Options:
     baseline_layer: str = "project"  # or "stock": the baseline on channels' own layer class
     attack_seconds: float = 60.0  # hostile: each attack (the issue's targets are over 60 s)
     attacks: tuple[str, ...] = ()  # hostile: these attacks only (default: all, control first)
-    cost_runs: int = 3  # fair-share-cost, seq-cost: interleaved pairs of runs
+    cost_runs: int = 3  # fair-share-cost, seq-cost, read-cost: interleaved pairs
     seq_cost_base: str = "95b091a"  # seq-cost: the code without sequence numbers (49f5564^)
     restart_users: int = 2000  # restart: users connected when the worker restarts
     restart_signal: str = "term"  # restart: "term" (a deploy) or "kill" (a crash)
@@ -161,6 +161,16 @@ SCENARIOS = {
             Layer.REDIS,
             1,
             "seq-cost on the Redis layer and PostgreSQL",
+            servers=(ServerKind.CLARITY,),
+            default=False,
+        ),
+        Scenario(
+            "read-cost",
+            "read-cost",
+            Layer.MEMORY,
+            1,
+            "server CPU per 1,000 deliveries with read receipts flowing (each member sends `read` "
+            "for what it sees, at most once a second) and without",
             servers=(ServerKind.CLARITY,),
             default=False,
         ),
@@ -305,14 +315,16 @@ class Bench:
         users: int,
         room_size: int | None = None,
         tick: Callable[[], None] | None = None,
+        reads: bool = False,
     ) -> StepResult:
         """One step; the users' rooms have `room_size` members (default: `options.room_size`);
-        `tick` (if given) is called about every 0.25 s while the users send."""
+        `tick` (if given) is called about every 0.25 s while the users send; `reads`: the
+        users report what they read (`read` frames, at most one a second each)."""
         fleet, size = self.fleet, room_size or self.options.room_size
         metrics_before = deployment.metrics()
         log_lines_before = len(deployment.log_problems())
         cpu_before = CpuSnapshot.take(deployment, self.fleet)
-        start_at = self.start(mode, (offered or 0.0) / size / users, duration)
+        start_at = self.start(mode, (offered or 0.0) / size / users, duration, reads=reads)
         end = start_at + duration
         what = f"{offered:,.0f} deliveries/s offered" if offered else "closed loop"
         while (now := time.monotonic()) < end:
@@ -349,7 +361,13 @@ class Bench:
         return result
 
     def start(
-        self, mode: str, rate_per_user: float, duration: float, senders: list[int] | None = None
+        self,
+        mode: str,
+        rate_per_user: float,
+        duration: float,
+        senders: list[int] | None = None,
+        *,
+        reads: bool = False,
     ) -> float:
         """Start the next step in every generator process: `mode` `rate` (each sender sends
         `rate_per_user` messages/s; default senders: every user), `closed` (loop) or
@@ -366,6 +384,7 @@ class Bench:
                 "start_at": start_at,
                 "duration": duration,
                 "timeout": 30.0,
+                "reads": reads,
             }
         )
         return start_at

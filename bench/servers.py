@@ -51,6 +51,7 @@ BENCH_ENV: dict[str, str | None] = {
     "ASSISTANT_MODE": "off",  # else the assistant answers every message
     "LOG_LEVEL": "WARNING",
     "CHAT_MESSAGE_RATE_LIMIT": str(RATE_LIMIT),
+    "CHAT_READ_RATE_LIMIT": str(RATE_LIMIT),
     "CHAT_RATE_LIMIT_WINDOW": str(RATE_WINDOW),
     "CHAT_MAX_CONNECTIONS_PER_USER": "3",
     "CHAT_ALLOW_NO_ORIGIN": "1",  # the generator sends no Origin, as native apps

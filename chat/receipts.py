@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db import transaction
-
 from chat.access import Action, Ask, Refused, rooms_authorize
 from chat.batching import Batcher
 from chat.models import RoomKind, RoomMember
@@ -42,55 +40,48 @@ class ReadMarked:
 
 def reads_mark(*, marks: list[ReadMark]) -> list[ReadMarked | Refused]:
     """For each mark, in order, the member's read position after the batch, or the rule's
-    refusal (the user may have been removed since the socket joined). Blocking (database)."""
+    refusal (the user may have been removed since the socket joined). Blocking (database).
+
+    Two queries (the rule's: rooms and memberships) and, if any position moves, one UPDATE
+    that only raises positions: a mark stored at the same time by another worker, ahead of
+    this one, is not undone (both are reported; clients keep the highest)."""
     if not marks:
         return []
-    with transaction.atomic():
-        answers = rooms_authorize(
-            asks=[Ask(user_id=m.user_id, room_id=m.room_id, action=Action.READ) for m in marks]
-        )
-        wanted: dict[tuple[str, str], int] = {}  # (room, user) -> the highest seq asked
-        last_of: dict[tuple[str, str], int] = {}  # (room, user) -> the index of its last mark
-        last_seq: dict[str, int] = {}  # room -> its last seq
-        for index, (mark, answer) in enumerate(zip(marks, answers, strict=True)):
-            if isinstance(answer, Refused):
-                continue
-            place = (mark.room_id, mark.user_id)
-            wanted[place] = max(wanted.get(place, 0), mark.seq)
-            last_of[place] = index
-            last_seq[mark.room_id] = answer[0].last_seq
-        stored: dict[tuple[str, str], int] = {}
-        advanced: set[tuple[str, str]] = set()
-        members = (
-            RoomMember.objects.select_for_update()
-            .filter(room_id__in=last_seq, user_id__in={user for _, user in wanted})
-            .only("id", "room_id", "user_id", "last_read_seq")
-            .order_by("id")
-            if wanted
-            else []
-        )
-        moved = []
-        for member in members:
-            place = (member.room_id, member.user_id)
-            if place not in wanted:
-                continue
-            # Never back, never past the room's last event.
-            target = min(wanted[place], last_seq[member.room_id])
-            if member.last_read_seq is None or target > member.last_read_seq:
-                member.last_read_seq = target
-                moved.append(member)
-                advanced.add(place)
-            stored[place] = member.last_read_seq or 0
-        rows_update(rows=moved, fields=["last_read_seq"])
+    answers = rooms_authorize(
+        asks=[Ask(user_id=m.user_id, room_id=m.room_id, action=Action.READ) for m in marks]
+    )
+    members: dict[tuple[str, str], RoomMember] = {}
+    wanted: dict[tuple[str, str], int] = {}  # (room, user) -> the highest seq asked, capped
+    last_of: dict[tuple[str, str], int] = {}  # (room, user) -> the index of its last mark
+    for index, (mark, answer) in enumerate(zip(marks, answers, strict=True)):
+        if isinstance(answer, Refused):
+            continue
+        room, member = answer
+        if member is None:
+            continue  # (the rule let in a user with no membership: nothing to store)
+        place = (mark.room_id, mark.user_id)
+        # Never past the room's last event.
+        wanted[place] = max(wanted.get(place, 0), min(mark.seq, room.last_seq))
+        members[place] = member
+        last_of[place] = index
+    moved: list[RoomMember] = []
+    for place, seq in wanted.items():
+        member = members[place]
+        if member.last_read_seq is None or seq > member.last_read_seq:
+            member.last_read_seq = seq
+            moved.append(member)
+    rows_update(rows=moved, fields=["last_read_seq"], raise_only=True)
+    advanced = {(member.room_id, member.user_id) for member in moved}
     outcomes: list[ReadMarked | Refused] = []
     for index, (mark, answer) in enumerate(zip(marks, answers, strict=True)):
         if isinstance(answer, Refused):
             outcomes.append(answer)
             continue
         place = (mark.room_id, mark.user_id)
+        member = members.get(place)
         outcomes.append(
             ReadMarked(
-                seq=stored.get(place, 0),
+                seq=(member.last_read_seq or 0) if member is not None else 0,
                 advanced=place in advanced and last_of[place] == index,
             )
         )

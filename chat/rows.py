@@ -65,8 +65,10 @@ def rows_insert(*, rows: Sequence[Model], ignore_conflicts: bool = False) -> Non
         row._state.db = connection.alias
 
 
-def rows_update(*, rows: Sequence[Model], fields: Sequence[str]) -> None:
-    """UPDATE these fields of these rows (all of one model), by primary key."""
+def rows_update(*, rows: Sequence[Model], fields: Sequence[str], raise_only: bool = False) -> None:
+    """UPDATE these fields of these rows (all of one model), by primary key. `raise_only`
+    (one field): a row whose stored value is already at least the new one keeps it, so that
+    concurrent writers can only move the value forward (read positions)."""
     if not rows:
         return
     model = type(rows[0])
@@ -78,16 +80,20 @@ def rows_update(*, rows: Sequence[Model], fields: Sequence[str]) -> None:
         + [field.get_db_prep_save(getattr(row, field.attname), connection) for field in changed]
         for row in rows
     ]
+    if raise_only and len(changed) != 1:
+        raise ValueError("raise_only updates one field")
     chunk = max(1, MAX_PARAMETERS // (len(changed) + 1))
     for start in range(0, len(values), chunk):
-        _update_from_values(model, changed, values[start : start + chunk])
+        _update_from_values(model, changed, values[start : start + chunk], raise_only=raise_only)
 
 
 # Bound parameters per statement: under SQLite's limit (32,766) and PostgreSQL's (65,535).
 MAX_PARAMETERS = 30_000
 
 
-def _update_from_values(model: type[Model], changed: list[Field], values: list[list]) -> None:
+def _update_from_values(
+    model: type[Model], changed: list[Field], values: list[list], *, raise_only: bool = False
+) -> None:
     """One statement for all these rows: `WITH v(key, f1, …) AS (VALUES (…), …) UPDATE table
     SET f1 = v.f1, … FROM v WHERE table.key = v.key` (SQLite 3.33+, PostgreSQL). PostgreSQL
     types a VALUES column from its values: the first row's are cast to the columns' types."""
@@ -108,5 +114,8 @@ def _update_from_values(model: type[Model], changed: list[Field], values: list[l
         f"WITH v ({', '.join(names)}) AS (VALUES {rows_sql}) "
         f"UPDATE {table} SET {assignments} FROM v WHERE {table}.{quote(key.column)} = v.k"
     )
+    if raise_only:
+        column = f"{table}.{quote(changed[0].column)}"
+        sql += f" AND ({column} IS NULL OR {column} < v.v0)"
     with connection.cursor() as cursor:
         cursor.execute(sql, [value for row in values for value in row])

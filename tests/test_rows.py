@@ -88,3 +88,19 @@ def test_updated_fields_change_and_nothing_else():
         )
         assert fresh.username == "Alice"
     assert got[str(rows[2].session_id)].disconnected_at is None
+
+
+def test_a_raise_only_update_never_lowers_a_value():
+    """Two workers storing read positions at once: the one behind cannot undo the other."""
+    room = Room.objects.create(name="lobby", kind=RoomKind.PUBLIC)
+    ahead, behind, fresh = (
+        RoomMember.objects.create(room=room, user_id=uid, last_read_seq=seq)
+        for uid, seq in (("alice", 9), ("bob", 3), ("carol", None))
+    )
+    for member, seq in ((ahead, 5), (behind, 7), (fresh, 2)):
+        member.last_read_seq = seq  # what a worker that read the row earlier would write
+    rows_update(rows=[ahead, behind, fresh], fields=["last_read_seq"], raise_only=True)
+    stored = dict(RoomMember.objects.values_list("user_id", "last_read_seq"))
+    assert stored == {"alice": 9, "bob": 7, "carol": 2}
+    with pytest.raises(ValueError):
+        rows_update(rows=[ahead], fields=["last_read_seq", "role"], raise_only=True)
