@@ -15,7 +15,7 @@ page cannot set it without a CORS preflight this server does not grant.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chat.access import Refused
 from chat.auth import Identity
+from chat.devices import TOKEN_PATTERN, device_register, device_remove
 from chat.http import HttpError, error_response, method_not_allowed, request_identity
 from chat.membership import (
     InvalidRequest,
@@ -69,6 +70,15 @@ class MemberIn(Body):
 
 class MembershipIn(Body):
     muted: bool
+
+
+class DeviceIn(Body):
+    token: Annotated[str, Field(pattern=TOKEN_PATTERN)]
+    platform: Literal["android", "ios", "web"]
+
+
+class DeviceRemoveIn(Body):
+    token: Annotated[str, Field(pattern=TOKEN_PATTERN)]
 
 
 def _invalid(msg: str, type_: str) -> InvalidRequest:
@@ -203,3 +213,22 @@ rooms = endpoint(GET=_rooms_list, POST=_room_create)
 direct_room = endpoint(POST=_direct_open)
 room_member = endpoint(PUT=_member_put, DELETE=_member_delete)
 room_membership = endpoint(PATCH=_membership_patch)
+
+
+async def _device_post(request: HttpRequest, identity: Identity) -> tuple[int, Any]:
+    """Register a push token (protocol §13); the answer never repeats it."""
+    body = parse_body(request, DeviceIn)
+    new = await sync_to_async(device_register)(
+        user_id=identity.user_id, token=body.token, platform=body.platform
+    )
+    return (201 if new else 200), {"platform": body.platform, "registered": True}
+
+
+async def _device_delete(request: HttpRequest, identity: Identity) -> tuple[int, Any]:
+    """Remove one of the caller's push tokens, named in the body (never in the URL)."""
+    body = parse_body(request, DeviceRemoveIn)
+    removed = await sync_to_async(device_remove)(user_id=identity.user_id, token=body.token)
+    return 200, {"removed": removed}
+
+
+devices = endpoint(POST=_device_post, DELETE=_device_delete)

@@ -162,6 +162,54 @@ class MessageVersion(models.Model):
         return f"#{self.message_id} before {self.edited_at:%Y-%m-%d %H:%M:%S}"
 
 
+class Platform(models.TextChoices):
+    ANDROID = "android"
+    IOS = "ios"
+    WEB = "web"
+
+
+class Device(models.Model):
+    """A phone or browser that can be sent push notifications (protocol §13): its Firebase
+    Cloud Messaging registration token, registered by the user signed in on it. The token is
+    a secret (whoever holds it can have messages sent to that device): never in a URL, a
+    log or the admin's lists."""
+
+    token = models.CharField(max_length=4096, unique=True)
+    user_id = models.CharField(max_length=128, db_index=True)
+    platform = models.CharField(max_length=8, choices=Platform.choices)
+    registered_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        # No token: what the admin's pages name.
+        return f"{self.platform} device of {self.user_id}"
+
+
+class PushState(models.Model):
+    """A member's push notifications for one room (protocol §13): whether one is owed
+    (`pending`, from `due_at`: coalesced, at most one per CHAT_PUSH_COALESCE), when one was
+    last sent, and the failed attempts of the one owed. Queued by the chat workers as
+    messages are stored (`chat.push.pushes_queue`), sent by the push worker
+    (`manage.py pushworker`): the outbox survives restarts of both."""
+
+    user_id = models.CharField(max_length=128)
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="push_states")
+    pending = models.BooleanField(default=False)
+    due_at = models.DateTimeField(null=True, blank=True)
+    last_sent_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user_id", "room"], name="chat_push_state_unique")
+        ]
+        indexes = [
+            models.Index(fields=["due_at"], name="chat_push_due", condition=models.Q(pending=True))
+        ]
+
+    def __str__(self) -> str:
+        return f"push to {self.user_id} for {self.room_id}"
+
+
 class Endpoint(models.TextChoices):
     CHAT = "chat", "Chat"
     HEALTH = "health", "Health analysis"

@@ -13,16 +13,37 @@ worker process).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from django.conf import settings
 
 from chat.batching import Batcher
 from chat.history import Stored, messages_store
+from chat.push import pushes_queue
+
+logger = logging.getLogger(__name__)
+
+
+def messages_store_and_push(*, messages: list[dict[str, Any]]) -> list[Stored]:
+    """Store the batch; once it is committed, queue the pushes its new messages owe
+    (CHAT_PUSH, chat.push). A push that cannot be queued never costs a message."""
+    stored = messages_store(messages=messages)
+    if settings.CHAT_PUSH:
+        new = [(s.frame["room_id"], s.frame["user_id"]) for s in stored if s.new]
+        try:
+            pushes_queue(messages=new)
+        except Exception:
+            logger.exception("queueing pushes failed (the messages are stored)")
+    return stored
 
 
 class MessageWriter(Batcher[dict[str, Any], Stored]):
     def __init__(self, *, max_batch: int = 500) -> None:
         super().__init__(
-            run=lambda batch: messages_store(messages=batch), what="message", max_batch=max_batch
+            run=lambda batch: messages_store_and_push(messages=batch),
+            what="message",
+            max_batch=max_batch,
         )
 
     async def store(self, **fields: Any) -> Stored:

@@ -326,6 +326,29 @@ CHAT_MAX_DIRECT_ROOMS_PER_USER = env_int("CHAT_MAX_DIRECT_ROOMS_PER_USER", 500)
 # CHAT_MAX_MEMBERS_PER_ROOM: members of a private room (public rooms: unbounded, see
 # Room.max_users for who may be in one at once).
 CHAT_MAX_MEMBERS_PER_ROOM = env_int("CHAT_MAX_MEMBERS_PER_ROOM", 200)
+# --- Push notifications (protocol §13; chat/push.py, manage.py pushworker) ---------------------
+
+# CHAT_PUSH: queue push notifications as messages are stored (for members of private and
+# direct rooms with a device, not muted, with no open socket in the room). Off by default:
+# turn it on where a push worker runs (`manage.py pushworker`) with Firebase credentials
+# (FIREBASE_CREDENTIALS or Application Default Credentials), or the outbox only grows.
+CHAT_PUSH = env_bool("CHAT_PUSH", False)
+# CHAT_PUSH_TITLE: the title of every push; the body is "New message". Nothing of the room
+# (its name can be health information) or the message is sent.
+CHAT_PUSH_TITLE = env_str("CHAT_PUSH_TITLE", "Clarity")
+# CHAT_PUSH_COALESCE: seconds: at most one push per room per user this often.
+CHAT_PUSH_COALESCE = env_float("CHAT_PUSH_COALESCE", 30)
+# CHAT_PUSH_LEASE: seconds a push worker holds the pushes it claimed; a worker that dies
+# mid-send leaves them to be sent again once this is over.
+CHAT_PUSH_LEASE = env_float("CHAT_PUSH_LEASE", 60)
+# CHAT_PUSH_MAX_ATTEMPTS: sends of one push that FCM failed (other than a dead token) before
+# it is given up; retried after 30 s, 60 s, 120 s... (at most an hour).
+CHAT_PUSH_MAX_ATTEMPTS = env_int("CHAT_PUSH_MAX_ATTEMPTS", 5)
+# CHAT_PUSH_POLL: seconds the push worker waits when nothing is due.
+CHAT_PUSH_POLL = env_float("CHAT_PUSH_POLL", 1.0)
+# CHAT_MAX_DEVICES_PER_USER: push devices one user may have registered (protocol §13); a new
+# one beyond it replaces the one registered longest ago.
+CHAT_MAX_DEVICES_PER_USER = env_int("CHAT_MAX_DEVICES_PER_USER", 10)
 # CHAT_REVOKE_TIMEOUT: seconds a member removal waits for the removed user's open sockets in
 # that room, on every worker, to be closed before it answers; an erasure of a user's data
 # waits as long for all of that user's sockets.

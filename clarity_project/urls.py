@@ -10,6 +10,7 @@ urlpatterns = [
     path("api/v1/ws/chat/stats", views.stats, name="chat-stats"),
     path("api/v1/ws/chat/users/<str:room_id>", views.room_users, name="chat-room-users"),
     path("api/v1/rooms", api.rooms, name="api-rooms"),
+    path("api/v1/devices", api.devices, name="api-devices"),
     path("api/v1/rooms/direct", api.direct_room, name="api-direct-room"),
     path(
         "api/v1/rooms/<str:room_id>/members/<str:user_id>",

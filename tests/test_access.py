@@ -37,6 +37,8 @@ MATRIX: dict[tuple[RoomKind, Action], tuple] = {
     (RoomKind.PUBLIC, Action.REMOVE_MEMBER):   (N,        N,        OK,       OK,       F),
     (RoomKind.PUBLIC, Action.LEAVE):           (N,        OK,       OK,       OK,       F),
     (RoomKind.PUBLIC, Action.MUTE):            (N,        OK,       OK,       OK,       F),
+    (RoomKind.PUBLIC, Action.EDIT_MESSAGE):    (N,        N,        N,        N,        F),
+    (RoomKind.PUBLIC, Action.DELETE_MESSAGE):  (N,        N,        OK,       OK,       F),
 
     (RoomKind.PRIVATE, Action.JOIN):           (F,        OK,       OK,       OK,       F),
     (RoomKind.PRIVATE, Action.READ):           (F,        OK,       OK,       OK,       F),
@@ -46,6 +48,8 @@ MATRIX: dict[tuple[RoomKind, Action], tuple] = {
     (RoomKind.PRIVATE, Action.REMOVE_MEMBER):  (F,        N,        OK,       OK,       F),
     (RoomKind.PRIVATE, Action.LEAVE):          (F,        OK,       OK,       OK,       F),
     (RoomKind.PRIVATE, Action.MUTE):           (F,        OK,       OK,       OK,       F),
+    (RoomKind.PRIVATE, Action.EDIT_MESSAGE):   (F,        N,        N,        N,        F),
+    (RoomKind.PRIVATE, Action.DELETE_MESSAGE): (F,        N,        OK,       OK,       F),
 
     # A direct room: a fixed pair, no roles to change, nobody to add or remove.
     (RoomKind.DIRECT, Action.JOIN):            (F,        OK,       OK,       OK,       F),
@@ -56,6 +60,8 @@ MATRIX: dict[tuple[RoomKind, Action], tuple] = {
     (RoomKind.DIRECT, Action.REMOVE_MEMBER):   (F,        N,        N,        N,        F),
     (RoomKind.DIRECT, Action.LEAVE):           (F,        N,        N,        N,        F),
     (RoomKind.DIRECT, Action.MUTE):            (F,        OK,       OK,       OK,       F),
+    (RoomKind.DIRECT, Action.EDIT_MESSAGE):    (F,        N,        N,        N,        F),
+    (RoomKind.DIRECT, Action.DELETE_MESSAGE):  (F,        N,        N,        N,        F),
 
     # A personal room: its user's health analysis, never listed, never a chat room.
     (RoomKind.PERSONAL, Action.JOIN):          (F,        F,        F,        F,        F),
@@ -66,6 +72,8 @@ MATRIX: dict[tuple[RoomKind, Action], tuple] = {
     (RoomKind.PERSONAL, Action.REMOVE_MEMBER): (F,        F,        F,        F,        F),
     (RoomKind.PERSONAL, Action.LEAVE):         (F,        F,        F,        F,        F),
     (RoomKind.PERSONAL, Action.MUTE):          (F,        F,        F,        F,        F),
+    (RoomKind.PERSONAL, Action.EDIT_MESSAGE):  (F,        F,        F,        F,        F),
+    (RoomKind.PERSONAL, Action.DELETE_MESSAGE): (F,       F,        F,        F,        F),
 }
 # fmt: on
 
@@ -100,7 +108,19 @@ def default_subject(room: Room | None, action: Action, actor: RoomMember | None)
         return Subject(member=target, owners=1)
     if action == Action.LEAVE:
         return Subject(member=actor, owners=2)  # oneself; the room has another owner
+    if action in (Action.EDIT_MESSAGE, Action.DELETE_MESSAGE):
+        return Subject(member=None, author="target")  # someone else's message
     return None
+
+
+@pytest.mark.parametrize("kind", [RoomKind.PUBLIC, RoomKind.PRIVATE, RoomKind.DIRECT])
+@pytest.mark.parametrize("action", [Action.EDIT_MESSAGE, Action.DELETE_MESSAGE])
+def test_a_member_changes_their_own_messages_a_banned_one_does_not(kind, action):
+    room = room_of(kind)
+    own = Subject(member=None, author="actor")
+    assert decide(room=room, member=row(room), action=action, subject=own) is None
+    banned = row(room, banned=True)
+    assert decide(room=room, member=banned, action=action, subject=own) == F
 
 
 def test_the_table_covers_every_kind_and_action():

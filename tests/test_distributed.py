@@ -47,7 +47,9 @@ from chat.testing.waiting import eventually
 from tests.servers import REAP_INTERVAL, REJOIN_GRACE, WORKER_TTL, start_cluster
 
 RATE_LIMIT = 25  # frames per user per 60 s; test 8 sends 20 per user
-ENV = {"CHAT_MESSAGE_RATE_LIMIT": str(RATE_LIMIT)}
+# Pushes are queued (protocol §13): only members with a device are owed one, and only the
+# push test registers devices.
+ENV = {"CHAT_MESSAGE_RATE_LIMIT": str(RATE_LIMIT), "CHAT_PUSH": "1"}
 
 pytestmark = pytest.mark.skipif(
     not redis_answers(REDIS_URL), reason=f"no Redis at {REDIS_URL} (the workers share it)"
@@ -1107,3 +1109,44 @@ async def test_an_edit_and_a_deletion_on_one_worker_reach_the_other_with_their_s
     assert (await ann.recv_type("message_updated"))["seq"] == updated["seq"]  # her own too
     assert (await ann.recv_type("message_deleted"))["seq"] == deleted["seq"]
     await barriers(ann, rob)
+
+
+# --- push notifications across workers (protocol §13) -----------------------------------------
+
+
+async def test_a_member_with_a_socket_on_another_worker_is_owed_no_push(net: Net):
+    """Presence across workers decides "away": rob's socket is on worker B, ann writes on
+    worker A: no push is owed to rob; once his socket is gone, the next message owes one."""
+    a, b, db = net.cluster.a, net.cluster.b, net.cluster.database
+    author, reader = net.uid("ann"), net.uid("rob")
+    created = await http_request(
+        "POST",
+        f"{a.http_url}/api/v1/rooms",
+        token=token_for(author, "Ann"),
+        body={"name": "Care team", "kind": "private", "members": [reader]},
+    )
+    room = created.json()["room_id"]
+    registered = await http_request(
+        "POST",
+        f"{b.http_url}/api/v1/devices",
+        token=token_for(reader, "Rob"),
+        body={"token": f"token-of-{reader}", "platform": "android"},
+    )
+    assert registered.status_code == 201, registered.text
+
+    def owed() -> list[tuple]:
+        return db.rows("SELECT user_id FROM chat_pushstate WHERE room_id = %s AND pending", room)
+
+    ann = await net.join(a, room, author, "Ann")
+    rob = await net.join(b, room, reader, "Rob")
+    await expect_joined(ann, "Rob", reader)
+    await ann.send({"type": "message", "content": "are you there?"})
+    await rob.recv_type("message")
+    await ann.recv_type("message")
+    assert owed() == []
+    await rob.close()
+    await expect_left(ann, "Rob", reader)
+    await ann.send({"type": "message", "content": "call me"})
+    await ann.recv_type("message")
+    await eventually(lambda: owed() == [(reader,)], what="a push owed to rob")
+    await barriers(ann)
