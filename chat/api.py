@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chat.access import Refused
 from chat.auth import Identity
-from chat.devices import TOKEN_PATTERN, device_register, device_remove
+from chat.devices import TOKEN_PATTERN, device_register, device_remove, push_preferences
 from chat.http import HttpError, error_response, method_not_allowed, request_identity
 from chat.membership import (
     InvalidRequest,
@@ -79,6 +79,10 @@ class DeviceIn(Body):
 
 class DeviceRemoveIn(Body):
     token: Annotated[str, Field(pattern=TOKEN_PATTERN)]
+
+
+class PushPreferencesIn(Body):
+    previews: bool
 
 
 def _invalid(msg: str, type_: str) -> InvalidRequest:
@@ -231,4 +235,17 @@ async def _device_delete(request: HttpRequest, identity: Identity) -> tuple[int,
     return 200, {"removed": removed}
 
 
+async def _push_get(request: HttpRequest, identity: Identity) -> tuple[int, Any]:
+    return 200, await sync_to_async(push_preferences)(user_id=identity.user_id)
+
+
+async def _push_patch(request: HttpRequest, identity: Identity) -> tuple[int, Any]:
+    """Ask for (or stop) previews in push notifications (protocol §13)."""
+    body = parse_body(request, PushPreferencesIn)
+    return 200, await sync_to_async(push_preferences)(
+        user_id=identity.user_id, previews=body.previews
+    )
+
+
 devices = endpoint(POST=_device_post, DELETE=_device_delete)
+push_settings = endpoint(GET=_push_get, PATCH=_push_patch)

@@ -52,3 +52,14 @@ def device_remove(*, user_id: str, token: str) -> bool:
     """Remove the user's device with this token; whether there was one."""
     removed, _ = Device.objects.filter(user_id=user_id, token=token).delete()
     return removed > 0
+
+
+def push_preferences(*, user_id: str, previews: bool | None = None) -> dict[str, bool]:
+    """The user's push settings, changed first if `previews` is given: whether they asked for
+    previews, and whether this deployment sends them (CHAT_PUSH_PREVIEW_ALLOWED)."""
+    with transaction.atomic():
+        user = user_lock(user_id=user_id, username=display_name({}, user_id))
+        if previews is not None and previews != user.push_previews:
+            user.push_previews = previews
+            user.save(update_fields=["push_previews"])
+    return {"previews": user.push_previews, "allowed": settings.CHAT_PUSH_PREVIEW_ALLOWED}

@@ -86,6 +86,9 @@ class ChatUser(models.Model):
     user_id = models.CharField(primary_key=True, max_length=128)
     username = models.CharField(max_length=255)
     first_seen = models.DateTimeField(default=timezone.now)
+    # Push notifications show the sender and the start of the message (protocol §13): only
+    # if the user asked for it, and only where CHAT_PUSH_PREVIEW_ALLOWED permits.
+    push_previews = models.BooleanField(default=False)
 
     class Meta:
         # The admin's actions on one user's data (chat/userdata.py), each audited.
@@ -194,6 +197,10 @@ class PushState(models.Model):
     user_id = models.CharField(max_length=128)
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="push_states")
     pending = models.BooleanField(default=False)
+    # The latest message the push is owed for (its preview, where the user asked for one).
+    message = models.ForeignKey(
+        ChatMessage, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     due_at = models.DateTimeField(null=True, blank=True)
     last_sent_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)

@@ -12,7 +12,9 @@ refresh) never run on a chat worker's event loop, and nothing owed is lost to a 
   is up: at most one push per room per user per CHAT_PUSH_COALESCE.
 - **Sent** (`pushes_send`): one FCM message per device of the user, content-free (title
   CHAT_PUSH_TITLE, body "New message", and the room's opaque id as data to open it: never
-  its name, which can itself be health information, nor the message). A token FCM calls
+  its name, which can itself be health information, nor the message), unless the user
+  asked for previews where CHAT_PUSH_PREVIEW_ALLOWED permits: then the body is the sender
+  and the first 100 characters of the latest message owed. A token FCM calls
   unregistered or registered to another sender is deleted; any other failure leaves the
   push owed, tried again after a backoff, up to CHAT_PUSH_MAX_ATTEMPTS.
 - **Claimed** by a push worker for CHAT_PUSH_LEASE seconds before it sends (on PostgreSQL
@@ -38,7 +40,15 @@ from firebase_admin import exceptions as firebase_errors
 from firebase_admin import messaging
 from prometheus_client import Counter
 
-from chat.models import ChatSession, Device, PushState, RoomKind, RoomMember
+from chat.models import (
+    ChatMessage,
+    ChatSession,
+    ChatUser,
+    Device,
+    PushState,
+    RoomKind,
+    RoomMember,
+)
 from chat.protocol import AI_USER_ID
 
 logger = logging.getLogger(__name__)
@@ -50,19 +60,22 @@ PUSHES = Counter(
     ["outcome"],
 )
 PUSH_BODY = "New message"
+PREVIEW_CHARS = 100  # of the message, in a preview (protocol §13)
 RETRY_BASE = 30.0  # s: the first retry of a failed push; doubled per attempt, capped
 RETRY_CAP = 3600.0
 
 
-def pushes_queue(*, messages: list[tuple[str, str]], now: datetime | None = None) -> int:
-    """Queue the pushes owed for these stored messages (`(room_id, author_id)`); how many
-    members now have one owed that did not before. Blocking (database)."""
+def pushes_queue(*, messages: list[tuple[str, str, int]], now: datetime | None = None) -> int:
+    """Queue the pushes owed for these stored messages (`(room_id, author_id, message_id)`);
+    how many members now have one owed that did not before. Blocking (database)."""
     if not messages:
         return 0
     now = now or timezone.now()
     authors: dict[str, set[str]] = {}
-    for room_id, author in messages:
+    latest: dict[str, int] = {}  # room -> its newest message of the batch (for a preview)
+    for room_id, author, message_id in messages:
         authors.setdefault(room_id, set()).add(author)
+        latest[room_id] = max(latest.get(room_id, 0), message_id)
     members = (
         RoomMember.objects.filter(
             room_id__in=authors,
@@ -95,21 +108,30 @@ def pushes_queue(*, messages: list[tuple[str, str]], now: datetime | None = None
                 room_id__in={room for room, _ in owed}, user_id__in={user for _, user in owed}
             )
         }
-        fresh, moved = [], []
-        for place in owed:
-            state = states.get(place)
+        fresh, changed = [], []
+        for room_id, user_id in owed:
+            state = states.get((room_id, user_id))
             if state is None:
                 fresh.append(
-                    PushState(room_id=place[0], user_id=place[1], pending=True, due_at=now)
+                    PushState(
+                        room_id=room_id,
+                        user_id=user_id,
+                        pending=True,
+                        due_at=now,
+                        message_id=latest[room_id],
+                    )
                 )
-            elif not state.pending:
+                queued += 1
+                continue
+            if not state.pending:
                 state.pending, state.attempts = True, 0
                 last = state.last_sent_at
                 state.due_at = max(now, last + coalesce) if last is not None else now
-                moved.append(state)
+                queued += 1
+            state.message_id = latest[room_id]  # a push owed already shows the newest
+            changed.append(state)
         PushState.objects.bulk_create(fresh, ignore_conflicts=True)
-        PushState.objects.bulk_update(moved, ["pending", "attempts", "due_at"])
-        queued = len(fresh) + len(moved)
+        PushState.objects.bulk_update(changed, ["pending", "attempts", "due_at", "message_id"])
     PUSHES.labels("queued").inc(queued)
     return queued
 
@@ -136,7 +158,33 @@ class Outcome:
     pruned: int
 
 
-def _message(token: str, room_id: str) -> messaging.Message:
+def _bodies(states: list[PushState]) -> dict[int, str]:
+    """Each push's body: "New message", or, where CHAT_PUSH_PREVIEW_ALLOWED permits and its
+    user asked for previews, the sender and the first PREVIEW_CHARS characters of the latest
+    message it is owed for (unless that was deleted since)."""
+    bodies = {state.pk: PUSH_BODY for state in states}
+    if not settings.CHAT_PUSH_PREVIEW_ALLOWED:
+        return bodies
+    wanting = set(
+        ChatUser.objects.filter(
+            pk__in={state.user_id for state in states}, push_previews=True
+        ).values_list("pk", flat=True)
+    )
+    asked = [state for state in states if state.user_id in wanting and state.message_id]
+    messages = {
+        pk: (username, content)
+        for pk, username, content in ChatMessage.objects.filter(
+            pk__in={state.message_id for state in asked}, deleted_at__isnull=True
+        ).values_list("pk", "username", "content")
+    }
+    for state in asked:
+        if state.message_id in messages:
+            username, content = messages[state.message_id]
+            bodies[state.pk] = f"{username}: {content[:PREVIEW_CHARS]}"
+    return bodies
+
+
+def _message(token: str, room_id: str, body: str = PUSH_BODY) -> messaging.Message:
     # Clients register FCM registration tokens (protocol §13), which FCM's v1 API takes as
     # `message.token`; firebase-admin 7.7 deprecates that field for installation ids (`fid`),
     # a different identifier the clients do not send. Its warning is expected here.
@@ -144,7 +192,7 @@ def _message(token: str, room_id: str) -> messaging.Message:
         warnings.filterwarnings("ignore", "Message.token is deprecated", DeprecationWarning)
         return messaging.Message(
             token=token,
-            notification=messaging.Notification(title=settings.CHAT_PUSH_TITLE, body=PUSH_BODY),
+            notification=messaging.Notification(title=settings.CHAT_PUSH_TITLE, body=body),
             data={"room_id": room_id},
         )
 
@@ -165,11 +213,13 @@ def pushes_send(*, states: list[PushState], app, now: datetime | None = None) ->
     ).values_list("user_id", "token"):
         devices.setdefault(user_id, []).append(token)
     batch = [(state, token) for state in states for token in devices.get(state.user_id, [])]
+    bodies = _bodies(states) if batch else {}
     responses = []
     if batch:
         try:
             responses = messaging.send_each(
-                [_message(token, state.room_id) for state, token in batch], app=app
+                [_message(token, state.room_id, bodies[state.pk]) for state, token in batch],
+                app=app,
             ).responses
         except firebase_errors.FirebaseError as error:
             logger.warning("push batch failed: %s", type(error).__name__)

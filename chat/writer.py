@@ -30,7 +30,11 @@ def messages_store_and_push(*, messages: list[dict[str, Any]]) -> list[Stored]:
     (CHAT_PUSH, chat.push). A push that cannot be queued never costs a message."""
     stored = messages_store(messages=messages)
     if settings.CHAT_PUSH:
-        new = [(s.frame["room_id"], s.frame["user_id"]) for s in stored if s.new]
+        new = [
+            (s.frame["room_id"], s.frame["user_id"], int(s.frame["message_id"]))
+            for s in stored
+            if s.new
+        ]
         try:
             pushes_queue(messages=new)
         except Exception:

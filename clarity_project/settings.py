@@ -336,6 +336,10 @@ CHAT_PUSH = env_bool("CHAT_PUSH", False)
 # CHAT_PUSH_TITLE: the title of every push; the body is "New message". Nothing of the room
 # (its name can be health information) or the message is sent.
 CHAT_PUSH_TITLE = env_str("CHAT_PUSH_TITLE", "Clarity")
+# CHAT_PUSH_PREVIEW_ALLOWED: users may ask for previews (`PATCH /api/v1/push` {previews}): the
+# sender and the first 100 characters of the message, sent through Google's FCM. Off by
+# default (health data); a deployment whose users' agreement covers it may allow it.
+CHAT_PUSH_PREVIEW_ALLOWED = env_bool("CHAT_PUSH_PREVIEW_ALLOWED", False)
 # CHAT_PUSH_COALESCE: seconds: at most one push per room per user this often.
 CHAT_PUSH_COALESCE = env_float("CHAT_PUSH_COALESCE", 30)
 # CHAT_PUSH_LEASE: seconds a push worker holds the pushes it claimed; a worker that dies

@@ -11,6 +11,7 @@ urlpatterns = [
     path("api/v1/ws/chat/users/<str:room_id>", views.room_users, name="chat-room-users"),
     path("api/v1/rooms", api.rooms, name="api-rooms"),
     path("api/v1/devices", api.devices, name="api-devices"),
+    path("api/v1/push", api.push_settings, name="api-push"),
     path("api/v1/rooms/direct", api.direct_room, name="api-direct-room"),
     path(
         "api/v1/rooms/<str:room_id>/members/<str:user_id>",

@@ -18,6 +18,8 @@ from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from chat.auth import firebase_app
+from chat.devices import push_preferences
+from chat.edits import Editor, message_delete
 from chat.history import message_store
 from chat.membership import membership_mute, room_create, room_create_private
 from chat.models import ChatMessage, Device, PushState, RoomKind, RoomMember
@@ -102,14 +104,17 @@ def device(user_id: str, token: str) -> None:
     Device.objects.create(user_id=user_id, token=token, platform="android")
 
 
-def say(room_id: str, user_id: str, content: str = "my results came back") -> None:
-    message_store(
-        room_id=room_id,
-        user_id=user_id,
-        username=user_id.title(),
-        content=content,
-        metadata=None,
-        client_message_id=None,
+def say(room_id: str, user_id: str, content: str = "my results came back") -> int:
+    """Store a message; its id."""
+    return int(
+        message_store(
+            room_id=room_id,
+            user_id=user_id,
+            username=user_id.title(),
+            content=content,
+            metadata=None,
+            client_message_id=None,
+        )["message_id"]
     )
 
 
@@ -131,18 +136,25 @@ def test_members_away_with_a_device_are_owed_one_push_per_room(db):
         max_connections=3,
         open_rooms=False,
     )
-    assert pushes_queue(messages=[(room, "olive"), (room, "olive")]) == 1
+    assert (
+        pushes_queue(
+            messages=[(room, "olive", say(room, "olive")), (room, "olive", say(room, "olive"))]
+        )
+        == 1
+    )
     # olive wrote it; carol muted the room; dave has a socket in it (on another worker);
     # erin has no device: only bob.
     assert owed() == {(room, "bob")}
-    assert pushes_queue(messages=[(room, "olive")]) == 0  # already owed: coalesced
+    assert (
+        pushes_queue(messages=[(room, "olive", say(room, "olive"))]) == 0
+    )  # already owed: coalesced
 
 
 def test_public_rooms_push_nothing(db):
     room_create(room_id="lobby", kind=RoomKind.PUBLIC)
     RoomMember.objects.create(room_id="lobby", user_id="bob")
     device("bob", "bob-token")
-    assert pushes_queue(messages=[("lobby", "olive")]) == 0
+    assert pushes_queue(messages=[("lobby", "olive", say("lobby", "olive"))]) == 0
 
 
 def test_one_push_per_room_per_coalescing_window(db, settings):
@@ -150,9 +162,9 @@ def test_one_push_per_room_per_coalescing_window(db, settings):
     room = care_team("bob")
     device("bob", "bob-token")
     now = timezone.now()
-    pushes_queue(messages=[(room, "olive")], now=now)
+    pushes_queue(messages=[(room, "olive", say(room, "olive"))], now=now)
     PushState.objects.update(pending=False, last_sent_at=now)  # as if just sent
-    pushes_queue(messages=[(room, "olive")], now=now + timedelta(seconds=5))
+    pushes_queue(messages=[(room, "olive", say(room, "olive"))], now=now + timedelta(seconds=5))
     state = PushState.objects.get()
     assert state.pending and state.due_at == now + timedelta(seconds=30)
     assert pushes_claim(now=now + timedelta(seconds=29)) == []
@@ -166,7 +178,7 @@ def test_a_push_is_content_free_and_goes_to_every_device(db, fcm):
     device("bob", "bob-phone")
     device("bob", "bob-browser")
     say(room, "olive", "my biopsy results came back")
-    pushes_queue(messages=[(room, "olive")])
+    pushes_queue(messages=[(room, "olive", say(room, "olive"))])
     outcome = pushes_send(states=pushes_claim(), app=firebase_app())
     assert (outcome.sent, outcome.failed, outcome.pruned) == (2, 0, 0)
     assert sorted(fcm.tokens()) == ["bob-browser", "bob-phone"]
@@ -183,7 +195,7 @@ def test_tokens_are_pruned_only_on_unregistered_or_sender_mismatch(db, fcm):
     room = care_team("bob")
     for token in ("dead-token", "foreign-token", "busy-token", "good-token"):
         device("bob", token)
-    pushes_queue(messages=[(room, "olive")])
+    pushes_queue(messages=[(room, "olive", say(room, "olive"))])
     outcome = pushes_send(states=pushes_claim(), app=firebase_app())
     assert (outcome.sent, outcome.failed, outcome.pruned) == (1, 1, 2)
     assert sorted(Device.objects.values_list("token", flat=True)) == ["busy-token", "good-token"]
@@ -194,7 +206,7 @@ def test_a_transient_failure_is_retried_with_backoff_then_given_up(db, fcm, sett
     settings.CHAT_PUSH_MAX_ATTEMPTS = 2
     room = care_team("bob")
     device("bob", "busy-token")
-    pushes_queue(messages=[(room, "olive")])
+    pushes_queue(messages=[(room, "olive", say(room, "olive"))])
     now = timezone.now()
     pushes_send(states=pushes_claim(now=now), app=firebase_app(), now=now)
     state = PushState.objects.get()
@@ -209,7 +221,7 @@ def test_a_claimed_push_is_not_claimed_again_until_its_lease_is_over(db, setting
     settings.CHAT_PUSH_LEASE = 60
     room = care_team("bob")
     device("bob", "bob-token")
-    pushes_queue(messages=[(room, "olive")])
+    pushes_queue(messages=[(room, "olive", say(room, "olive"))])
     now = timezone.now()
     assert len(pushes_claim(now=now)) == 1
     assert pushes_claim(now=now + timedelta(seconds=59)) == []  # another push worker
@@ -220,7 +232,7 @@ def test_a_token_that_moved_is_not_pruned_for_its_old_user(db, fcm):
     """bob's dead token, registered by carol meanwhile: bob's failure does not delete it."""
     room = care_team("bob")
     device("bob", "dead-token")
-    pushes_queue(messages=[(room, "olive")])
+    pushes_queue(messages=[(room, "olive", say(room, "olive"))])
     states = pushes_claim()
     Device.objects.filter(token="dead-token").update(user_id="carol")
     pushes_send(states=states, app=firebase_app())
@@ -254,7 +266,7 @@ def test_a_push_owed_to_a_user_with_no_device_left_is_settled(db, fcm):
     """A push owed to a user whose devices all went meanwhile is settled, not retried."""
     room = care_team("bob")
     device("bob", "bob-token")
-    pushes_queue(messages=[(room, "olive")])
+    pushes_queue(messages=[(room, "olive", say(room, "olive"))])
     states = pushes_claim()
     Device.objects.all().delete()
     assert pushes_send(states=states, app=firebase_app()).sent == 0
@@ -266,7 +278,7 @@ def test_the_push_worker_sends_what_is_due_and_stops_when_told(fcm, settings):
     settings.CHAT_PUSH_POLL = 0.01
     room = care_team("bob")
     device("bob", "bob-token")
-    pushes_queue(messages=[(room, "olive")])
+    pushes_queue(messages=[(room, "olive", say(room, "olive"))])
     stop = threading.Event()
     worker = threading.Thread(
         target=push_worker_run, kwargs={"app": firebase_app(), "stop": stop, "poll": 0.01}
@@ -295,3 +307,46 @@ async def test_a_message_sent_over_a_socket_owes_a_push_to_the_members_away(clie
     await olive.recv_type("message")
     await carol.recv_type("message")
     assert await database_sync_to_async(owed)() == {(room, "bob")}  # carol is here
+
+
+# --- previews: only asked for, only where allowed ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("allowed", "asked", "deleted", "body"),
+    [
+        (False, False, False, "New message"),
+        (False, True, False, "New message"),  # the deployment does not allow them
+        (True, False, False, "New message"),  # the user did not ask
+        (True, True, True, "New message"),  # the message was deleted meanwhile
+        (True, True, False, "Olive: " + "x" * 100),  # the first 100 characters
+    ],
+)
+def test_a_preview_only_where_allowed_and_asked_for(
+    db, fcm, settings, allowed, asked, deleted, body
+):
+    settings.CHAT_PUSH_PREVIEW_ALLOWED = allowed
+    room = care_team("bob")
+    device("bob", "bob-token")
+    push_preferences(user_id="bob", previews=asked)
+    said = say(room, "olive", "x" * 150)
+    pushes_queue(messages=[(room, "olive", said)])
+    if deleted:
+        message_delete(message_id=said, deleter=Editor.user("olive"))
+    pushes_send(states=pushes_claim(), app=firebase_app())
+    (message,) = fcm.sent
+    assert message["notification"] == {"title": "Clarity", "body": body}
+
+
+def test_push_preferences_over_http(client, settings):
+    from tests.test_api import send
+
+    settings.CHAT_PUSH_PREVIEW_ALLOWED = False
+    assert send(client, "GET", "/api/v1/push", "bob").json() == {
+        "previews": False,
+        "allowed": False,
+    }
+    changed = send(client, "PATCH", "/api/v1/push", "bob", {"previews": True})
+    assert changed.json() == {"previews": True, "allowed": False}
+    assert send(client, "PATCH", "/api/v1/push", "bob", {"previews": "yes"}).status_code == 400
+    assert send(client, "GET", "/api/v1/push", None).status_code == 401
