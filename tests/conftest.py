@@ -22,6 +22,7 @@ from django_otp.oath import totp
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from chat.devtokens import emulator_token
+from chat.history import message_store
 from chat.models import ChatSession
 from chat.protocol import MessageType, frame
 from chat.rooms import room_event
@@ -84,6 +85,18 @@ def fresh_shared_state():
     clear()
     yield
     clear()
+
+
+def stored_message(room_id: str, user_id: str, content: str = "hi") -> dict:
+    """A user's message stored in a room as the socket path stores it: its frame."""
+    return message_store(
+        room_id=room_id,
+        user_id=user_id,
+        username=user_id.title(),
+        content=content,
+        metadata=None,
+        client_message_id=None,
+    )
 
 
 def token_for(uid: str, name: str | None = None, **kwargs: Any) -> str:

@@ -539,21 +539,26 @@ class FakeIdentityToolkit:
         return 200, {}, json.dumps({"users": found} if found else {})
 
 
-@pytest.fixture
-def toolkit(google, http, settings, tmp_path, service_account_key) -> FakeIdentityToolkit:
-    """Revocation checks on, with a (throwaway) service account to call Firebase with."""
+def service_account_file(directory, key: SigningKey, name: str) -> str:
+    """A throwaway service account's JSON file (its tokens come from OAUTH_TOKEN_URL)."""
     account = {
         "type": "service_account",
         "project_id": PROJECT,
         "private_key_id": "sa-key-1",
-        "private_key": service_account_key.private_pem(),
-        "client_email": f"verifier@{PROJECT}.iam.gserviceaccount.com",
+        "private_key": key.private_pem(),
+        "client_email": f"{name}@{PROJECT}.iam.gserviceaccount.com",
         "client_id": "1",
         "token_uri": OAUTH_TOKEN_URL,
     }
-    path = tmp_path / "service-account.json"
+    path = directory / "service-account.json"
     path.write_text(json.dumps(account))
-    settings.FIREBASE_CREDENTIALS = str(path)
+    return str(path)
+
+
+@pytest.fixture
+def toolkit(google, http, settings, tmp_path, service_account_key) -> FakeIdentityToolkit:
+    """Revocation checks on, with a (throwaway) service account to call Firebase with."""
+    settings.FIREBASE_CREDENTIALS = service_account_file(tmp_path, service_account_key, "verifier")
     settings.FIREBASE_CHECK_REVOKED = True
     http.add(
         responses.POST,

@@ -141,6 +141,18 @@ async def net(cluster: Cluster):
     cluster.assert_alive()
 
 
+async def private_room_made(worker: Worker, owner: str, owner_name: str, members: list[str]) -> str:
+    """A private room made through `worker`'s API by `owner`; its id."""
+    created = await http_request(
+        "POST",
+        f"{worker.http_url}/api/v1/rooms",
+        token=token_for(owner, owner_name),
+        body={"name": "Care team", "kind": "private", "members": members},
+    )
+    assert created.status_code == 201, created.text
+    return created.json()["room_id"]
+
+
 async def barriers(*clients: ChatSocket) -> None:
     """None of these sockets has a frame that was not read (`ChatSocket.barrier`)."""
     await asyncio.gather(*(client.barrier() for client in clients))
@@ -1048,14 +1060,7 @@ async def test_a_read_on_one_worker_is_a_receipt_on_the_other_and_in_the_rooms_l
     worker) counts what is still unread, the reader's own messages never."""
     a, b = net.cluster.a, net.cluster.b
     author, reader = net.uid("ann"), net.uid("rob")
-    created = await http_request(
-        "POST",
-        f"{b.http_url}/api/v1/rooms",
-        token=token_for(author, "Ann"),
-        body={"name": "Care team", "kind": "private", "members": [reader]},
-    )
-    assert created.status_code == 201, created.text
-    room = created.json()["room_id"]
+    room = await private_room_made(b, author, "Ann", [reader])
     ann = await net.join(b, room, author, "Ann")
     rob = await net.join(a, room, reader, "Rob")
     await expect_joined(ann, "Rob", reader)
@@ -1119,13 +1124,7 @@ async def test_a_member_with_a_socket_on_another_worker_is_owed_no_push(net: Net
     worker A: no push is owed to rob; once his socket is gone, the next message owes one."""
     a, b, db = net.cluster.a, net.cluster.b, net.cluster.database
     author, reader = net.uid("ann"), net.uid("rob")
-    created = await http_request(
-        "POST",
-        f"{a.http_url}/api/v1/rooms",
-        token=token_for(author, "Ann"),
-        body={"name": "Care team", "kind": "private", "members": [reader]},
-    )
-    room = created.json()["room_id"]
+    room = await private_room_made(a, author, "Ann", [reader])
     registered = await http_request(
         "POST",
         f"{b.http_url}/api/v1/devices",

@@ -20,16 +20,17 @@ from django.utils import timezone
 from chat.auth import firebase_app
 from chat.devices import push_preferences
 from chat.edits import Editor, message_delete
-from chat.history import message_store
 from chat.membership import membership_mute, room_create, room_create_private
 from chat.models import ChatMessage, Device, PushState, RoomKind, RoomMember
 from chat.push import push_worker_run, pushes_claim, pushes_queue, pushes_send
 from chat.sessions import sessions_open
+from tests.conftest import stored_message
 from tests.test_auth import (
     OAUTH_TOKEN_URL,
     PROJECT,
     fresh_firebase_apps,  # noqa: F401  (autouse: each test its own SDK app)
     make_signing_key,
+    service_account_file,
 )
 from tests.test_joins import request as session_request
 
@@ -70,18 +71,7 @@ class FakeFcm:
 def fcm(settings, tmp_path):
     """A throwaway service account; Google's token endpoint and FCM through `responses`."""
     key = make_signing_key("pusher")
-    account = {
-        "type": "service_account",
-        "project_id": PROJECT,
-        "private_key_id": "sa-key-1",
-        "private_key": key.private_pem(),
-        "client_email": f"pusher@{PROJECT}.iam.gserviceaccount.com",
-        "client_id": "1",
-        "token_uri": OAUTH_TOKEN_URL,
-    }
-    path = tmp_path / "service-account.json"
-    path.write_text(json.dumps(account))
-    settings.FIREBASE_CREDENTIALS = str(path)
+    settings.FIREBASE_CREDENTIALS = service_account_file(tmp_path, key, "pusher")
     settings.CHAT_PUSH_TITLE = "Clarity"
     fake = FakeFcm()
     with responses.RequestsMock(assert_all_requests_are_fired=False) as http:
@@ -106,16 +96,7 @@ def device(user_id: str, token: str) -> None:
 
 def say(room_id: str, user_id: str, content: str = "my results came back") -> int:
     """Store a message; its id."""
-    return int(
-        message_store(
-            room_id=room_id,
-            user_id=user_id,
-            username=user_id.title(),
-            content=content,
-            metadata=None,
-            client_message_id=None,
-        )["message_id"]
-    )
+    return int(stored_message(room_id, user_id, content)["message_id"])
 
 
 def owed() -> set[tuple[str, str]]:

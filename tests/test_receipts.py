@@ -13,11 +13,10 @@ from django.utils import timezone
 
 from chat import membership
 from chat.access import Refused
-from chat.history import message_store
 from chat.membership import room_create, room_create_private, rooms_of_user
 from chat.models import ChatMessage, RoomKind, RoomMember
 from chat.receipts import ReadMark, ReadMarked, reads_mark
-from tests.conftest import NO_BUDGETS, frames_until_close, token_for
+from tests.conftest import NO_BUDGETS, frames_until_close, stored_message, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,14 +28,7 @@ def _generous(settings):
 
 
 def store(room_id: str, user_id: str, content: str = "hi") -> dict:
-    return message_store(
-        room_id=room_id,
-        user_id=user_id,
-        username=user_id.title(),
-        content=content,
-        metadata=None,
-        client_message_id=None,
-    )
+    return stored_message(room_id, user_id, content)
 
 
 def private_room(owner: str, *members: str) -> str:
