@@ -17,11 +17,13 @@ How it signs in depends on the server's mode:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.template.loader import render_to_string
 from django.templatetags.static import static
 from django.urls import reverse
 from django.utils.text import slugify
@@ -69,6 +71,26 @@ def firebase_sign_in_enabled() -> bool:
     return not emulator_mode() and bool(settings.FIREBASE_WEB_API_KEY)
 
 
+def web_push_config() -> dict[str, str] | None:
+    """What the page and its service worker need for web push, if it is configured (with
+    Firebase sign-in): the Firebase web app's options and the VAPID key."""
+    if not firebase_sign_in_enabled():
+        return None
+    key, sender, app = (
+        settings.FIREBASE_WEB_PUSH_KEY,
+        settings.FIREBASE_MESSAGING_SENDER_ID,
+        settings.FIREBASE_APP_ID,
+    )
+    if not (key and sender and app):
+        return None
+    return {
+        "vapidKey": key,
+        "messagingSenderId": sender,
+        "appId": app,
+        "serviceWorker": reverse("push-service-worker"),
+    }
+
+
 def dev_uid(name: str) -> str:
     """The same name always signs in as the same user ("Ana" and "ana" included)."""
     slug = slugify(name, allow_unicode=True)
@@ -86,6 +108,7 @@ def client_config() -> dict[str, Any]:
             "apiKey": settings.FIREBASE_WEB_API_KEY,
             "authDomain": settings.FIREBASE_AUTH_DOMAIN,
             "projectId": settings.FIREBASE_PROJECT_ID,
+            "webPush": web_push_config(),
         }
     else:
         sign_in = {"method": "none"}
@@ -146,3 +169,29 @@ def dev_token(request: HttpRequest) -> HttpResponse:
     if not dev_sign_in_enabled():
         raise Http404
     return _dev_token(request)
+
+
+@require_GET
+def push_service_worker(request: HttpRequest) -> HttpResponse:
+    """The page's service worker for web push (protocol §13), at the site's root so that it
+    controls the whole site; 404 where web push is not configured. It shows the pushes FCM
+    delivers while no page is open (the SDK does that from their `notification`), and a
+    click opens the room named in their data."""
+    push = web_push_config()
+    if push is None:
+        raise Http404
+    options = {
+        "apiKey": settings.FIREBASE_WEB_API_KEY,
+        "authDomain": settings.FIREBASE_AUTH_DOMAIN,
+        "projectId": settings.FIREBASE_PROJECT_ID,
+        "messagingSenderId": push["messagingSenderId"],
+        "appId": push["appId"],
+    }
+    sdk = settings.FIREBASE_JS_SDK_URL.rstrip("/")
+    script = render_to_string(
+        "chat/firebase-messaging-sw.js",
+        {"sdk": json.dumps(sdk), "options": json.dumps(options)},
+    )
+    response = HttpResponse(script, content_type="text/javascript; charset=utf-8")
+    response["Cache-Control"] = "no-cache"
+    return response

@@ -312,6 +312,15 @@ FIREBASE_AUTH_DOMAIN = env_str("FIREBASE_AUTH_DOMAIN", f"{FIREBASE_PROJECT_ID}.f
 # FIREBASE_JS_SDK_URL: where browsers load the Firebase JS SDK's ES modules from (the folder
 # holding firebase-app.js and firebase-auth.js): Google's CDN, or a copy you host.
 FIREBASE_JS_SDK_URL = env_str("FIREBASE_JS_SDK_URL", "https://www.gstatic.com/firebasejs/13.2.0")
+# FIREBASE_WEB_PUSH_KEY, FIREBASE_MESSAGING_SENDER_ID, FIREBASE_APP_ID: web push for the page
+# (protocol §13): the web app's "Web Push certificates" public key (VAPID), its sender id
+# and app id, from the Firebase console. All three set, with Firebase sign-in: the page
+# offers to turn notifications on, registers the browser's FCM token
+# (`POST /api/v1/devices`, platform web) and removes it on sign-out; its service worker
+# (`/firebase-messaging-sw.js`) shows the pushes. Unset: no web push.
+FIREBASE_WEB_PUSH_KEY = env_str("FIREBASE_WEB_PUSH_KEY")
+FIREBASE_MESSAGING_SENDER_ID = env_str("FIREBASE_MESSAGING_SENDER_ID")
+FIREBASE_APP_ID = env_str("FIREBASE_APP_ID")
 
 # --- Chat limits (protocol §6) ---------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from chat import api, ops, views, web
 urlpatterns = [
     path("", web.index, name="chat-client"),
     path("dev/token", web.dev_token, name="dev-token"),
+    path("firebase-messaging-sw.js", web.push_service_worker, name="push-service-worker"),
     path("admin/", admin.site.urls),
     path("api/v1/ws/chat/stats", views.stats, name="chat-stats"),
     path("api/v1/ws/chat/users/<str:room_id>", views.room_users, name="chat-room-users"),

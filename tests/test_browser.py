@@ -535,6 +535,8 @@ def test_two_users_find_the_public_room_chat_type_ask_the_assistant_and_reload(
 
 def test_message_a_user_opens_a_direct_room_both_see(server, ana, ben, tmp_path):
     ben.sign_in(base_url(server))
+    # Web push needs real Firebase (protocol §13): not offered with the dev sign-in.
+    assert not ben.find("#push-enable").is_displayed()
     # A direct room with oneself is refused: the server's message shows in the form.
     ben.submit("direct", {"direct-user": "dev-ben"})
     ben.wait(lambda: ben.form_error("direct"), "the refusal of a direct room with oneself")

@@ -127,6 +127,7 @@ def test_firebase_sign_in_when_configured(client, production):
         "apiKey": "web-api-key",
         "authDomain": "clarity.example.com",
         "projectId": production.FIREBASE_PROJECT_ID,
+        "webPush": None,
     }
     assert 'id="google-sign-in"' in response.content.decode()
 
@@ -189,3 +190,42 @@ def test_the_browser_client_reads_server_constants_from_its_config():
         assert not re.findall(r"\b40(?!00)\d\d\b", source), f"{script.name}: a close code literal"
         for constant in ('"AI"', "'AI'", '"@ai"', "A-Za-z0-9", "10000", "10 s"):
             assert constant not in source, f"{script.name}: {constant}"
+
+
+# --- web push (protocol §13) --------------------------------------------------------------------
+
+
+def web_push_settings(production) -> None:
+    production.FIREBASE_WEB_API_KEY = "web-api-key"
+    production.FIREBASE_WEB_PUSH_KEY = "BPublicVapidKey"
+    production.FIREBASE_MESSAGING_SENDER_ID = "1234567890"
+    production.FIREBASE_APP_ID = "1:1234567890:web:abc"
+
+
+def test_web_push_is_offered_only_with_firebase_and_its_three_settings(client, production):
+    web_push_settings(production)
+    sign_in = config(client.get("/"))["signIn"]
+    assert sign_in["webPush"] == {
+        "vapidKey": "BPublicVapidKey",
+        "messagingSenderId": "1234567890",
+        "appId": "1:1234567890:web:abc",
+        "serviceWorker": "/firebase-messaging-sw.js",
+    }
+    production.FIREBASE_APP_ID = ""
+    assert config(client.get("/"))["signIn"]["webPush"] is None
+
+
+def test_the_push_service_worker_is_served_only_where_web_push_is_configured(client, production):
+    assert client.get("/firebase-messaging-sw.js").status_code == 404
+    web_push_settings(production)
+    response = client.get("/firebase-messaging-sw.js")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/javascript")
+    script = response.content.decode()
+    assert '"https://www.gstatic.com/firebasejs/13.2.0" + "/firebase-messaging-compat.js"' in script
+    assert '"messagingSenderId": "1234567890"' in script and "BPublicVapidKey" not in script
+
+
+def test_no_web_push_and_no_service_worker_in_development(client):
+    assert "webPush" not in config(client.get("/"))["signIn"]
+    assert client.get("/firebase-messaging-sw.js").status_code == 404

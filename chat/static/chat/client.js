@@ -128,8 +128,46 @@ function roomInAddress() {
   return new URLSearchParams(location.hash.slice(1)).get("room");
 }
 
+// --- web push (protocol §13): only with real Firebase and web push configured ------------
+
+const PUSH_TOKEN_KEY = "clarity.pushToken";
+
+function offerPush() {
+  const button = $("push-enable");
+  const supported = "Notification" in window && "serviceWorker" in navigator;
+  button.hidden = !(config.signIn.webPush && supported && state.signIn.pushToken);
+  if (button.hidden) return;
+  const on = Notification.permission === "granted" && localStorage.getItem(PUSH_TOKEN_KEY);
+  button.textContent = on ? "Notifications on" : "Turn on notifications";
+  button.disabled = Boolean(on);
+  if (Notification.permission === "granted") registerPush(); // the token may have changed
+}
+
+async function registerPush() {
+  try {
+    if ((await Notification.requestPermission()) !== "granted") return;
+    const token = await state.signIn.pushToken();
+    if (!token) return;
+    await state.api.registerDevice(token);
+    localStorage.setItem(PUSH_TOKEN_KEY, token);
+    $("push-enable").textContent = "Notifications on";
+    $("push-enable").disabled = true;
+  } catch (error) {
+    showAlert(`Notifications could not be turned on: ${error.message}`, "warning");
+  }
+}
+
+// Signing out: this browser's token is removed first, while the user's ID token is valid.
+async function unregisterPush() {
+  const token = localStorage.getItem(PUSH_TOKEN_KEY);
+  if (!token) return;
+  localStorage.removeItem(PUSH_TOKEN_KEY);
+  await state.api.removeDevice(token).catch(() => {});
+}
+
 function signedIn(user) {
   state.me = user;
+  offerPush();
   $("account-name").textContent = user.name;
   $("my-uid").textContent = user.uid;
   $("account").hidden = false;
@@ -143,6 +181,7 @@ function signedIn(user) {
 
 async function signOut() {
   leaveRoom();
+  await unregisterPush();
   await state.signIn.signOut();
   state.me = null;
   state.myRooms = [];
@@ -176,6 +215,7 @@ function wireSignIn() {
     }
   });
   $("sign-out").addEventListener("click", signOut);
+  $("push-enable").addEventListener("click", registerPush);
 }
 
 // --- rooms and the connection -------------------------------------------------------------

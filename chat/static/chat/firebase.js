@@ -5,10 +5,17 @@
 // refresh is passed on as a "token" event.
 
 export class FirebaseSignIn extends EventTarget {
-  constructor({ sdkUrl, apiKey, authDomain, projectId }) {
+  constructor({ sdkUrl, apiKey, authDomain, projectId, webPush = null }) {
     super();
     this.sdkUrl = sdkUrl;
     this.options = { apiKey, authDomain, projectId };
+    // Web push (protocol §13): the web app's messaging options, the VAPID key, the worker.
+    this.webPush = webPush;
+    if (webPush) {
+      this.options.messagingSenderId = webPush.messagingSenderId;
+      this.options.appId = webPush.appId;
+    }
+    this.app = null;
     this.sdk = null;
     this.auth = null;
     this.user = null;
@@ -22,7 +29,8 @@ export class FirebaseSignIn extends EventTarget {
       import(`${this.sdkUrl}/firebase-auth.js`),
     ]);
     this.sdk = auth;
-    this.auth = auth.getAuth(app.initializeApp(this.options));
+    this.app = app.initializeApp(this.options);
+    this.auth = auth.getAuth(this.app);
     auth.onIdTokenChanged(this.auth, async (user) => {
       if (user === null || this.current === null || user.uid !== this.current.uid) return;
       this.dispatchEvent(new CustomEvent("token", { detail: await user.getIdToken() }));
@@ -53,6 +61,21 @@ export class FirebaseSignIn extends EventTarget {
   async getToken(force = false) {
     if (this.current === null) throw new Error("not signed in");
     return this.current.getIdToken(force);
+  }
+
+  // This browser's FCM registration token for web push, once the user allowed
+  // notifications (null where web push is not configured or not supported).
+  async pushToken() {
+    if (!this.webPush || !("serviceWorker" in navigator) || !("Notification" in window)) {
+      return null;
+    }
+    await this.load();
+    const messaging = await import(`${this.sdkUrl}/firebase-messaging.js`);
+    const registration = await navigator.serviceWorker.register(this.webPush.serviceWorker);
+    return messaging.getToken(messaging.getMessaging(this.app), {
+      vapidKey: this.webPush.vapidKey,
+      serviceWorkerRegistration: registration,
+    });
   }
 
   async signOut() {

@@ -39,6 +39,16 @@ export class RoomsApi {
     return this.request("POST", "rooms/direct", { user_id: userId });
   }
 
+  // Push notifications (protocol §13): this device's FCM token, for the caller.
+  registerDevice(token, platform = "web") {
+    return this.request("POST", "devices", { token, platform });
+  }
+
+  // {removed}: the token in the body, never the URL.
+  removeDevice(token) {
+    return this.request("DELETE", "devices", { token });
+  }
+
   async request(method, path, body, retried = false) {
     const token = await this.tokens.getToken(retried);
     const headers = { Accept: "application/json", Authorization: `Bearer ${token}` };
