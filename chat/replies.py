@@ -10,9 +10,9 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from chat.assistant.base import APOLOGY, AssistantError, AssistantProvider, AssistantRequest, ask
-from chat.history import message_store
 from chat.models import AssistantMode, ChatMessage, RoomKind
 from chat.protocol import AI_USER_ID, AI_USERNAME
+from chat.writer import messages_store_and_push
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +79,18 @@ async def assistant_reply(
     except AssistantError as exc:
         logger.warning("assistant failed in room=%s: %s", room_id, type(exc).__name__)
         content = APOLOGY
-    return await database_sync_to_async(message_store)(
-        room_id=room_id,
-        user_id=AI_USER_ID,
-        username=AI_USERNAME,
-        content=content,
-        metadata={"in_reply_to": question["message_id"]},
-        client_message_id=None,
+    # Stored as the members' messages are, with the pushes it owes (protocol §13): an asker
+    # who has left hears that the answer came.
+    (stored,) = await database_sync_to_async(messages_store_and_push)(
+        messages=[
+            {
+                "room_id": room_id,
+                "user_id": AI_USER_ID,
+                "username": AI_USERNAME,
+                "content": content,
+                "metadata": {"in_reply_to": question["message_id"]},
+                "client_message_id": None,
+            }
+        ]
     )
+    return stored.frame

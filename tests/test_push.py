@@ -331,3 +331,21 @@ def test_push_preferences_over_http(client, settings):
     assert changed.json() == {"previews": True, "allowed": False}
     assert send(client, "PATCH", "/api/v1/push", "bob", {"previews": "yes"}).status_code == 400
     assert send(client, "GET", "/api/v1/push", None).status_code == 401
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_assistant_reply_owes_a_push_to_the_asker_who_left(settings):
+    """The asker is away when the answer comes (no socket in the room): they are owed a
+    push, as every member away is; the assistant itself never is."""
+    from chat.assistant.builtin import BuiltinProvider
+    from chat.replies import assistant_reply
+
+    settings.CHAT_PUSH = True
+    room = await database_sync_to_async(care_team)("bob")
+    await database_sync_to_async(device)("olive", "olive-token")
+    question = await database_sync_to_async(stored_message)(room, "olive", "@ai how did I sleep?")
+    reply = await assistant_reply(
+        provider=BuiltinProvider(), question=question, user_id="olive", username="Olive"
+    )
+    assert reply["user_id"] == "AI"
+    assert await database_sync_to_async(owed)() == {(room, "olive")}  # bob has no device
