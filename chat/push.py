@@ -67,10 +67,18 @@ RETRY_CAP = 3600.0
 
 def pushes_queue(*, messages: list[tuple[str, str, int]], now: datetime | None = None) -> int:
     """Queue the pushes owed for these stored messages (`(room_id, author_id, message_id)`);
-    how many members now have one owed that did not before. Blocking (database)."""
+    how many members now have one owed that did not before. Blocking (database). All in one
+    transaction (a savepoint, inside the caller's): a failure leaves the caller's own
+    transaction usable (the messages stored stand)."""
     if not messages:
         return 0
-    now = now or timezone.now()
+    with transaction.atomic():
+        queued = _pushes_queue(messages=messages, now=now or timezone.now())
+    PUSHES.labels("queued").inc(queued)
+    return queued
+
+
+def _pushes_queue(*, messages: list[tuple[str, str, int]], now: datetime) -> int:
     authors: dict[str, set[str]] = {}
     latest: dict[str, int] = {}  # room -> its newest message of the batch (for a preview)
     for room_id, author, message_id in messages:
@@ -101,38 +109,36 @@ def pushes_queue(*, messages: list[tuple[str, str, int]], now: datetime | None =
         return 0
     coalesce = timedelta(seconds=settings.CHAT_PUSH_COALESCE)
     queued = 0
-    with transaction.atomic():
-        states = {
-            (state.room_id, state.user_id): state
-            for state in PushState.objects.select_for_update().filter(
-                room_id__in={room for room, _ in owed}, user_id__in={user for _, user in owed}
-            )
-        }
-        fresh, changed = [], []
-        for room_id, user_id in owed:
-            state = states.get((room_id, user_id))
-            if state is None:
-                fresh.append(
-                    PushState(
-                        room_id=room_id,
-                        user_id=user_id,
-                        pending=True,
-                        due_at=now,
-                        message_id=latest[room_id],
-                    )
+    states = {
+        (state.room_id, state.user_id): state
+        for state in PushState.objects.select_for_update().filter(
+            room_id__in={room for room, _ in owed}, user_id__in={user for _, user in owed}
+        )
+    }
+    fresh, changed = [], []
+    for room_id, user_id in owed:
+        state = states.get((room_id, user_id))
+        if state is None:
+            fresh.append(
+                PushState(
+                    room_id=room_id,
+                    user_id=user_id,
+                    pending=True,
+                    due_at=now,
+                    message_id=latest[room_id],
                 )
-                queued += 1
-                continue
-            if not state.pending:
-                state.pending, state.attempts = True, 0
-                last = state.last_sent_at
-                state.due_at = max(now, last + coalesce) if last is not None else now
-                queued += 1
-            state.message_id = latest[room_id]  # a push owed already shows the newest
-            changed.append(state)
-        PushState.objects.bulk_create(fresh, ignore_conflicts=True)
-        PushState.objects.bulk_update(changed, ["pending", "attempts", "due_at", "message_id"])
-    PUSHES.labels("queued").inc(queued)
+            )
+            queued += 1
+            continue
+        if not state.pending:
+            state.pending, state.attempts = True, 0
+            last = state.last_sent_at
+            state.due_at = max(now, last + coalesce) if last is not None else now
+            queued += 1
+        state.message_id = latest[room_id]  # a push owed already shows the newest
+        changed.append(state)
+    PushState.objects.bulk_create(fresh, ignore_conflicts=True)
+    PushState.objects.bulk_update(changed, ["pending", "attempts", "due_at", "message_id"])
     return queued
 
 
