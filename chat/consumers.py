@@ -779,7 +779,7 @@ class ChatConsumer(SessionConsumer):
         """Edit (`content`) or delete a message of this room, as the rule allows; the change
         is broadcast with its own seq. An edit to the same content changes nothing."""
         try:
-            stored, changed = await database_sync_to_async(message_user_change)(
+            stored = await database_sync_to_async(message_user_change)(
                 room_id=self.room_id,
                 message_id=message_id,
                 user_id=self.identity.user_id,
@@ -794,7 +794,7 @@ class ChatConsumer(SessionConsumer):
             if refused.code == ErrorCode.ROOM_FORBIDDEN:
                 return await self.end(Close.ROOM_FORBIDDEN)
             raise FrameError(refused.code) from None
-        if not changed:
+        if stored is None:
             return
         await self.broadcast(
             message_updated_frame(stored)

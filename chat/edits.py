@@ -122,20 +122,21 @@ def message_delete(*, message_id: int, deleter: Editor) -> ChatMessage:
 
 def message_user_change(
     *, room_id: str, message_id: int, user_id: str, content: str | None
-) -> tuple[ChatMessage, bool]:
+) -> ChatMessage | None:
     """A user's `edit` (`content`) or `delete` (`content` None) of a message of `room_id`:
-    the message as stored, and whether it changed (an edit to the same content does not).
+    the message as stored, or None if nothing changed (an edit to the same content).
     MessageNotFound (no such message in this room, or it is deleted), Refused (the rule:
     ROOM_FORBIDDEN, NOT_ALLOWED), EditRefused. Blocking (database)."""
     with transaction.atomic():
-        author = (
+        found = (
             ChatMessage.objects.select_for_update()
             .filter(pk=message_id, room_id=room_id, deleted_at__isnull=True)
-            .values_list("user_id", flat=True)
+            .values_list("user_id", "content")
             .first()
         )
-        if author is None:
+        if found is None:
             raise MessageNotFound(message_id)
+        author, current = found
         room_authorize(
             user_id=user_id,
             room_id=room_id,
@@ -143,11 +144,10 @@ def message_user_change(
             subject=Subject(member=None, author=author),
         )
         if content is None:
-            return message_delete(message_id=message_id, deleter=Editor.user(user_id)), True
-        before = ChatMessage.objects.filter(pk=message_id).values_list("latest_seq", flat=True)
-        previous = before.first()
-        message = message_edit(message_id=message_id, content=content, editor=Editor.user(user_id))
-        return message, message.latest_seq != previous
+            return message_delete(message_id=message_id, deleter=Editor.user(user_id))
+        if content == current:
+            return None
+        return message_edit(message_id=message_id, content=content, editor=Editor.user(user_id))
 
 
 def message_updated_frame(message: ChatMessage) -> dict:
