@@ -250,20 +250,31 @@ def pushes_send(*, states: list[PushState], app, now: datetime | None = None) ->
             Device.objects.filter(token=token, user_id=state.user_id).delete()
     with transaction.atomic():
         for state in states:
-            retry = state.pk in failed_states and state.pk not in delivered
-            if retry and state.attempts + 1 < settings.CHAT_PUSH_MAX_ATTEMPTS:
-                state.attempts += 1
-                wait = min(RETRY_BASE * 2 ** (state.attempts - 1), RETRY_CAP)
-                state.due_at = now + timedelta(seconds=wait)
-            else:
-                state.pending, state.attempts, state.due_at = False, 0, None
-                if state.pk in delivered:
-                    state.last_sent_at = now
-        PushState.objects.bulk_update(states, ["pending", "attempts", "due_at", "last_sent_at"])
+            _settle(
+                state, now=now, delivered=state.pk in delivered, failed=state.pk in failed_states
+            )
     PUSHES.labels("sent").inc(sent)
     PUSHES.labels("failed").inc(failed)
     PUSHES.labels("pruned").inc(len(set(gone)))
     return Outcome(sent=sent, failed=failed, pruned=len(set(gone)))
+
+
+def _settle(state: PushState, *, now: datetime, delivered: bool, failed: bool) -> None:
+    """After a send: owed again after a backoff if every device failed (up to
+    CHAT_PUSH_MAX_ATTEMPTS), else done. A push owed for a newer message than the one claimed
+    (queued while this one was being sent) stays owed, for when the coalescing is over."""
+    row = PushState.objects.filter(pk=state.pk)
+    if failed and not delivered and state.attempts + 1 < settings.CHAT_PUSH_MAX_ATTEMPTS:
+        wait = min(RETRY_BASE * 2**state.attempts, RETRY_CAP)
+        row.update(attempts=state.attempts + 1, due_at=now + timedelta(seconds=wait))
+        return
+    sent_at = now if delivered else state.last_sent_at
+    if row.filter(message_id=state.message_id).update(
+        pending=False, attempts=0, due_at=None, last_sent_at=sent_at
+    ):
+        return
+    coalesce = timedelta(seconds=settings.CHAT_PUSH_COALESCE)
+    row.update(attempts=0, due_at=sent_at + coalesce if delivered else now, last_sent_at=sent_at)
 
 
 def push_worker_run(*, app, stop: threading.Event, poll: float) -> None:

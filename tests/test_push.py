@@ -359,3 +359,20 @@ async def test_an_assistant_reply_owes_a_push_to_the_asker_who_left(settings):
     )
     assert reply["user_id"] == "AI"
     assert await database_sync_to_async(owed)() == {(room, "olive")}  # bob has no device
+
+
+def test_a_message_queued_while_its_push_is_sent_is_not_lost(db, fcm, settings):
+    """The push worker claimed bob's push; a newer message comes meanwhile (coalesced into
+    the owed push): once the send is settled, a push is still owed for it, after the
+    coalescing window."""
+    settings.CHAT_PUSH_COALESCE = 30
+    room = care_team("bob")
+    device("bob", "bob-token")
+    pushes_queue(messages=[(room, "olive", say(room, "olive"))])
+    now = timezone.now()
+    states = pushes_claim(now=now)
+    pushes_queue(messages=[(room, "olive", say(room, "olive", "and one more"))], now=now)
+    pushes_send(states=states, app=firebase_app(), now=now)
+    state = PushState.objects.get()
+    assert state.pending and state.due_at == now + timedelta(seconds=30)
+    assert state.last_sent_at == now and len(fcm.sent) == 1
