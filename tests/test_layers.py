@@ -307,11 +307,16 @@ async def test_a_turns_subscriptions_go_as_one_command_and_the_last_asked_wins(r
 
     loop_layer = layer._get_layer()
     group_channel = loop_layer._get_group_channel_name("fleeting")
+    shard = loop_layer._shards[0]
     joined = asyncio.ensure_future(layer.group_add("fleeting", own))
-    await asyncio.sleep(0)  # group_add has asked for the subscription, not sent it
+
+    async def asked() -> bool:  # group_add has asked for the subscription, not sent it
+        return group_channel in shard._changes
+
+    await until(asked, what="the subscription asked for", step=0)
     await layer.group_discard("fleeting", own)
     await joined
-    assert group_channel not in loop_layer._shards[0]._subscribed_to
+    assert group_channel not in shard._subscribed_to
     with contextlib.closing(redis.Redis.from_url(REDIS_URL)) as client:
         assert client.pubsub_numsub(group_channel) == [(group_channel.encode(), 0)]
     # and a group joined for real is subscribed
