@@ -1,5 +1,6 @@
-"""Health analysis (protocol §7): the frames of an accepted analysis — progress, the insight
-and the assistant's narrative of the metrics — all only for the requesting user.
+"""Health analysis (protocol §7): the frames of an accepted analysis — progress, the
+narrative's `assistant_delta` frames as the assistant writes it (§14), the insight and the
+narrative as a message — all only for the requesting user.
 
 The metrics come from an analysis process (chat/analysis_jobs.py, chat/analysis_pool.py);
 only the narrative runs here, within the worker's assistant slots. Health payloads are never
@@ -13,6 +14,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from django.conf import settings
+
 from chat.assistant.base import (
     AssistantError,
     AssistantProvider,
@@ -20,7 +23,8 @@ from chat.assistant.base import (
     AssistantRequest,
     ask,
 )
-from chat.assistant.builtin import BuiltinProvider
+from chat.assistant.builtin import builtin_reply
+from chat.deltas import DeltaStream
 from chat.protocol import (
     AI_USER_ID,
     AI_USERNAME,
@@ -42,13 +46,22 @@ def _progress(user_id: str, status: str, progress: int) -> dict[str, Any]:
     )
 
 
-async def _narrative(*, provider: AssistantProvider, request: AssistantRequest) -> AssistantReply:
-    """The provider's reply; the built-in narrative of the same metrics if it fails."""
+async def _narrative(
+    *, provider: AssistantProvider, request: AssistantRequest, deltas: DeltaStream
+) -> AssistantReply:
+    """The provider's reply, streamed; if it fails, the deltas stop and the reply is the
+    built-in narrative of the same metrics."""
     try:
-        return await ask(provider, request)
-    except AssistantError as exc:
-        logger.warning("assistant failed for an analysis (%s): built-in narrative", exc)
-        return await BuiltinProvider().reply(request)
+        try:
+            reply = await ask(provider, request, on_text=deltas.write)
+        except AssistantError as exc:
+            logger.warning("assistant failed for an analysis (%s): built-in narrative", exc)
+            await deltas.finish(final=None)
+            return builtin_reply(request)
+        await deltas.finish(final=reply.narrative)
+        return reply
+    finally:
+        deltas.cancel()
 
 
 async def health_analysis(
@@ -65,6 +78,13 @@ async def health_analysis(
     be): analysis_update, then health_insight and the narrative message, or the failure."""
     await emit(_progress(user_id, "started", 0))
     reply = None
+    deltas = DeltaStream(
+        kind="analysis",
+        room_id=None,
+        in_reply_to=None,
+        emit=emit,
+        interval=settings.ASSISTANT_STREAM_INTERVAL,
+    )
     if metrics is None:
         logger.info("health analysis failed for user=%s: the points cannot be analysed", user_id)
     else:
@@ -73,6 +93,7 @@ async def health_analysis(
             async with slots:
                 reply = await _narrative(
                     provider=provider,
+                    deltas=deltas,
                     request=AssistantRequest(
                         user_id=user_id,
                         username=username,
@@ -105,7 +126,7 @@ async def health_analysis(
             content=reply.narrative,
             user_id=AI_USER_ID,
             username=AI_USERNAME,
-            metadata={"analysis": True},
+            metadata={"analysis": True, "stream_id": deltas.stream_id},
             client_message_id=None,
             room_id=None,
             # Never stored, so no room event: no seq (protocol §15; sent as null, §3).

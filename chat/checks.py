@@ -59,6 +59,14 @@ def assistant_configured(app_configs, **kwargs):
                 id="chat.E004",
             )
         ]
+    if not 0 < settings.ASSISTANT_FIRST_CHUNK_TIMEOUT <= settings.ASSISTANT_TIMEOUT:
+        return [
+            Error(
+                "ASSISTANT_FIRST_CHUNK_TIMEOUT must be above 0 and at most ASSISTANT_TIMEOUT.",
+                hint="The first piece of an answer cannot be waited for longer than all of it.",
+                id="chat.E005",
+            )
+        ]
     return []
 
 

@@ -227,6 +227,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
                     max_message_size=self.config.max_message_size,
                     rate_limit=self.config.message_rule.max_requests,
                     last_seq=opened.room_last_seq,
+                    stream_idle_timeout=self.config.stream_idle_timeout,
                 )
             )
             await self.joined(first_in_room=opened.first_in_room)
@@ -857,14 +858,22 @@ class ChatConsumer(SessionConsumer):
         )
 
     async def answer(self, question: dict) -> None:
+        """The assistant's reply, streamed to the room and then stored. It runs on even if
+        this socket closes meanwhile: it sends to the room's group, not to this socket."""
+        group = room_group(question["room_id"])
+
+        async def emit(payload: dict) -> None:
+            await self.channel_layer.group_send(group, room_event(payload))
+
         async with self.worker.assistant_slots:
             reply = await assistant_reply(
                 provider=self.worker.assistant,
                 question=question,
                 user_id=self.identity.user_id,
                 username=self.identity.username,
+                emit=emit,
             )
-        await self.channel_layer.group_send(room_group(question["room_id"]), room_event(reply))
+        await emit(reply)
 
     handlers = {
         MessageType.MESSAGE: on_message,

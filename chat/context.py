@@ -21,6 +21,7 @@ from django.core.signals import setting_changed
 from chat.analysis_pool import AnalysisPool, AnalysisQueue
 from chat.assistant.base import AssistantProvider, get_provider
 from chat.budgets import Budgets
+from chat.deltas import STREAM_IDLE_SLACK
 from chat.joins import MembershipNotices, RoomViewer, SessionCloser, SessionOpener
 from chat.overload import DeliveryDelays
 from chat.ratelimit import Rule
@@ -49,6 +50,7 @@ class SocketConfig:
     budgets: Budgets
     assistant_rule: Rule
     assistant_max_concurrency: int
+    stream_idle_timeout: float
     analysis_rule: Rule
     analysis_queue: int
     analysis_processes: int
@@ -100,6 +102,7 @@ class SocketConfig:
                 close_factor=0,  # over the assistant quota is not abuse: the socket stays open
             ),
             assistant_max_concurrency=settings.ASSISTANT_MAX_CONCURRENCY,
+            stream_idle_timeout=settings.ASSISTANT_FIRST_CHUNK_TIMEOUT + STREAM_IDLE_SLACK,
             analysis_rule=Rule(
                 seconds=settings.CHAT_ANALYSIS_RATE_WINDOW,
                 max_requests=settings.CHAT_ANALYSIS_RATE_LIMIT,

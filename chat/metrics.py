@@ -32,6 +32,17 @@ ASSISTANT_SECONDS = Histogram(
     ["provider", "outcome"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
 )
+ASSISTANT_FIRST_CHUNK_SECONDS = Histogram(
+    "clarity_assistant_first_chunk_seconds",
+    "Time from asking the assistant to the first piece of its answer, by provider",
+    ["provider"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20),
+)
+ASSISTANT_DELTAS = Counter(
+    "clarity_assistant_delta_frames_total",
+    "assistant_delta frames sent (one per room or user, before fan-out), by kind",
+    ["kind"],
+)
 REAPED_SESSIONS = Counter(
     "clarity_reaped_sessions_total", "Sessions of dead workers ended by this worker"
 )

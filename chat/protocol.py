@@ -68,6 +68,8 @@ class MessageType(StrEnum):
     DELETE = "delete"
     MESSAGE_UPDATED = "message_updated"
     MESSAGE_DELETED = "message_deleted"
+    # v1.1 (protocol §14): the assistant's answer as it is written
+    ASSISTANT_DELTA = "assistant_delta"
 
 
 class ErrorCode(StrEnum):
@@ -474,8 +476,11 @@ def connection_ack_frame(
     max_message_size: int,
     rate_limit: int,
     last_seq: int,
+    stream_idle_timeout: float,
 ) -> dict[str, Any]:
-    """`last_seq`: the room's latest seq when the socket joined (protocol §15)."""
+    """`last_seq`: the room's latest seq when the socket joined (protocol §15);
+    `stream_idle_timeout`: seconds after which a client drops a silent stream's partial
+    text (§14)."""
     return frame(
         MessageType.CONNECTION_ACK,
         user_id=user_id,
@@ -488,6 +493,7 @@ def connection_ack_frame(
             "rate_limit": rate_limit,
             "room_id": room_id,
             "last_seq": last_seq,
+            "stream_idle_timeout": _seconds(stream_idle_timeout),
         },
     )
 

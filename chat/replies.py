@@ -1,5 +1,6 @@
-"""The assistant in a room (protocol §7): whether a message gets a reply, and the reply as a
-stored `message` from "AI" answering it (`metadata.in_reply_to`)."""
+"""The assistant in a room (protocol §7, §14): whether a message gets a reply, and the reply:
+streamed to the room as `assistant_delta` frames while it is written, then stored as a
+`message` from "AI" answering it (`metadata.in_reply_to`, `metadata.stream_id`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from chat.assistant.base import APOLOGY, AssistantError, AssistantProvider, AssistantRequest, ask
+from chat.deltas import DeltaStream, Emit
 from chat.models import AssistantMode, ChatMessage, RoomKind
 from chat.protocol import AI_USER_ID, AI_USERNAME
 from chat.writer import messages_store_and_push
@@ -55,10 +57,13 @@ async def assistant_reply(
     question: dict[str, Any],
     user_id: str,
     username: str,
+    emit: Emit,
 ) -> dict[str, Any]:
-    """Ask the provider about a stored chat message; store and return the reply's frame.
+    """Ask the provider about a stored chat message, `emit` its answer's deltas as they come,
+    then store the reply and return its frame.
 
-    Any failure or timeout becomes the apology text: the room always gets an answer.
+    Any failure or timeout stops the deltas and becomes the apology text: the room always
+    gets an answer.
     """
     room_id = question["room_id"]
     context = await database_sync_to_async(room_context)(
@@ -74,11 +79,24 @@ async def assistant_reply(
         metrics=None,
         kind="chat",
     )
+    deltas = DeltaStream(
+        kind="reply",
+        room_id=room_id,
+        in_reply_to=question["message_id"],
+        emit=emit,
+        interval=settings.ASSISTANT_STREAM_INTERVAL,
+    )
     try:
-        content = (await ask(provider, request)).narrative
-    except AssistantError as exc:
-        logger.warning("assistant failed in room=%s: %s", room_id, type(exc).__name__)
-        content = APOLOGY
+        try:
+            content = (await ask(provider, request, on_text=deltas.write)).narrative
+        except AssistantError as exc:
+            logger.warning("assistant failed in room=%s: %s", room_id, exc)
+            content = APOLOGY
+            await deltas.finish(final=None)
+        else:
+            await deltas.finish(final=content)
+    finally:
+        deltas.cancel()
     # Stored as the members' messages are, with the pushes it owes (protocol §13): an asker
     # who has left hears that the answer came.
     (stored,) = await database_sync_to_async(messages_store_and_push)(
@@ -88,7 +106,10 @@ async def assistant_reply(
                 "user_id": AI_USER_ID,
                 "username": AI_USERNAME,
                 "content": content,
-                "metadata": {"in_reply_to": question["message_id"]},
+                "metadata": {
+                    "in_reply_to": question["message_id"],
+                    "stream_id": deltas.stream_id,
+                },
                 "client_message_id": None,
             }
         ]

@@ -553,8 +553,19 @@ ASSISTANT_MODE = env_str("ASSISTANT_MODE", "")
 # `details.scope: "assistant"`.
 ASSISTANT_USER_RATE_LIMIT = env_int("ASSISTANT_USER_RATE_LIMIT", 30)
 ASSISTANT_USER_RATE_WINDOW = env_int("ASSISTANT_USER_RATE_WINDOW", 3600)
-# ASSISTANT_TIMEOUT: seconds one assistant reply may take before the apology is sent.
-ASSISTANT_TIMEOUT = env_float("ASSISTANT_TIMEOUT", 30)
+# ASSISTANT_FIRST_CHUNK_TIMEOUT / ASSISTANT_TIMEOUT: seconds to wait for the first piece of
+# an assistant's answer (and for each next one: a stalled stream ends like a silent one), and
+# seconds the whole answer may take; past either the stream stops and the apology is stored
+# (protocol §14). Clients drop a stream's partial text after FIRST_CHUNK + 5 s without a frame
+# (`stream_idle_timeout` in connection_ack.server_info).
+ASSISTANT_FIRST_CHUNK_TIMEOUT = env_float("ASSISTANT_FIRST_CHUNK_TIMEOUT", 20)
+ASSISTANT_TIMEOUT = env_float("ASSISTANT_TIMEOUT", 60)
+# ASSISTANT_STREAM_INTERVAL: the least time between two `assistant_delta` frames of one reply
+# (what the model wrote meanwhile goes in one frame), seconds.
+ASSISTANT_STREAM_INTERVAL = env_float("ASSISTANT_STREAM_INTERVAL", 0.05)
+# ASSISTANT_BUILTIN_WORD_DELAY: seconds between two words of the built-in assistant's
+# streamed answer (a model's pace, so the embedded default shows streaming); 0: all at once.
+ASSISTANT_BUILTIN_WORD_DELAY = env_float("ASSISTANT_BUILTIN_WORD_DELAY", 0.02)
 # ASSISTANT_MAX_CONCURRENCY: assistant requests in flight at once per worker.
 ASSISTANT_MAX_CONCURRENCY = env_int("ASSISTANT_MAX_CONCURRENCY", 8)
 # ASSISTANT_CONTEXT_MESSAGES: recent room messages given to the model as context.

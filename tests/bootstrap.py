@@ -22,6 +22,8 @@ os.environ.setdefault("SECRET_KEY", "test-only-secret-key")
 # are clearer without it, and the assistant's tests turn it on for their rooms.
 os.environ["ASSISTANT_MODE"] = "off"
 os.environ["ASSISTANT_PROVIDER"] = "builtin"
+# The built-in assistant streams its answer at once (tests that watch it stream slow it).
+os.environ["ASSISTANT_BUILTIN_WORD_DELAY"] = "0"
 # Our loggers at their most talkative, so the log scan sees everything they could write.
 os.environ["LOG_LEVEL"] = "DEBUG"
 for name in (

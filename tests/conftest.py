@@ -287,6 +287,7 @@ def gemini(settings, monkeypatch):
     settings.GEMINI_API_KEY = "test-key"
     settings.GEMINI_MODEL = "gemini-2.5-pro"
     settings.ASSISTANT_TIMEOUT = 5
+    settings.ASSISTANT_FIRST_CHUNK_TIMEOUT = 5
     settings.ASSISTANT_BREAKER_FAILURES = 5
     settings.ASSISTANT_BREAKER_RESET = 60
     return settings

@@ -31,11 +31,14 @@ def day_of_minutes(*, days: int = 1, active: float = 250.0) -> list[dict]:
 
 
 async def read_analysis(client: ChatClient) -> dict[str, dict]:
-    """The frames of one analysis, by kind, checking the progress sequence."""
-    progress, frames = [], {}
+    """The frames of one analysis, by kind (`assistant_delta`: a list), checking the progress
+    sequence."""
+    progress, frames = [], {"assistant_delta": []}
     while True:
         frame = await client.recv(timeout=10)
-        if frame["type"] == "analysis_update":
+        if frame["type"] == "assistant_delta":
+            frames["assistant_delta"].append(frame)
+        elif frame["type"] == "analysis_update":
             progress.append((frame["status"], frame["progress"]))
             if frame["status"] in {"completed", "failed"}:
                 break
@@ -72,6 +75,19 @@ async def test_health_insight_on_the_chat_socket(clients, caplog):
     narrative = result["message"]
     assert narrative["user_id"] == "AI" and narrative["content"] == insight["insight"]
     assert narrative["seq"] is None and narrative["changed_seq"] is None  # not a room event
+    # streamed first, to this user only (protocol §14): the deltas add up to the narrative
+    deltas = result["assistant_delta"]
+    stream_id = narrative["metadata"]["stream_id"]
+    assert narrative["metadata"] == {"analysis": True, "stream_id": stream_id}
+    assert [d["index"] for d in deltas] == list(range(len(deltas))) and deltas
+    assert all(
+        d["stream_id"] == stream_id
+        and d["kind"] == "analysis"
+        and d["room_id"] is None
+        and d["in_reply_to"] is None
+        for d in deltas
+    )
+    assert "".join(d["delta"] for d in deltas) == narrative["content"]
 
     # the user's other socket gets the same results; nobody else gets anything
     assert (await read_analysis(alice_elsewhere))["health_insight"]["insight"] == insight["insight"]

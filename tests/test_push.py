@@ -354,9 +354,15 @@ async def test_an_assistant_reply_owes_a_push_to_the_asker_who_left(settings):
     room = await database_sync_to_async(care_team)("bob")
     await database_sync_to_async(device)("olive", "olive-token")
     question = await database_sync_to_async(stored_message)(room, "olive", "@ai how did I sleep?")
+    sent = []
+
+    async def emit(payload: dict) -> None:
+        sent.append(payload)
+
     reply = await assistant_reply(
-        provider=BuiltinProvider(), question=question, user_id="olive", username="Olive"
+        provider=BuiltinProvider(), question=question, user_id="olive", username="Olive", emit=emit
     )
+    assert [payload["type"] for payload in sent] == ["assistant_delta"]
     assert reply["user_id"] == "AI"
     assert await database_sync_to_async(owed)() == {(room, "olive")}  # bob has no device
 

@@ -19,6 +19,25 @@ from tests.test_analysis import day_of_minutes, read_analysis
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+async def read_reply(client, timeout: float = 5) -> tuple[list[dict], dict]:
+    """The next answer of the assistant this client gets: its `assistant_delta` frames, then
+    its message (protocol §14); any other frame in between fails the test."""
+    deltas = []
+    while True:
+        received = await client.recv(timeout=timeout)
+        if received["type"] == "assistant_delta":
+            deltas.append(received)
+            continue
+        assert received["type"] == "message" and received["user_id"] == "AI", received
+        return deltas, received
+
+
+def replies_to(reply: dict, question: dict) -> bool:
+    """`reply` answers `question` and ends a stream (its metadata says both, nothing else)."""
+    metadata = reply["metadata"]
+    return metadata == {"in_reply_to": question["message_id"], "stream_id": metadata["stream_id"]}
+
+
 async def ask(client, content: str) -> dict:
     """Send a chat message; return its broadcast frame (as the sender sees it)."""
     await client.send({"type": "message", "content": content})
@@ -36,13 +55,14 @@ async def test_always_mode_answers_every_message_in_the_room(clients, settings):
     assert (await bob.recv())["message_id"] == question["message_id"]
 
     for client in (alice, bob):
-        reply = await client.recv(timeout=5)
+        deltas, reply = await read_reply(client)
         assert reply["type"] == "message" and reply["user_id"] == "AI"
-        assert reply["metadata"] == {"in_reply_to": question["message_id"]}
+        assert replies_to(reply, question)
         assert reply["content"].startswith(LABEL)
         assert reply["room_id"] == "lobby"
+        assert "".join(delta["delta"] for delta in deltas) == reply["content"]
     stored = await database_sync_to_async(ChatMessage.objects.get)(pk=int(reply["message_id"]))
-    assert stored.user_id == "AI" and stored.metadata == {"in_reply_to": question["message_id"]}
+    assert stored.user_id == "AI" and stored.metadata == reply["metadata"]
 
 
 async def test_mention_mode_answers_only_messages_starting_with_at_ai(clients, settings):
@@ -54,7 +74,7 @@ async def test_mention_mode_answers_only_messages_starting_with_at_ai(clients, s
     alice = await clients.join("quiet", "alice")
     await ask(alice, "just chatting")
     question = await ask(alice, "@AI what is sleep efficiency?")
-    reply = await alice.recv(timeout=5)  # a reply to "just chatting" would have come first
+    _, reply = await read_reply(alice)  # a reply to "just chatting" would have come first
     assert reply["user_id"] == "AI"
     assert reply["metadata"]["in_reply_to"] == question["message_id"]
     await alice.expect_nothing_pending()
@@ -71,8 +91,8 @@ async def test_off_mode_never_answers(clients, settings):
     # A reply asked for later, in another room of this worker, comes after any reply to it.
     elsewhere = await clients.join("lobby", "alice")
     question = await ask(elsewhere, "@ai and here?")
-    reply = await elsewhere.recv(timeout=5)
-    assert reply["metadata"] == {"in_reply_to": question["message_id"]}
+    _, reply = await read_reply(elsewhere)
+    assert replies_to(reply, question)
     await alice.expect_nothing_pending()
 
 
@@ -92,9 +112,9 @@ async def test_mode_changed_by_an_operator_applies_to_open_sockets(clients, sett
 
     await database_sync_to_async(switch_on)()
     question = await ask(alice, "and now?")
-    reply = await alice.recv(timeout=5)  # a reply to "anyone?" would have come first
+    _, reply = await read_reply(alice)  # a reply to "anyone?" would have come first
     assert reply["user_id"] == "AI"
-    assert reply["metadata"] == {"in_reply_to": question["message_id"]}
+    assert replies_to(reply, question)
     await alice.expect_nothing_pending()
 
 
@@ -103,18 +123,18 @@ async def test_provider_failure_gives_the_apology(clients, settings, gemini, api
     api.generate.mock(return_value=httpx.Response(503, json={"error": {"code": 503}}))
     alice = await clients.join("lobby", "alice")
     question = await ask(alice, "Hello AI")
-    reply = await alice.recv(timeout=5)
-    assert reply["content"] == APOLOGY
-    assert reply["metadata"] == {"in_reply_to": question["message_id"]}
+    deltas, reply = await read_reply(alice)
+    assert reply["content"] == APOLOGY and deltas == []
+    assert replies_to(reply, question)
 
 
 async def test_the_model_gets_the_question_and_recent_room_messages(clients, settings, gemini, api):
-    api.generate.mock(return_value=model_says(json.dumps({"narrative": "Try a wind-down."})))
+    api.generate.mock(return_value=model_says("Try a wind-down."))
     alice = await clients.join("lobby", "alice")
     await ask(alice, "I had coffee at 9pm")
     settings.ASSISTANT_MODE = "always"
     await ask(alice, "Why can't I sleep?")
-    reply = await alice.recv(timeout=5)
+    _, reply = await read_reply(alice)
     assert reply["content"] == "Try a wind-down."
     body = json.loads(api.generate.calls.last.request.content)
     prompt = json.dumps(body)
@@ -128,7 +148,7 @@ async def test_a_slow_provider_does_not_block_the_socket(clients, settings, gemi
     async def slow_model(request):
         thinking.set()
         await release.wait()
-        return model_says(json.dumps({"narrative": "Finally, an answer."}))
+        return model_says("Finally, an answer.")
 
     api.generate.mock(side_effect=slow_model)
     alice = await clients.join("lobby", "alice")
@@ -141,7 +161,7 @@ async def test_a_slow_provider_does_not_block_the_socket(clients, settings, gemi
     await alice.send({"type": "message", "content": "still chatting"})
     assert (await alice.recv())["content"] == "still chatting"
     release.set()
-    reply = await alice.recv(timeout=5)
+    _, reply = await read_reply(alice)
     assert reply["user_id"] == "AI" and reply["content"] == "Finally, an answer."
 
 
@@ -187,6 +207,8 @@ async def test_analysis_narrative_from_gemini(clients, gemini, api):
             "chat.E003",
         ),
         ({"ASSISTANT_MODE": "sometimes"}, "chat.E004"),
+        ({"ASSISTANT_FIRST_CHUNK_TIMEOUT": 0}, "chat.E005"),
+        ({"ASSISTANT_FIRST_CHUNK_TIMEOUT": 90, "ASSISTANT_TIMEOUT": 60}, "chat.E005"),
         ({}, None),
     ],
 )

@@ -1,16 +1,17 @@
-"""The assistant's small API (protocol §7): a request, a reply, one error, and the provider
-chosen by settings.ASSISTANT_PROVIDER.
+"""The assistant's small API (protocol §7, §14): a request, a reply, one error, the provider
+chosen by settings.ASSISTANT_PROVIDER, and `ask`, which bounds every call.
 
-Providers are plain objects with a `name` and an async `reply`. `get_provider()` builds a new
-one on every call; the caller decides its lifetime (one per worker process is the intent: the
-Gemini provider keeps its HTTP connection pool).
+Providers are plain objects with a `name`, a `guard` (the shared circuit breaker of a
+provider that calls a service; None for the built-in one) and an async `stream`, which hands
+each piece of the answer to a callback as the model writes it and returns the whole reply.
+`get_provider()` builds a new one on every call; the caller decides its lifetime (one per
+worker process is the intent: the Gemini provider keeps its HTTP connection pool).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -18,7 +19,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from chat.metrics import ASSISTANT_SECONDS
+from chat.assistant.breaker import Guard
+from chat.metrics import ASSISTANT_FIRST_CHUNK_SECONDS, ASSISTANT_SECONDS
 
 # A reply is stored as a chat message, whose content limit is 2,000 characters.
 REPLY_MAX_CHARS = 2000
@@ -28,6 +30,10 @@ PROVIDERS = {
     "builtin": "chat.assistant.builtin.BuiltinProvider",
     "gemini": "chat.assistant.gemini.GeminiProvider",
 }
+
+# Called with each piece of the answer as it arrives: the narrative's text as the model
+# wrote it (not yet sanitised), "" for a piece that holds none of it.
+OnText = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -60,10 +66,13 @@ class AssistantError(Exception):
 
 class AssistantProvider(Protocol):
     name: str
+    # The circuit breaker `ask` consults and feeds; None: nothing to guard (no network).
+    guard: Guard | None
 
-    async def reply(self, request: AssistantRequest) -> AssistantReply:
-        """The reply, or AssistantError. Network providers bound themselves by
-        settings.ASSISTANT_TIMEOUT (a timeout that fires there counts towards the breaker)."""
+    async def stream(self, request: AssistantRequest, *, on_text: OnText) -> AssistantReply:
+        """Answer `request`, calling `on_text` with each piece as the model writes it, and
+        return the reply; AssistantError on any failure (a safety block mid-answer too).
+        The time limits are `ask`'s: a provider need not bound itself."""
         ...
 
 
@@ -78,18 +87,57 @@ def get_provider() -> AssistantProvider:
     return import_string(path)()
 
 
-async def ask(provider: AssistantProvider, request: AssistantRequest) -> AssistantReply:
-    """The provider's reply, bounded: a provider that does not bound itself is cut off a
-    little after ASSISTANT_TIMEOUT (the slack lets a self-bounding provider time out first,
-    so its timeout counts towards its circuit breaker)."""
-    started, outcome = time.monotonic(), "error"
+async def ask(
+    provider: AssistantProvider, request: AssistantRequest, *, on_text: OnText | None = None
+) -> AssistantReply:
+    """The provider's reply, with its pieces passed to `on_text` as they arrive, bounded:
+    the first piece must come within ASSISTANT_FIRST_CHUNK_TIMEOUT, and each next one
+    within that much of the one before (a stalled stream ends as a silent one does), and
+    the whole reply within ASSISTANT_TIMEOUT. A guarded provider is not called while its
+    breaker is open, and every outcome, timeouts included, is reported to the breaker."""
+    guard = provider.guard
+    if guard is not None:
+        try:
+            permit = await guard.admit()
+        except Exception as exc:
+            raise AssistantError("circuit breaker state unavailable") from exc
+        if not permit.allowed:
+            raise AssistantError(f"circuit open for {permit.retry_after:.1f} s more")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first_chunk = settings.ASSISTANT_FIRST_CHUNK_TIMEOUT
+    deadline = started + settings.ASSISTANT_TIMEOUT
+    heard_first = False
+    outcome = "error"
     try:
-        async with asyncio.timeout(settings.ASSISTANT_TIMEOUT + 2):
-            reply = await provider.reply(request)
+        async with asyncio.timeout_at(min(started + first_chunk, deadline)) as bound:
+
+            def heard(piece: str) -> None:
+                nonlocal heard_first
+                now = loop.time()
+                if not heard_first:
+                    heard_first = True
+                    ASSISTANT_FIRST_CHUNK_SECONDS.labels(provider.name).observe(now - started)
+                bound.reschedule(min(now + first_chunk, deadline))
+                if piece and on_text is not None:
+                    on_text(piece)
+
+            reply = await provider.stream(request, on_text=heard)
         outcome = "ok"
-        return reply
-    except TimeoutError:
+    except TimeoutError as exc:
         outcome = "timeout"
-        raise AssistantError(f"{provider.name} did not answer in time") from None
+        waited = "the rest of its answer" if heard_first else "its first words"
+        failure = AssistantError(f"{provider.name} timed out waiting for {waited}")
+        failure.__cause__ = exc
+    except AssistantError as exc:
+        failure = exc
+    except Exception as exc:
+        failure = AssistantError(f"{provider.name} call failed: {type(exc).__name__}")
+        failure.__cause__ = exc
     finally:
-        ASSISTANT_SECONDS.labels(provider.name, outcome).observe(time.monotonic() - started)
+        ASSISTANT_SECONDS.labels(provider.name, outcome).observe(loop.time() - started)
+    if guard is not None:
+        await guard.record(ok=outcome == "ok")
+    if outcome != "ok":
+        raise failure
+    return reply

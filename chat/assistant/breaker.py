@@ -12,18 +12,23 @@ the breaker's clock is the callers' (`now`), on either backend.
 A trial claim expires after max(reset, ASSISTANT_TIMEOUT), so a trial caller that vanished
 without reporting holds the breaker half-open no longer than that.
 
-The functions are synchronous calls: async callers run them with asyncio.to_thread,
-so the event loop never waits on Redis.
+The functions are synchronous calls; `Guard` runs them with asyncio.to_thread for async
+callers (chat/assistant/base.py `ask`), so the event loop never waits on Redis.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 from django.conf import settings
 
 from chat.shared_state import shared_state
+from chat.timers import Clock, LoopClock
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,3 +79,29 @@ def breaker_record_failure(*, name: str, now: float | None = None) -> None:
     if failures >= settings.ASSISTANT_BREAKER_FAILURES:
         state.set(open_until_key, now + settings.ASSISTANT_BREAKER_RESET, ttl=None)
         state.delete_many([trial_key])
+
+
+class Guard:
+    """A provider's breaker as the async assistant code uses it: the calls above run in a
+    thread, and time comes from `clock` (tests move it by hand)."""
+
+    def __init__(self, *, name: str, clock: Clock | None = None) -> None:
+        self.name = name
+        self.clock: Clock = clock or LoopClock()
+
+    def _now(self) -> float:
+        return self.clock.now().timestamp()
+
+    async def admit(self) -> Permit:
+        """May a call go ahead? Unknown state (shared state unreachable) raises."""
+        return await asyncio.to_thread(breaker_allow, name=self.name, now=self._now())
+
+    async def record(self, *, ok: bool) -> None:
+        """The call's outcome; a failure to record it is logged, not raised."""
+        try:
+            if ok:
+                await asyncio.to_thread(breaker_record_success, name=self.name)
+            else:
+                await asyncio.to_thread(breaker_record_failure, name=self.name, now=self._now())
+        except Exception:
+            logger.warning("circuit breaker update failed for %s", self.name, exc_info=True)

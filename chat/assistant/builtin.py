@@ -11,6 +11,7 @@ the share of the seven metrics present (all None gives 0.0).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import operator
 import re
@@ -18,7 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from chat.assistant.base import AssistantReply, AssistantRequest
+from django.conf import settings
+
+from chat.assistant.base import AssistantReply, AssistantRequest, OnText
 from chat.assistant.prompts import sanitize_text
 
 LABEL = "[Clarity built-in assistant] "
@@ -140,6 +143,8 @@ NO_DATA = (
 )
 
 _TOKEN = re.compile(r"\w+")
+# A word and the whitespace after it: the pieces of a streamed answer.
+_WORDS = re.compile(r"\s*\S+\s*")
 _WORD = re.compile(r"\w{4,}")
 # Common words that would make unrelated messages look related.
 _STOPWORDS = frozenset(
@@ -221,10 +226,25 @@ def _analysis(metrics: Mapping[str, Any]) -> AssistantReply:
     )
 
 
-class BuiltinProvider:
-    name = "builtin"
+def builtin_reply(request: AssistantRequest) -> AssistantReply:
+    """The built-in answer to `request`, all at once."""
+    if request.kind == "health_analysis":
+        return _analysis(request.metrics or {})
+    return _chat(request)
 
-    async def reply(self, request: AssistantRequest) -> AssistantReply:
-        if request.kind == "health_analysis":
-            return _analysis(request.metrics or {})
-        return _chat(request)
+
+class BuiltinProvider:
+    """Streams its answer word by word, ASSISTANT_BUILTIN_WORD_DELAY seconds apart (a model's
+    pace; 0 in tests: all at once)."""
+
+    name = "builtin"
+    guard = None
+
+    async def stream(self, request: AssistantRequest, *, on_text: OnText) -> AssistantReply:
+        reply = builtin_reply(request)
+        delay = settings.ASSISTANT_BUILTIN_WORD_DELAY
+        for word in _WORDS.findall(reply.narrative):
+            on_text(word)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        return reply

@@ -1,26 +1,35 @@
-"""Gemini through the google-genai SDK (the original's model and parameters, protocol §7).
+"""Gemini through the google-genai SDK (the original's model and parameters, protocol §7),
+streamed (§14): `generate_content_stream` on the async client, each chunk's text handed on
+as it arrives.
 
 With GEMINI_API_KEY the Gemini Developer API is used, otherwise Vertex AI with
 GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_LOCATION and application-default credentials. The call
-is asynchronous (the original's blocked the event loop), bounded by ASSISTANT_TIMEOUT with the
-SDK's retries off, and guarded by the shared circuit breaker.
+is asynchronous (the original's blocked the event loop), with the SDK's retries off; `ask`
+(chat/assistant/base.py) bounds it and guards it with the shared circuit breaker.
+
+Chat replies are asked for as plain text; analyses as JSON, whose narrative is read out of
+the chunks as they come (streamed_text.JsonNarrative). A chunk that ends the answer for any
+reason but STOP or MAX_TOKENS (a safety block, a recitation, ...) fails the whole reply,
+whatever was streamed before it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from contextlib import aclosing
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from google import genai
 from google.genai import types
 
-from chat.assistant.base import AssistantError, AssistantReply, AssistantRequest
-from chat.assistant.breaker import breaker_allow, breaker_record_failure, breaker_record_success
-from chat.assistant.prompts import build_prompt, parse_reply
-from chat.timers import Clock, LoopClock
+from chat.assistant.base import AssistantError, AssistantReply, AssistantRequest, OnText
+from chat.assistant.breaker import Guard
+from chat.assistant.prompts import RESPONSE_TYPES, build_prompt, parse_reply, text_reply
+from chat.assistant.streamed_text import JsonNarrative
+from chat.timers import Clock
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +46,22 @@ SAFETY_SETTINGS = [
 ]
 
 
+# The reasons an answer may end and still be used (MAX_TOKENS: cut short).
+MAX_TOKENS = types.FinishReason.MAX_TOKENS
+USABLE_ENDINGS = frozenset(
+    {types.FinishReason.FINISH_REASON_UNSPECIFIED, types.FinishReason.STOP, MAX_TOKENS}
+)
+# More of the model's output than this is not read (max_output_tokens bounds it far below).
+RAW_MAX_CHARS = 64_000
+
+
 def _build_client() -> genai.Client:
     http_options = types.HttpOptions(
-        # Milliseconds. The asyncio timeout around the call is the real bound; this one
-        # makes the HTTP client give up too instead of leaving a request behind.
+        # Milliseconds. `ask`'s timeouts are the real bounds; this one makes the HTTP client
+        # give up too instead of leaving a request behind.
         timeout=max(1, round(settings.ASSISTANT_TIMEOUT * 1000)),
-        # One attempt: a retry could not fit in ASSISTANT_TIMEOUT, and the breaker handles
-        # a failing provider.
+        # One attempt: a retry could not fit in the timeouts, and the breaker handles a
+        # failing provider.
         retry_options=types.HttpRetryOptions(attempts=1),
     )
     if settings.GEMINI_API_KEY:
@@ -58,6 +76,35 @@ def _build_client() -> genai.Client:
     )
 
 
+def _config(*, request: AssistantRequest, system_instruction: str) -> types.GenerateContentConfig:
+    return types.GenerateContentConfig(
+        system_instruction=system_instruction,
+        temperature=settings.GEMINI_TEMPERATURE,
+        top_p=settings.GEMINI_TOP_P,
+        top_k=settings.GEMINI_TOP_K,
+        max_output_tokens=settings.GEMINI_MAX_OUTPUT_TOKENS,
+        response_mime_type=RESPONSE_TYPES[request.kind],
+        safety_settings=SAFETY_SETTINGS,
+        # No tools are declared: nothing for the SDK to call back.
+        automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+    )
+
+
+def _chunk_text(chunk: types.GenerateContentResponse) -> tuple[str, Any]:
+    """A chunk's text and its finish reason (None while the answer goes on); a blocked
+    prompt is an AssistantError."""
+    feedback = chunk.prompt_feedback
+    if feedback is not None and feedback.block_reason:
+        raise AssistantError(f"the prompt was blocked ({feedback.block_reason})")
+    if not chunk.candidates:
+        return "", None
+    candidate = chunk.candidates[0]
+    parts = candidate.content.parts if candidate.content and candidate.content.parts else []
+    # Text parts only, thoughts left out (chunk.text would warn about other parts).
+    text = "".join(part.text for part in parts if part.text and not part.thought)
+    return text, candidate.finish_reason
+
+
 class GeminiProvider:
     name = "gemini"
 
@@ -69,8 +116,8 @@ class GeminiProvider:
         # Built on first use and then reused: it holds the HTTP connection pool. Two first
         # calls racing may each build one; the loser is simply dropped.
         self._client: genai.Client | None = None
-        # The breaker's notion of now (its open period is wall-clock time).
-        self.clock: Clock = clock or LoopClock()
+        # The breaker's notion of now is `clock`'s (its open period is wall-clock time).
+        self.guard = Guard(name=self.name, clock=clock)
 
     async def _client_ready(self) -> genai.Client:
         if self._client is None:
@@ -78,54 +125,31 @@ class GeminiProvider:
             self._client = await asyncio.to_thread(_build_client)
         return self._client
 
-    async def _generate(self, client: genai.Client, request: AssistantRequest) -> str:
+    async def stream(self, request: AssistantRequest, *, on_text: OnText) -> AssistantReply:
+        client = await self._client_ready()
         prompt = build_prompt(request=request)
-        response = await client.aio.models.generate_content(
+        narrative = JsonNarrative() if RESPONSE_TYPES[request.kind] == "application/json" else None
+        pieces: list[str] = []
+        size, ending = 0, None
+        chunks = await client.aio.models.generate_content_stream(
             model=settings.GEMINI_MODEL,
             contents=prompt.user_text,
-            config=types.GenerateContentConfig(
-                system_instruction=prompt.system_instruction,
-                temperature=settings.GEMINI_TEMPERATURE,
-                top_p=settings.GEMINI_TOP_P,
-                top_k=settings.GEMINI_TOP_K,
-                max_output_tokens=settings.GEMINI_MAX_OUTPUT_TOKENS,
-                response_mime_type="application/json",
-                safety_settings=SAFETY_SETTINGS,
-            ),
+            config=_config(request=request, system_instruction=prompt.system_instruction),
         )
-        text = response.text
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                text, ending = _chunk_text(chunk)
+                size += len(text)
+                if size > RAW_MAX_CHARS:
+                    raise AssistantError("the model's reply is too long")
+                pieces.append(text)
+                on_text(narrative.feed(text) if narrative is not None else text)
+                if ending is not None and ending not in USABLE_ENDINGS:
+                    # Blocked by the safety settings, or stopped for another reason.
+                    raise AssistantError(f"the model stopped: {ending}")
+        text = "".join(pieces)
         if not text:
-            # Blocked by the safety settings, or all tokens spent before any text.
-            reason = response.candidates[0].finish_reason if response.candidates else None
-            raise AssistantError(f"no text in the model's reply (finish reason {reason})")
-        return text
-
-    def _now(self) -> float:
-        return self.clock.now().timestamp()
-
-    async def _record(self, record: Callable[..., None], **kwargs: float) -> None:
-        try:
-            await asyncio.to_thread(record, name=self.name, **kwargs)
-        except Exception:
-            logger.warning("circuit breaker update failed for %s", self.name, exc_info=True)
-
-    async def reply(self, request: AssistantRequest) -> AssistantReply:
-        try:
-            permit = await asyncio.to_thread(breaker_allow, name=self.name, now=self._now())
-        except Exception as exc:
-            raise AssistantError("circuit breaker state unavailable") from exc
-        if not permit.allowed:
-            raise AssistantError(f"circuit open for {permit.retry_after:.1f} s more")
-        try:
-            # Outside the timeout: a one-off local cost (about 0.1 s), not the provider's.
-            client = await self._client_ready()
-            async with asyncio.timeout(settings.ASSISTANT_TIMEOUT):
-                text = await self._generate(client, request)
-            reply = parse_reply(text=text, provider=self.name)
-        except Exception as exc:
-            await self._record(breaker_record_failure, now=self._now())
-            if isinstance(exc, AssistantError):
-                raise
-            raise AssistantError(f"Gemini call failed: {type(exc).__name__}") from exc
-        await self._record(breaker_record_success)
-        return reply
+            raise AssistantError(f"no text in the model's reply (finish reason {ending})")
+        if narrative is not None:
+            return parse_reply(text=text, provider=self.name)
+        return text_reply(text=text, provider=self.name, cut_short=ending == MAX_TOKENS)

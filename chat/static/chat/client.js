@@ -1,13 +1,16 @@
 // Clarity Chat in the browser: sign in, pick one of your rooms or a public one, start a
 // private room or a direct conversation, chat, see who is online and typing, ask the
-// assistant, run a health analysis on sample data. Speaks the wire protocol v1.1 (rooms and
-// membership, §11; sequence numbers and recovery, §15).
+// assistant and watch its answer being written, run a health analysis on sample data. Speaks
+// the wire protocol v1.1 (rooms and membership, §11; streaming assistant replies, §14;
+// sequence numbers and recovery, §15).
 //
-// User content is only ever put on the page as text (textContent), never parsed as HTML.
+// User content, and what the assistant writes, is only ever put on the page as text
+// (textContent), never parsed as HTML.
 
 import { latestSeq, RoomConnection } from "./connection.js";
 import { RoomsApi } from "./rooms.js";
 import { DevSignIn } from "./signin.js";
+import { AssistantStreams, idleTimeoutMs } from "./streams.js";
 
 const config = JSON.parse(document.getElementById("clarity-config").textContent);
 const $ = (id) => document.getElementById(id);
@@ -67,6 +70,10 @@ const state = {
   sendBlockedUntil: 0,
   clientSeq: 0,
 };
+
+// The assistant's answers being written (protocol §14): a reply as a bubble in the message
+// list, an analysis narrative in the health panel, each until its stored message arrives.
+const streams = new AssistantStreams({ show: showStream, drop: dropStream });
 
 // --- small DOM helpers --------------------------------------------------------------------
 
@@ -234,6 +241,7 @@ function leaveRoom() {
   for (const { timer } of state.typing.values()) clearTimeout(timer);
   state.typing.clear();
   state.presence.clear();
+  streams.reset();
   state.messages.clear();
   state.newestSeq = 0;
   clearTimeout(state.readTimer);
@@ -531,6 +539,9 @@ function wireRooms() {
 // --- inbound frames -----------------------------------------------------------------------
 
 const handlers = {
+  connection_ack(frame) {
+    streams.idleMs = idleTimeoutMs(frame.server_info?.stream_idle_timeout);
+  },
   presence(frame) {
     state.presence = new Map(frame.users.map((user) => [user.user_id, user]));
     renderPresence();
@@ -567,8 +578,11 @@ const handlers = {
       state.lastSent = null;
     }
     // An analysis narrative (private, never stored) is the insight text the health panel
-    // already shows.
-    if (frame.metadata?.analysis) return;
+    // shows: it ends the narrative being written there, if any.
+    if (frame.metadata?.analysis) {
+      narrativeWritten(frame);
+      return;
+    }
     addMessage(frame);
     noteLastMessage(frame);
     noteRead();
@@ -585,6 +599,12 @@ const handlers = {
     if (!shown) return;
     const metadata = { deleted_at: frame.timestamp };
     updateMessage(shown, { ...shown.frame, content: null, metadata, changed_seq: frame.seq });
+  },
+  assistant_delta(frame) {
+    // A reply belongs to this room; an analysis narrative to no room (this user's own).
+    const room = frame.kind === "reply" ? state.connection?.room : null;
+    if ((frame.room_id ?? null) !== room) return;
+    streams.receive(frame);
   },
   system(frame) {
     addNotice(frame.content);
@@ -625,7 +645,10 @@ function showError(frame) {
     return;
   }
   showAlert(`${frame.error_code}: ${frame.message}`);
-  if (frame.error_code === "HEALTH_ANALYSIS_ERROR") analysisDone();
+  if (frame.error_code === "HEALTH_ANALYSIS_ERROR") {
+    analysisDone();
+    endNarratives("failed");
+  }
 }
 
 function rateLimited(seconds) {
@@ -675,6 +698,8 @@ function messageElement(frame) {
   );
   li.dataset.userId = frame.user_id;
   if (frame.message_id !== null) li.dataset.messageId = frame.message_id;
+  const question = frame.metadata?.in_reply_to;
+  if (fromAi && question != null) li.dataset.inReplyTo = question;
   if (frame.seq != null) li.dataset.seq = frame.seq;
   if (frame.message_id !== null && !deleted) meta.append(...messageActions(frame, mine));
   return li;
@@ -717,11 +742,14 @@ function deleteMessage(frame) {
 // may arrive twice (join history and live, a catch-up page, the echo of a message sent again
 // after a reconnect), frames may arrive out of order (the page puts each in its place), and
 // a catch-up page may bring a message again in a later state (edited, deleted): it is shown
-// in that state where it was.
+// in that state where it was. An assistant's reply that was shown as it was written (§14)
+// takes the place of its partial text, live or from a catch-up page.
 function addMessage(frame) {
   const id = frame.message_id;
+  const stream = frame.user_id === AI_USER_ID ? streams.finish(frame.metadata?.stream_id, "reply") : null;
   const shown = id === null ? undefined : state.messages.get(id);
   if (shown) {
+    stream?.view?.remove();
     updateMessage(shown, frame);
     return;
   }
@@ -729,7 +757,8 @@ function addMessage(frame) {
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   const li = messageElement(frame);
   const seq = Number(frame.seq) || 0;
-  if (id === null || seq > state.newestSeq) list.append(li);
+  if (stream?.view?.isConnected) stream.view.replaceWith(li);
+  else if (id === null || seq > state.newestSeq) list.append(li);
   else list.insertBefore(li, nextShown(seq)?.li ?? null);
   if (id !== null) {
     state.messages.set(id, { li, seq, latest: latestSeq(frame) ?? 0, frame });
@@ -758,6 +787,50 @@ function updateMessage(shown, frame) {
   shown.latest = latest;
   shown.frame = frame;
   if (state.readBy.size) renderReceipts();
+}
+
+// --- the assistant writing (protocol §14) -------------------------------------------------
+
+function showStream(stream) {
+  if (stream.kind === "analysis") {
+    showNarrative(stream);
+    return;
+  }
+  const list = $("messages");
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  if (stream.view === null) {
+    stream.view = streamElement(stream);
+    list.append(stream.view);
+  }
+  stream.view.querySelector(".body").textContent = stream.text;
+  if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+function dropStream(stream) {
+  if (stream.kind === "analysis") dropNarrative(stream);
+  else stream.view?.remove();
+  stream.view = null;
+}
+
+// A reply being written: shaped like the assistant's messages, marked as being written, with
+// no message id (nothing is stored yet) and no actions.
+function streamElement(stream) {
+  const meta = el(
+    "div",
+    { className: "meta" },
+    el("span", { className: "author", text: "AI assistant" }),
+    el("time", { text: clockTime(stream.startedAt) }),
+    el("span", { className: "writing", text: "writing…" }),
+  );
+  const li = el(
+    "li",
+    { className: "message ai streaming", data: { userId: AI_USER_ID, streamId: stream.id } },
+    meta,
+    el("p", { className: "body" }),
+  );
+  if (stream.inReplyTo !== null) li.dataset.inReplyTo = stream.inReplyTo;
+  li.setAttribute("aria-busy", "true");
+  return li;
 }
 
 function addNotice(text) {
@@ -956,9 +1029,51 @@ function showProgress(frame) {
   $("analysis-status").textContent = `${frame.status} · ${frame.progress}%`;
   $("analysis-status").dataset.status = frame.status;
   if (frame.status === "completed" || frame.status === "failed") analysisDone();
+  if (frame.status === "failed") endNarratives("failed");
+}
+
+// An analysis narrative being written: the insight's text in the health panel, its metrics and
+// recommendations to come with the insight. One at a time: a newer one takes its place.
+function showNarrative(stream) {
+  if (stream.view === null) {
+    for (const other of streams.streams("analysis")) {
+      if (other !== stream) streams.end(other, "replaced");
+    }
+    $("insight-summary").hidden = true;
+    $("insight-writing").hidden = false;
+    $("insight").hidden = false;
+    stream.view = $("insight-text");
+  }
+  const text = stream.view;
+  const atBottom = text.scrollHeight - text.scrollTop - text.clientHeight < 20;
+  text.textContent = stream.text;
+  if (atBottom) text.scrollTop = text.scrollHeight;
+}
+
+function dropNarrative(stream) {
+  if (stream.view === null) return;
+  $("insight").hidden = true;
+  $("insight-writing").hidden = true;
+  $("insight-text").textContent = "";
+}
+
+// The narrative's message: its text replaces what was shown as it was written.
+function narrativeWritten(frame) {
+  const stream = streams.finish(frame.metadata?.stream_id, "analysis");
+  if (stream?.view == null) return;
+  $("insight-writing").hidden = true;
+  if (typeof frame.content === "string") $("insight-text").textContent = frame.content;
+}
+
+function endNarratives(why) {
+  for (const stream of streams.streams("analysis")) streams.end(stream, why);
 }
 
 function showInsight(frame) {
+  // The insight's text is the narrative: the one being written, if any, is done.
+  for (const stream of streams.streams("analysis")) streams.finish(stream.id, "analysis");
+  $("insight-writing").hidden = true;
+  $("insight-summary").hidden = false;
   const metrics = frame.source_data || {};
   $("insight-metrics").replaceChildren(
     ...METRICS.filter(([key]) => typeof metrics[key] === "number").map(([key, label, format]) =>
