@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=sorted(SCENARIOS),
-        help="run only this scenario (repeatable; default: all but hostile, the *-cost ones "
-        "and the restarts)",
+        help="run only this scenario (repeatable; default: all but hostile, the *-cost ones, "
+        "the restarts and stream)",
     )
     parser.add_argument(
         "--server",
@@ -84,6 +84,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--restart-rate", type=float, help="restart: messages/s of all senders (default 200)"
     )
     parser.add_argument(
+        "--stream-asks",
+        type=int,
+        help="stream: questions asked one after the other for the first delta (20, quick 5)",
+    )
+    parser.add_argument(
+        "--stream-seconds",
+        type=float,
+        help="stream: each chat step, assistant off and on (25, quick 10)",
+    )
+    parser.add_argument(
+        "--stream-pairs", type=int, help="stream: off/on pairs of chat runs (2, quick 1)"
+    )
+    parser.add_argument(
+        "--stream-first-chunk",
+        type=float,
+        help="stream: seconds from a request to the Gemini stub's first event (0.8)",
+    )
+    parser.add_argument(
+        "--stream-token-rate",
+        type=float,
+        help="stream: the Gemini stub's tokens (4-character pieces) per second (50)",
+    )
+    parser.add_argument(
         "--baseline-layer",
         choices=["project", "stock"],
         help="the baseline's layer class: the project's own, as Clarity (default), or the "
@@ -116,6 +139,11 @@ def options_from(args: argparse.Namespace) -> Options:
         "restart_users": args.restart_users,
         "restart_signal": args.restart_signal,
         "restart_rate": args.restart_rate,
+        "stream_asks": args.stream_asks,
+        "stream_seconds": args.stream_seconds,
+        "stream_pairs": args.stream_pairs,
+        "stream_first_chunk": args.stream_first_chunk,
+        "stream_token_rate": args.stream_token_rate,
         "attacks": tuple(args.attack) if args.attack else None,
         "baseline_layer": args.baseline_layer,
     }
@@ -160,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         f"bench run {run_id}: {', '.join(s.name for s in scenarios)} on "
         f"{', '.join(k.value for k in kinds)}; {args.processes} generator processes; "
         f"Clarity's rate limit set to {RATE_LIMIT:,} frames/{RATE_WINDOW} s per user "
-        "(never reached; the limiter still runs), assistant off; logs in "
+        "(never reached; the limiter still runs), assistant off (stream: Gemini at a stub); "
+        "logs in "
         f"{work_dir}"
     )
     record: dict[str, Any] = {

@@ -24,9 +24,14 @@ from bench.report import (
     hostile_grid,
     number,
     restart_grid,
+    stream_chat_grid,
+    stream_first_grid,
+    stream_notes,
+    stream_title,
     table,
 )
 from bench.restart import RESTART_LIMIT
+from bench.stream import FIRST_DELTA_LIMIT_MS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -122,6 +127,48 @@ def _restart(record: dict[str, Any]) -> list[str]:
     ]
 
 
+def _stream(record: dict[str, Any]) -> list[str]:
+    """The streaming assistant replies' figures (issue 15), if this run measured them."""
+    m = find(record["measurements"], "stream", "clarity")
+    if not m:
+        return []
+    first, chat = m["first_delta"], m["chat"]
+    lines = [
+        "## Streaming assistant replies (issue 15)",
+        "",
+        f"{stream_title(m)}.",
+        "",
+        f"Time to the first delta: one user alone in a room asks {first['asks']} questions one "
+        "after the other (after one warm-up question); times from sending the question. "
+        f"Target: the first delta at most {FIRST_DELTA_LIMIT_MS:.0f} ms after the stub's "
+        f"first-chunk delay (median).",
+        "",
+    ]
+    if not first["streamed"]:
+        lines += [
+            "**No `assistant_delta` frame came**: the server under test does not stream "
+            f"(provider calls: {first['provider_methods']}).",
+            "",
+        ]
+    lines += [
+        *_table(*stream_first_grid(m)),
+        "",
+        f"The room's chat while replies stream: {chat['users']} users send "
+        f"{chat['messages_per_s']:g} messages/s in all ({chat['offered']:,.0f} deliveries/s) "
+        f"for {chat['seconds']:g} s, with {chat['askers']} askers in {chat['askers_room']}: "
+        "silent with the assistant off; with it on, each asks again as soon as its answer is "
+        "stored. Only the chat messages' latency is measured. Fresh worker per run, pairs "
+        f"interleaved; median p99 on/off ratio **{number(chat['ratio'])}** (target <= "
+        f"{chat['limit']}).",
+        "",
+        *_table(*stream_chat_grid(m)),
+        "",
+        *(f"- {note.strip()}" for note in stream_notes(m)),
+        "",
+    ]
+    return lines
+
+
 def render(record: dict[str, Any], plot_name: str | None) -> str:
     machine = record["machine"]
     packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
@@ -153,6 +200,7 @@ def render(record: dict[str, Any], plot_name: str | None) -> str:
         *_fair_share(record),
         *_sequence_cost(record),
         *_restart(record),
+        *_stream(record),
     ]
     other = record.get("cpu", {}).get("other_mean", 0.0)
     if other > NOISY_CPU:

@@ -16,6 +16,7 @@ from bench.fairshare import (
 from bench.restart import RESTART_LIMIT, seconds
 from bench.restart import met as restart_met
 from bench.stats import P99_LIMIT_MS
+from bench.stream import FIRST_DELTA_LIMIT_MS
 
 Measurement = dict[str, Any]
 NOISY_CPU = 20.0  # % of one core used by other work, on average, that makes a run unreliable
@@ -127,6 +128,7 @@ def targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
     results.extend(fair_share_targets(measurements))
     results.extend(cost_targets(measurements))
     results.extend(restart_targets(measurements))
+    results.extend(stream_targets(measurements))
     return sorted(results, key=lambda target: target["target"].split(".", 1)[0])
 
 
@@ -262,6 +264,183 @@ def restart_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
         )
         results[-1]["met"] = restart_met(m)  # also when no user caught up (value None)
     return results
+
+
+def stream_targets(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """Issue 15: the first delta soon after the provider's first chunk; the room's chat p99
+    while replies stream, as a ratio to the assistant off."""
+    m = find(measurements, "stream", "clarity")
+    if not m:
+        return []
+    first, chat, stub = m["first_delta"], m["chat"], m["stub"]
+    over = first["over_first_chunk_ms"]
+    if first["streamed"]:
+        detail = (
+            f"p95 {over['p95']:.0f} ms over {over['n']} replies; first delta p50/p95 "
+            f"{spread_text(first['first_delta_ms'])} ms after the question, the stub's first "
+            f"chunk after {stub['first_chunk_s'] * 1000:.0f} ms"
+        )
+    else:
+        detail = (
+            "not measured: no assistant_delta frame came (the server does not stream; "
+            f"provider calls {first['provider_methods']}); stored p50/p95 "
+            f"{spread_text(first['stored_ms'])} ms"
+        )
+    runs = chat["runs"]
+    on = [run for run in runs if run["assistant"] == "on"]
+    off = [run for run in runs if run["assistant"] == "off"]
+    return [
+        _target(
+            "issue 15: first delta less the provider's first-chunk delay, ms (median)",
+            over["p50"] if first["streamed"] else None,
+            f"<= {FIRST_DELTA_LIMIT_MS:.0f} ms",
+            lambda value: value <= FIRST_DELTA_LIMIT_MS,
+            detail,
+        ),
+        _target(
+            f"issue 15: the room's chat p99, {chat['askers']} replies streaming / assistant "
+            "off (median of pairs)",
+            chat["ratio"],
+            f"<= {chat['limit']}",
+            lambda value: value <= chat["limit"],
+            f"{chat['offered']:,.0f} deliveries/s ({chat['users']} users, "
+            f"{chat['messages_per_s']:g} msg/s) for {chat['seconds']:g} s; p99 on "
+            f"{joined(on, lambda run: run['p99_ms'], '.1f')} vs off "
+            f"{joined(off, lambda run: run['p99_ms'], '.1f')} ms; replies streaming at once "
+            f"(mean) {joined(on, lambda run: run['streaming']['mean'], '.1f')}, deltas/s "
+            f"{joined(on, lambda run: run['deltas_per_s'], '.0f')}",
+        ),
+    ]
+
+
+def joined(runs: list[Measurement], value: Callable[[Measurement], float], spec: str) -> str:
+    return "/".join(format(value(run), spec) for run in runs)
+
+
+def spread_text(figure: dict[str, Any]) -> str:
+    """`p50/p95` of a `bench.stream.spread`, or `-`."""
+    if figure["p50"] is None:
+        return "-"
+    return f"{figure['p50']:.0f}/{figure['p95']:.0f}"
+
+
+def stream_first_grid(m: Measurement) -> tuple[list[str], list[list[str]]]:
+    """The first-delta figures: one row per time measured, ms from sending the question."""
+    first = m["first_delta"]
+    names = {
+        "echo_ms": "question's echo",
+        "to_provider_ms": "request at the stub",
+        "first_delta_ms": "first assistant_delta",
+        "over_first_chunk_ms": "first delta less the stub's first-chunk delay",
+        "relay_ms": "stub's first event to the first delta",
+        "stored_ms": "stored message from AI",
+        "store_ms": "stub's last event to the stored message",
+    }
+    rows = [
+        [
+            what,
+            "-" if first[key]["p50"] is None else f"{first[key]['p50']:.1f}",
+            "-" if first[key]["p95"] is None else f"{first[key]['p95']:.1f}",
+            "-" if first[key]["max"] is None else f"{first[key]['max']:.1f}",
+            f"{first[key]['n']}",
+        ]
+        for key, what in names.items()
+    ]
+    return ["ms", "p50", "p95", "max", "n"], rows
+
+
+def stream_chat_grid(m: Measurement) -> tuple[list[str], list[list[str]]]:
+    """The chat runs, assistant off and on: one row per run, in the order run; each pair's
+    p99 ratio on its second run's row."""
+    header = [
+        "run",
+        "assistant",
+        "delivered",
+        "lost",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "pair p99 on/off",
+        "streaming mean (min)",
+        "in flight",
+        "deltas/s",
+        "replies (not the answer)",
+        "first delta p50/p95 ms",
+        "srv cpu%",
+        "gen cpu%",
+        "other cpu%",
+    ]
+    rows, pair = [], {}
+    for run in m["chat"]["runs"]:
+        pair[run["assistant"]] = run["p99_ms"]
+        pair_ratio = ""
+        if "on" in pair and "off" in pair:
+            value = ratio(pair.pop("on"), pair.pop("off"))
+            pair_ratio = "-" if value is None else f"{value:.2f}"
+        on = run["assistant"] == "on"
+        rows.append(
+            [
+                f"{run['run'] + 1}",
+                run["assistant"],
+                f"{run['delivered']:,}",
+                f"{run['lost']:,}",
+                f"{run['p50_ms']:.1f}",
+                f"{run['p99_ms']:.1f}",
+                f"{run['max_ms']:.0f}",
+                pair_ratio,
+                f"{run['streaming']['mean']:.1f} ({run['streaming']['min']})" if on else "",
+                f"{run['in_flight']['mean']:.1f}" if on else "",
+                f"{run['deltas_per_s']:.0f}" if on else "",
+                f"{run['checks']['stored']} ({run['checks']['not_the_answer']})" if on else "",
+                spread_text(run["first_delta_ms"]) if on else "",
+                f"{run['server_cpu']:.0f}",
+                "+".join(f"{cpu:.0f}" for cpu in run["generator_cpu"]),
+                f"{run['other_cpu']:.0f}",
+            ]
+        )
+    return header, rows
+
+
+def stream_title(m: Measurement) -> str:
+    stub = m["stub"]
+    return (
+        f"Streaming assistant replies: Gemini stub, first chunk after "
+        f"{stub['first_chunk_s'] * 1000:.0f} ms, then {stub['token_rate']:g} tokens/s of "
+        f"{stub['token_chars']} characters, {stub['tokens']} in all ({stub['answer_chars']:,} "
+        f"characters, {stub['reply_s']:g} s); 1 worker, {m['layer']} layer, {m['database']}"
+    )
+
+
+def stream_notes(m: Measurement) -> list[str]:
+    """What the stream tables have no room for: the answers' checks, signals, failures."""
+    first, chat = m["first_delta"], m["chat"]
+    notes = [
+        f"  first delta: {first['asks']} questions one after the other by one user alone in "
+        f"a room; provider calls {first['provider_methods']}; deltas per reply "
+        f"{spread_text(first['deltas_per_reply'])} (p50/p95); checks {first['checks']}",
+        f"  chat: {chat['users']} users send {chat['messages_per_s']:g} msg/s in all for "
+        f"{chat['seconds']:g} s; {chat['askers']} askers in {chat['askers_room']} (silent when "
+        "the assistant is off); streaming / in flight = replies between the stub's first "
+        "and last event / from its request to its last event, over the step",
+    ]
+    for run in chat["runs"]:
+        extras = {
+            key: run[key]
+            for key in ("errors", "closes", "server_signals", "asker_errors", "asker_closes")
+            if run[key]
+        }
+        wrong = {k: v for k, v in run["checks"].items() if v and k not in CHECK_COUNTS}
+        if extras or wrong:
+            notes.append(f"  run {run['run'] + 1} {run['assistant']}: {extras} {wrong}".rstrip())
+    if first["server_signals"] or first["errors"] or first["closes"]:
+        notes.append(
+            f"  first delta: server {first['server_signals']}, errors {first['errors']}, "
+            f"closes {first['closes']}"
+        )
+    return notes
+
+
+CHECK_COUNTS = ("questions", "stored", "streamed")  # counts, not problems
 
 
 def restart_detail(m: Measurement) -> str:
@@ -647,6 +826,13 @@ def table(record: dict[str, Any]) -> str:
         for scenario in RESTART_SCENARIOS:
             if m := find(measurements, scenario, "clarity"):
                 lines.extend(restart_notes(m))
+        lines.append("")
+    if streamed := find(measurements, "stream", "clarity"):
+        lines.append(stream_title(streamed))
+        lines.extend(_grid(*stream_first_grid(streamed)))
+        lines.append("")
+        lines.extend(_grid(*stream_chat_grid(streamed), text_columns={1}))
+        lines.extend(stream_notes(streamed))
         lines.append("")
     failures = [m for m in measurements if "failure" in m]
     for m in failures:

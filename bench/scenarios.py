@@ -1,6 +1,7 @@
 """The measurements: room fan-out (fixed-rate sweep and closed loop) and connection storm;
 hostile clients are in `bench.fairshare`, the CPU-cost comparisons (the fair-share
-protections', sequence numbers') in `bench.cost`, the worker restart in `bench.restart`.
+protections', sequence numbers') in `bench.cost`, the worker restart in `bench.restart`,
+streaming assistant replies in `bench.stream`.
 
 Each measurement starts its own fresh servers (`bench.servers.deploy`), connects its users
 through the generator fleet, measures, closes everything and returns a JSON-ready dict.
@@ -19,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from bench import cost, fairshare, loadgen, restart
+from bench import cost, fairshare, loadgen, restart, stream
 from bench.fleet import Fleet, merge_counts
 from bench.progress import Progress
 from bench.servers import (
@@ -42,7 +43,11 @@ OVERLOAD_NAME = re.compile(r"lag|queue|backlog|pending|waiting|overload|shed|dro
 SLOW_SECONDS = "0.1"
 HISTOGRAM_PARTS = ("_bucket", "_count", "_sum")
 # Counters whose change during a step is normal traffic, not a sign of trouble.
-ROUTINE_METRICS = ("clarity_frames_in_total", "clarity_frames_out_total")
+ROUTINE_METRICS = (
+    "clarity_frames_in_total",
+    "clarity_frames_out_total",
+    "clarity_assistant_delta_frames_total",
+)
 # Gauges that keep the worst value since the worker started (their histogram tells the step).
 HIGH_WATER_MARK = "_max_seconds"
 
@@ -78,6 +83,11 @@ class Options:
     restart_before: float = 3.0  # restart: s of messages before the signal
     restart_after: float = 3.0  # restart: s of messages once everyone is back
     restart_deadline: float = 60.0  # restart: s after the signal; later counts as never back
+    stream_asks: int = 20  # stream: questions asked one after the other (first delta)
+    stream_seconds: float = 25.0  # stream: each chat step, assistant off and on
+    stream_pairs: int = 2  # stream: off/on pairs of chat runs, interleaved
+    stream_first_chunk: float = 0.8  # stream: s from the stub's request to its first event
+    stream_token_rate: float = 50.0  # stream: the stub's pieces (tokens) per second
 
     @classmethod
     def quick(cls) -> Options:
@@ -96,13 +106,17 @@ class Options:
             restart_users=500,
             restart_before=2.0,
             restart_after=2.0,
+            stream_asks=5,
+            stream_seconds=10.0,
+            stream_pairs=1,
         )
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "fanout", "storm", "hostile", "restart" or a key of `bench.cost.COMPARISONS`
+    kind: str  # "fanout", "storm", "hostile", "restart", "stream" or a key of
+    # `bench.cost.COMPARISONS`
     layer: Layer
     workers: int
     description: str
@@ -189,6 +203,16 @@ SCENARIOS = {
             Layer.REDIS,
             2,
             "as restart, two workers (users split), the first restarted",
+            servers=(ServerKind.CLARITY,),
+            default=False,
+        ),
+        Scenario(
+            "stream",
+            "stream",
+            Layer.MEMORY,
+            1,
+            "streaming assistant replies (Gemini stub): time to the first delta; the room's "
+            "chat p99 while 8 replies stream, to the assistant off",
             servers=(ServerKind.CLARITY,),
             default=False,
         ),
@@ -286,6 +310,8 @@ class Bench:
             return cost.COMPARISONS[scenario.kind](self, scenario)
         if scenario.kind == "restart":
             return restart.restart(self, scenario)
+        if scenario.kind == "stream":
+            return stream.stream(self, scenario)
         return self.fanout(scenario, kind)
 
     # --- users ------------------------------------------------------------------------------

@@ -64,14 +64,12 @@ class DeltaStream:
         self._wake.set()
 
     async def _send_loop(self) -> None:
-        while True:
-            await self._wake.wait()
+        while not self._closing.is_set():
+            await self._wake.wait()  # set by `write`, and by `finish`
             self._wake.clear()
             await self._send(self.text.take())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.interval)
-            if self._closing.is_set():
-                return
 
     async def _send(self, delta: str) -> None:
         if not delta or self._broken:
@@ -98,6 +96,7 @@ class DeltaStream:
         """The answer is complete (`final`, its stored text) or failed (None): stop the
         sender after the frame it is sending, then send what completes `final`."""
         self._closing.set()
+        self._wake.set()  # a sender waiting for the next piece stops too
         if self._sender is not None:
             await self._sender
         if final is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -88,11 +89,12 @@ window.WebSocket = class extends window.WebSocket {
 };
 """
 # Run in a page before its own scripts: its sockets go through a network the test controls,
-# `window.clarityNet`. `holdIf(frame)`: a frame from the server is held back until
-# `release()`; `loseIf(frame)`: it is lost (kept in `lost`); `loseSentIf(frame)`: a frame the
-# page sends is lost on the way. `fail(deadUrl)`: the connection fails (the page sees 1006 at
-# once, frames still on their way are lost) and new sockets cannot connect (they go to
-# `deadUrl`, where nothing listens) until `restore()`, which the browser announces
+# `window.clarityNet`. `rewrite(frame)`: a frame from the server is replaced by what this
+# returns, if anything (before the rest); `holdIf(frame)`: a frame from the server is held
+# back until `release()`; `loseIf(frame)`: it is lost (kept in `lost`); `loseSentIf(frame)`:
+# a frame the page sends is lost on the way. `fail(deadUrl)`: the connection fails (the page
+# sees 1006 at once, frames still on their way are lost) and new sockets cannot connect (they
+# go to `deadUrl`, where nothing listens) until `restore()`, which the browser announces
 # ("online"). `sent` and `received` record every frame sent and delivered, with the page's
 # time.
 FLAKY_NETWORK = """
@@ -100,7 +102,7 @@ FLAKY_NETWORK = """
   const Real = window.WebSocket;
   const net = (window.clarityNet = {
     sent: [], received: [], lost: [], held: [], sockets: [], deadUrl: null,
-    holdIf: null, loseIf: null, loseSentIf: null,
+    rewrite: null, holdIf: null, loseIf: null, loseSentIf: null,
     release() {
       const held = net.held;
       net.held = [];
@@ -145,9 +147,15 @@ FLAKY_NETWORK = """
         net.received.push({ at: performance.now(), frame });
         listener(event);
       };
-      super.addEventListener(type, (event) => {
-        const frame = JSON.parse(event.data);
+      super.addEventListener(type, (original) => {
+        let event = original;
+        let frame = JSON.parse(event.data);
         if (this.failed) return;
+        const rewritten = net.rewrite?.(frame);
+        if (rewritten) {
+          frame = rewritten;
+          event = new MessageEvent("message", { data: JSON.stringify(frame) });
+        }
         if (net.loseIf?.(frame)) net.lost.push(frame);
         else if (net.holdIf?.(frame)) net.held.push(() => deliver(event, frame));
         else deliver(event, frame);
@@ -158,6 +166,41 @@ FLAKY_NETWORK = """
 """
 # A catch-up fetch waits this long for a missing frame to come by itself (connection.js).
 GAP_WAIT_MS = 1000
+# Run in a page (again: its log cleared): `window.clarityWriting` logs what the page shows of
+# the assistant's answers each time the chat changes, with the page's time (ms): the message
+# list (each entry: message id, stream id, the question it answers, author, body, whether it
+# is marked as being written) and the health panel's insight (shown, its summary shown, its
+# writing mark shown, its text).
+WRITING_LOG = """
+(() => {
+  if (window.clarityWriting) {
+    window.clarityWriting.length = 0;
+    return;
+  }
+  const log = (window.clarityWriting = []);
+  const shown = (id) => !document.getElementById(id).hidden;
+  new MutationObserver(() => log.push({
+    at: performance.now(),
+    items: [...document.querySelectorAll('#messages > li.message')].map((li) => ({
+      id: li.dataset.messageId ?? null,
+      stream: li.dataset.streamId ?? null,
+      question: li.dataset.inReplyTo ?? null,
+      author: li.querySelector('.author').textContent,
+      body: li.querySelector('.body').textContent,
+      writing: li.querySelector('.writing') !== null,
+    })),
+    insight: {
+      shown: shown('insight'),
+      summary: shown('insight-summary'),
+      writing: shown('insight-writing'),
+      text: document.getElementById('insight-text').textContent,
+    },
+  })).observe(document.getElementById('chat'), {
+    childList: true, subtree: true, characterData: true, attributes: true,
+    attributeFilter: ['hidden'],
+  });
+})();
+"""
 
 
 def _truthy(name: str) -> bool:
@@ -255,10 +298,12 @@ class ChatPage:
         return self.js("return document.getElementById('connection-status').dataset.state")
 
     def wait_answer(self, question: str) -> None:
-        """Until the assistant's answer quoting `question` is shown."""
+        """Until the assistant's stored answer quoting `question` is shown (not the answer
+        being written: that has no message id)."""
         self.wait(
             lambda: any(
-                m["author"] == "AI assistant" and question in m["body"] for m in self.messages()
+                m["author"] == "AI assistant" and m["id"] is not None and question in m["body"]
+                for m in self.messages()
             ),
             "the assistant's answer",
         )
@@ -417,6 +462,51 @@ class ChatPage:
 
     def wait_presence(self, names: list[str]) -> None:
         self.wait(lambda: sorted(self.presence()) == sorted(names), f"presence {names}")
+
+    def log_writing(self) -> None:
+        """Start (or restart) WRITING_LOG."""
+        self.js(WRITING_LOG)
+
+    def writing_log(self) -> list[dict]:
+        return self.js("return window.clarityWriting")
+
+    def partial_answers(self, question: str) -> list[str]:
+        """The texts the page showed of the answer to this question (its message id) while
+        it was being written, in order, each once."""
+        texts: list[str] = []
+        for snapshot in self.writing_log():
+            for item in snapshot["items"]:
+                if item["stream"] and item["question"] == question and texts[-1:] != [item["body"]]:
+                    assert item["writing"], item
+                    texts.append(item["body"])
+        return texts
+
+    def answers(self, question: str) -> list[dict]:
+        """The answers to this question (its message id) shown, being written or stored."""
+        return self.js(
+            """return [...document.querySelectorAll('#messages li.message')]
+                .filter(li => li.dataset.inReplyTo === arguments[0])
+                .map(li => ({
+                    id: li.dataset.messageId ?? null,
+                    body: li.querySelector('.body').textContent,
+                    writing: li.querySelector('.writing') !== null,
+                }))""",
+            question,
+        )
+
+    def wait_stored_answer(self, question: str) -> dict:
+        """Until the stored answer to this question (its message id) is shown."""
+        return self.wait(
+            lambda: next((answer for answer in self.answers(question) if answer["id"]), None),
+            "the stored answer",
+        )
+
+    def writing_shown(self) -> int:
+        """How many things the page marks as being written (answers, the insight)."""
+        return self.js(
+            "return document.querySelectorAll('#messages .streaming, #messages .writing,"
+            " .writing:not([hidden])').length"
+        )
 
     def screenshot(self, directory: Path, name: str) -> Path:
         path = directory / f"{name}.png"
@@ -1040,3 +1130,298 @@ def test_told_to_resync_the_page_fetches_what_its_worker_missed(
     assert resyncs == 1
     assert [page["after_seq"] for page in dana.catch_ups()] == [1]
     dana.assert_each_once_in_seq_order()
+
+
+# --- streaming assistant replies (protocol §14) ---------------------------------------------
+
+# Seconds between two words of the writing server's built-in assistant: an answer of ~70
+# words takes ~3.5 s, frames of one word or a few (at most one per 50 ms).
+WORD_DELAY = 0.05
+# Two topics of the built-in assistant: an answer of ~70 words.
+QUESTION = "@ai How can I sleep better when I feel stressed?"
+MARKUP = "<img src=x onerror=alert(1)><b>not bold</b> "
+
+
+@pytest.fixture(scope="module")
+def writing_server(tmp_path_factory) -> Iterator[Worker]:
+    """One worker whose built-in assistant writes its answers a word every WORD_DELAY seconds
+    (a model's pace), so that a page can be seen showing them as they grow."""
+    require_chromium()
+    (port,) = free_ports(1)
+    env = {
+        "CHAT_ALLOWED_ORIGINS": f"http://{HOST}:{port}",
+        "ASSISTANT_PROVIDER": "builtin",
+        "ASSISTANT_MODE": "mention",
+        "ASSISTANT_BUILTIN_WORD_DELAY": str(WORD_DELAY),
+        "CHAT_OPEN_ROOMS": "0",
+    }
+    directory = tmp_path_factory.mktemp("browser-writing-server")
+    with run_workers(directory, env=env, ports=[port]) as workers:
+        yield workers[0]
+        print(workers[0].logs())
+
+
+def order(items: list[dict]) -> list[str]:
+    """A logged message list: the message ids, and "writing" for an answer being written."""
+    return [item["id"] or ("writing" if item["stream"] else "?") for item in items]
+
+
+def contains(sequence: list[str], part: list[str]) -> bool:
+    return any(sequence[i : i + len(part)] == part for i in range(len(sequence)))
+
+
+def assert_grew(partials: list[str], final: str) -> None:
+    """Each text shown while the answer was written adds to the one before, and the stored
+    answer completes them all."""
+    assert len(partials) >= 2, partials
+    for shorter, longer in itertools.pairwise(partials):
+        assert longer.startswith(shorter) and longer != shorter, (shorter, longer)
+    assert all(final.startswith(text) for text in partials), (partials, final)
+
+
+def test_an_answer_grows_in_place_and_the_stored_answer_takes_its_place(
+    writing_server, ana, ben, tmp_path
+):
+    """Ana asks the assistant. Both pages show its answer growing in one bubble marked as
+    being written, right under the question; Ben's message meanwhile goes below it. The stored
+    answer then takes the bubble's place: one answer, nothing marked as being written."""
+    room = "writing"
+    create_room([writing_server], tmp_path, room, "--kind", "public")
+    for page in (ana, ben):
+        page.open(writing_server.http_url, room)
+        page.log_writing()
+    ana.send(QUESTION)
+    asked = ana.wait_message("Ana", QUESTION)["id"]
+    ana.wait(lambda: len(ana.partial_answers(asked)) >= 2, "the answer growing")
+    ben.send("Meanwhile: lights out at ten for me")
+    said = ben.wait_message("Ben", "Meanwhile: lights out at ten for me")["id"]
+
+    answer = ana.wait_stored_answer(asked)
+    assert_grew(ana.partial_answers(asked), answer["body"])
+    assert ana.answers(asked) == [answer] and not answer["writing"]
+    assert ana.writing_shown() == 0
+    # Ben's message came while the answer was being written, below it; the stored answer
+    # is where the answer was written (Ben's message has the lower seq: the answer is
+    # stored once written).
+    assert any(
+        contains(order(snapshot["items"]), [asked, "writing", said])
+        for snapshot in ana.writing_log()
+    )
+    ids = [message["id"] for message in ana.messages()]
+    assert ids[ids.index(asked) :] == [asked, answer["id"], said]
+    ana.screenshot(tmp_path, "answer-written")
+
+    assert ben.wait_stored_answer(asked) == answer
+    assert ben.answers(asked) == [answer] and ben.writing_shown() == 0
+    assert_grew(ben.partial_answers(asked), answer["body"])
+    # Later messages go on below, as before.
+    ben.send("Thanks, assistant")
+    ana.wait_message("Ben", "Thanks, assistant")
+    assert [message["id"] for message in ana.messages()][-4:-1] == [asked, answer["id"], said]
+
+
+def reset_network(page: FlakyPage) -> None:
+    """No frame rewritten, held or lost: what an earlier test set is gone."""
+    page.net("Object.assign(net, {rewrite: null, holdIf: null, loseIf: null, loseSentIf: null})")
+
+
+def test_html_in_an_answer_being_written_is_text_and_a_stored_answer_fetched_replaces_it(
+    writing_server, dana, tmp_path
+):
+    """The network puts markup into the first delta of the answer Dana asked for: the page
+    shows it as text. The stored answer's frame is held back; Eve's next message shows a
+    gap, and the page fetches the stored answer, which takes the place of the one written.
+    The late frame, when it comes, does not show it twice."""
+    room = "markup"
+    create_room([writing_server], tmp_path, room, "--kind", "public")
+    dana.open(writing_server.http_url, room)
+    reset_network(dana)
+    dana.log_writing()
+    dana.js("window.clarityAlerts = []; window.alert = (m) => window.clarityAlerts.push(m);")
+    dana.net(
+        """const markup = arguments[0];
+        net.rewrite = (f) => f.type === 'assistant_delta' && f.index === 0
+            ? { ...f, delta: markup + f.delta } : null;
+        net.holdIf = (f) => f.type === 'message' && f.metadata?.stream_id != null;""",
+        MARKUP,
+    )
+    dana.send(QUESTION)
+    asked = dana.wait_message("Dana", QUESTION)["id"]
+    dana.wait(lambda: dana.net("return net.held.length") == 1, "the stored answer, held back")
+    (written,) = dana.answers(asked)
+    assert written["id"] is None and written["writing"], written
+    assert written["body"].startswith(MARKUP), written
+    partials = dana.partial_answers(asked)
+    assert len(partials) >= 2 and all(text.startswith(MARKUP) for text in partials), partials
+    assert dana.js("return document.querySelectorAll('#messages img, #messages b').length") == 0
+    dana.screenshot(tmp_path, "markup-as-text")
+
+    (eve,) = say(writing_server, room, "dev-eve", ["Eve was here"])
+    answer = dana.wait_stored_answer(asked)
+    assert dana.answers(asked) == [answer] and not answer["writing"]
+    assert not answer["body"].startswith(MARKUP)
+    assert_grew([text.removeprefix(MARKUP) for text in partials], answer["body"])
+    ids = [message["id"] for message in dana.messages()]
+    assert ids[ids.index(asked) :] == [asked, answer["id"], str(eve["message_id"])]
+    assert [page["after_seq"] for page in dana.catch_ups()] == [int(dana.seqs()[-3])]
+    dana.release()  # the late frame: delivered and handled before this returns
+    assert dana.answers(asked) == [answer] and dana.writing_shown() == 0
+    dana.assert_each_once_in_seq_order()
+    assert dana.js("return window.clarityAlerts") == []
+
+
+def test_an_answer_whose_deltas_skip_one_is_no_longer_shown_until_stored(
+    writing_server, dana, tmp_path
+):
+    """One delta of the answer is lost: the partial text goes as soon as the next one shows
+    the gap, and the stored answer is shown when it comes, once."""
+    room = "skipped"
+    create_room([writing_server], tmp_path, room, "--kind", "public")
+    dana.open(writing_server.http_url, room)
+    reset_network(dana)
+    dana.log_writing()
+    dana.net("net.loseIf = (f) => f.type === 'assistant_delta' && f.index === 2;")
+    dana.send(QUESTION)
+    asked = dana.wait_message("Dana", QUESTION)["id"]
+    dana.wait(lambda: dana.net("return net.lost.length") == 1, "the lost delta")
+    dana.wait(lambda: dana.answers(asked) == [], "the partial text gone")
+    partials = dana.partial_answers(asked)
+    gap = dana.net(
+        "return net.received.find((r) => r.frame.type === 'assistant_delta'"
+        " && r.frame.index === 3).at"
+    )
+    answer = dana.wait_stored_answer(asked)
+    assert dana.answers(asked) == [answer] and dana.writing_shown() == 0
+    # Shown: deltas 0 and 1; from the gap (delta 3) on, nothing until the stored answer.
+    assert_grew(partials, answer["body"])
+    after = [
+        [item for item in snapshot["items"] if item["question"] == asked]
+        for snapshot in dana.writing_log()
+        if snapshot["at"] > gap
+    ]
+    assert after[0] == [], "the partial text went when the gap showed"
+    assert all(all(item["id"] is not None for item in items) for items in after), after
+
+
+def test_an_answer_no_frame_of_which_comes_for_the_idle_timeout_is_no_longer_shown(
+    writing_server, dana, tmp_path
+):
+    """The answer's deltas stop reaching the page after the second: its partial text goes
+    once no frame of it came for the connection's stream_idle_timeout (the network tells
+    the page 1 s), and the stored answer is shown when it comes, once."""
+    room = "quiet"
+    create_room([writing_server], tmp_path, room, "--kind", "public")
+    dana.open(writing_server.http_url, room)
+    reset_network(dana)
+    dana.net(
+        """net.rewrite = (f) => f.type === 'connection_ack'
+            ? { ...f, server_info: { ...f.server_info, stream_idle_timeout: 1 } } : null;"""
+    )
+    dana.fail()  # a new connection, whose ack says 1 s
+    dana.restore()
+    dana.log_writing()
+    dana.net("net.loseIf = (f) => f.type === 'assistant_delta' && f.index >= 2;")
+    dana.send(QUESTION)
+    asked = dana.wait_message("Dana", QUESTION)["id"]
+    dana.wait(lambda: len(dana.partial_answers(asked)) == 2, "the first two deltas shown")
+    dana.wait(lambda: dana.answers(asked) == [], "the partial text gone")
+    last = dana.net(
+        "return net.received.find((r) => r.frame.type === 'assistant_delta'"
+        " && r.frame.index === 1).at"
+    )
+    answer = dana.wait_stored_answer(asked)
+    assert dana.answers(asked) == [answer] and dana.writing_shown() == 0
+    assert_grew(dana.partial_answers(asked), answer["body"])
+    log = dana.writing_log()
+    gone = next(
+        s["at"]
+        for s in log
+        if s["at"] > last and all(item["question"] != asked for item in s["items"])
+    )
+    stored = next(
+        s["at"] for s in log if any(i["question"] == asked and i["id"] for i in s["items"])
+    )
+    assert 900 <= gone - last < stored - last, (gone - last, stored - last)
+
+
+def ask_and_wait_for_writing(worker: Worker, room: str, uid: str, question: str) -> dict:
+    """Another user asks the assistant in the room (a socket of the test's) and waits until
+    the answer's first delta was sent to the room; the question's echo."""
+
+    async def ask() -> dict:
+        client = await ChatSocket.join(worker.url, room, uid)
+        try:
+            await client.send({"type": "message", "content": question, "message_id": "q"})
+            echo = await client.recv_type("message")
+            first = await client.recv_type("assistant_delta")
+            assert first["index"] == 0 and first["in_reply_to"] == echo["message_id"], first
+            return echo
+        finally:
+            await client.close()
+
+    return asyncio.run(ask())
+
+
+def test_a_page_that_joins_while_an_answer_is_written_shows_only_the_stored_answer(
+    writing_server, dana, tmp_path
+):
+    """Dana opens the room after the answer began (its first delta sent): the deltas she gets
+    are not shown (she never saw the first), and the stored answer is shown when it comes."""
+    room = "midway"
+    for name in ("midway-hall", room):
+        create_room([writing_server], tmp_path, name, "--kind", "public")
+    dana.open(writing_server.http_url, "midway-hall")
+    reset_network(dana)
+    dana.log_writing()  # the same page opens the room below (its link)
+    echo = ask_and_wait_for_writing(writing_server, room, "dev-eve", QUESTION)
+    asked = str(echo["message_id"])
+    dana.open(writing_server.http_url, room)
+    answer = dana.wait_stored_answer(asked)
+    indexes = dana.net(
+        "return net.received.filter((r) => r.frame.type === 'assistant_delta')"
+        ".map((r) => r.frame.index)"
+    )
+    assert indexes and 0 not in indexes, indexes
+    assert dana.partial_answers(asked) == []
+    assert dana.answers(asked) == [answer] and dana.writing_shown() == 0
+    assert [m["id"] for m in dana.messages()][-2:] == [asked, answer["id"]]
+
+
+def test_the_analysis_narrative_grows_in_the_health_panel(writing_server, dana, tmp_path):
+    """The narrative of a health analysis is shown in the health panel as it is written
+    (marked as being written, markup the network put in as text); the insight then shows its
+    metrics and recommendations with the whole narrative."""
+    room = "analysed"
+    create_room([writing_server], tmp_path, room, "--kind", "public")
+    dana.open(writing_server.http_url, room)
+    reset_network(dana)
+    dana.log_writing()
+    dana.js("window.clarityAlerts = []; window.alert = (m) => window.clarityAlerts.push(m);")
+    dana.net(
+        """const markup = arguments[0];
+        net.rewrite = (f) => f.type === 'assistant_delta' && f.kind === 'analysis'
+            && f.index === 0 ? { ...f, delta: markup + f.delta } : null;""",
+        MARKUP,
+    )
+    dana.find("#analyze").click()
+    dana.wait(lambda: dana.find("#insight-writing").is_displayed(), "the narrative being written")
+    dana.screenshot(tmp_path, "narrative-being-written")
+    dana.wait(
+        lambda: dana.find("#analysis-status").get_attribute("data-status") == "completed",
+        "the analysis to complete",
+    )
+    dana.wait(lambda: dana.find("#insight").is_displayed(), "the insight")
+    final = dana.text("#insight-text")
+    assert "summary of your recent activity data" in final and not final.startswith(MARKUP)
+    assert dana.find("#insight-summary").is_displayed() and dana.writing_shown() == 0
+    assert dana.js("return document.querySelectorAll('#insight img, #insight b').length") == 0
+    partials: list[str] = []
+    for snapshot in dana.writing_log():
+        insight = snapshot["insight"]
+        if insight["writing"] and partials[-1:] != [insight["text"]]:
+            assert insight["shown"] and not insight["summary"], insight
+            partials.append(insight["text"])
+    assert all(text.startswith(MARKUP) for text in partials), partials
+    assert_grew([text.removeprefix(MARKUP) for text in partials if text != MARKUP], final)
+    assert dana.messages() == []  # the narrative's message is not repeated in the chat
+    assert dana.js("return window.clarityAlerts") == []

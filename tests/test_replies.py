@@ -19,12 +19,17 @@ from tests.test_analysis import day_of_minutes, read_analysis
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def read_reply(client, timeout: float = 5) -> tuple[list[dict], dict]:
+async def read_reply(
+    client, timeout: float = 5, skip: frozenset[str] | set[str] = frozenset()
+) -> tuple[list[dict], dict]:
     """The next answer of the assistant this client gets: its `assistant_delta` frames, then
-    its message (protocol §14); any other frame in between fails the test."""
+    its message (protocol §14); any other frame in between fails the test, but those of the
+    `skip` types."""
     deltas = []
     while True:
         received = await client.recv(timeout=timeout)
+        if received["type"] in skip:
+            continue
         if received["type"] == "assistant_delta":
             deltas.append(received)
             continue

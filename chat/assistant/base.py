@@ -69,6 +69,11 @@ class AssistantProvider(Protocol):
     # The circuit breaker `ask` consults and feeds; None: nothing to guard (no network).
     guard: Guard | None
 
+    async def prepare(self) -> None:
+        """Local set-up before the first call (an HTTP client built), outside the time
+        limits: they bound the model, not this worker."""
+        ...
+
     async def stream(self, request: AssistantRequest, *, on_text: OnText) -> AssistantReply:
         """Answer `request`, calling `on_text` with each piece as the model writes it, and
         return the reply; AssistantError on any failure (a safety block mid-answer too).
@@ -103,6 +108,10 @@ async def ask(
             raise AssistantError("circuit breaker state unavailable") from exc
         if not permit.allowed:
             raise AssistantError(f"circuit open for {permit.retry_after:.1f} s more")
+    try:
+        await provider.prepare()
+    except Exception as exc:
+        raise AssistantError(f"{provider.name} could not be set up: {type(exc).__name__}") from exc
     loop = asyncio.get_running_loop()
     started = loop.time()
     first_chunk = settings.ASSISTANT_FIRST_CHUNK_TIMEOUT

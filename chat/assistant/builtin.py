@@ -240,6 +240,9 @@ class BuiltinProvider:
     name = "builtin"
     guard = None
 
+    async def prepare(self) -> None:
+        return None
+
     async def stream(self, request: AssistantRequest, *, on_text: OnText) -> AssistantReply:
         reply = builtin_reply(request)
         delay = settings.ASSISTANT_BUILTIN_WORD_DELAY

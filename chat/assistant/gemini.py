@@ -119,6 +119,9 @@ class GeminiProvider:
         # The breaker's notion of now is `clock`'s (its open period is wall-clock time).
         self.guard = Guard(name=self.name, clock=clock)
 
+    async def prepare(self) -> None:
+        await self._client_ready()
+
     async def _client_ready(self) -> genai.Client:
         if self._client is None:
             # Construction loads CA certificates from disk: keep it off the event loop.
@@ -126,7 +129,7 @@ class GeminiProvider:
         return self._client
 
     async def stream(self, request: AssistantRequest, *, on_text: OnText) -> AssistantReply:
-        client = await self._client_ready()
+        client = await self._client_ready()  # built by `ask`'s `prepare` already
         prompt = build_prompt(request=request)
         narrative = JsonNarrative() if RESPONSE_TYPES[request.kind] == "application/json" else None
         pieces: list[str] = []
@@ -142,11 +145,12 @@ class GeminiProvider:
                 size += len(text)
                 if size > RAW_MAX_CHARS:
                     raise AssistantError("the model's reply is too long")
+                if ending is not None and ending not in USABLE_ENDINGS:
+                    # Blocked by the safety settings, or stopped for another reason: what
+                    # came with the verdict is not passed on.
+                    raise AssistantError(f"the model stopped: {ending}")
                 pieces.append(text)
                 on_text(narrative.feed(text) if narrative is not None else text)
-                if ending is not None and ending not in USABLE_ENDINGS:
-                    # Blocked by the safety settings, or stopped for another reason.
-                    raise AssistantError(f"the model stopped: {ending}")
         text = "".join(pieces)
         if not text:
             raise AssistantError(f"no text in the model's reply (finish reason {ending})")

@@ -149,9 +149,20 @@ def sanitize_text(text: str, *, max_chars: int = REPLY_MAX_CHARS) -> str:
     """Plain text for a chat message: no tags or control characters, tidy whitespace, and at
     most max_chars characters (ending with TRUNCATED when cut, at a word boundary if one is
     near)."""
+    return tidy_text(strip_blocks(text), max_chars=max_chars)
+
+
+def strip_blocks(text: str) -> str:
+    """sanitize_text's first step: line endings made \n, scripts, styles and comments
+    removed (what is left of them may join with what follows into a tag)."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _SCRIPT_OR_STYLE.sub("", text)
-    text = _COMMENT.sub("", text)
+    return _COMMENT.sub("", text)
+
+
+def tidy_text(text: str, *, max_chars: int) -> str:
+    """sanitize_text's second step, on strip_blocks' output: tags and control characters
+    removed, whitespace tidied, the length capped."""
     text = _TAG.sub("", text)
     text = _CONTROL.sub("", text)
     text = _SPACES.sub(" ", text)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from chat.assistant.base import REPLY_MAX_CHARS
-from chat.assistant.prompts import TRUNCATED, sanitize_text
+from chat.assistant.prompts import TRUNCATED, strip_blocks, tidy_text
 
 # sanitize_text cuts an over-long text at a word boundary up to 40 characters before the
 # limit, then strips: nothing past this point is shown until the whole text is known.
@@ -25,8 +25,8 @@ _OPEN_SCRIPT = re.compile(r"<(script|style)\b", re.IGNORECASE)
 _OPEN_TAG = re.compile(r"<(?:/?[A-Za-z][^<>]*|/|!-?-?)?\Z")
 
 
-def _settled_end(raw: str) -> int:
-    """The end of the part of `raw` that more text cannot change once sanitised."""
+def _blocks_settled(raw: str) -> int:
+    """The end of the part of `raw` in which no comment, script or style is still open."""
     end = len(raw)
     comment = raw.rfind("<!--")
     if comment >= 0 and raw.find("-->", comment + 4) < 0:
@@ -36,10 +36,19 @@ def _settled_end(raw: str) -> int:
         if not closing.search(raw, opened.end()):
             end = opened.start()
             break
-    tail = _OPEN_TAG.search(raw, 0, end)
-    if tail is not None:
-        end = tail.start()
     return end
+
+
+def _showable(raw: str) -> str:
+    """The sanitised text of the part of `raw` that more text cannot change: blocks still
+    open wait, and so does a tag still open once the closed blocks are out (their removal
+    can join a `<` before them to a `>` after them)."""
+    stripped = strip_blocks(raw[: _blocks_settled(raw)])
+    # A tag start just before a held-back one waits too ("<b<": the second may begin a
+    # script whose removal joins the first to a later ">").
+    while (tail := _OPEN_TAG.search(stripped)) is not None:
+        stripped = stripped[: tail.start()]
+    return tidy_text(stripped, max_chars=len(stripped) + 1).rstrip()
 
 
 class StreamText:
@@ -64,8 +73,7 @@ class StreamText:
     def take(self) -> str:
         """What may be shown now beyond what was taken before ("" if nothing)."""
         raw = self._text()
-        shown = sanitize_text(raw[: _settled_end(raw)], max_chars=len(raw) + 1).rstrip()
-        shown = shown[: self.max_chars - len(TRUNCATED) - _CUT_MARGIN]
+        shown = _showable(raw)[: self.max_chars - len(TRUNCATED) - _CUT_MARGIN]
         if len(shown) <= len(self.sent) or not shown.startswith(self.sent):
             return ""
         new, self.sent = shown[len(self.sent) :], shown

@@ -746,7 +746,8 @@ function deleteMessage(frame) {
 // takes the place of its partial text, live or from a catch-up page.
 function addMessage(frame) {
   const id = frame.message_id;
-  const stream = frame.user_id === AI_USER_ID ? streams.finish(frame.metadata?.stream_id, "reply") : null;
+  const streamId = frame.user_id === AI_USER_ID ? frame.metadata?.stream_id : null;
+  const stream = streams.finish(streamId, "reply"); // the reply shown as it was written
   const shown = id === null ? undefined : state.messages.get(id);
   if (shown) {
     stream?.view?.remove();
