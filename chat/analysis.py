@@ -14,8 +14,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from django.conf import settings
-
 from chat.assistant.base import (
     AssistantError,
     AssistantProvider,
@@ -24,7 +22,7 @@ from chat.assistant.base import (
     ask,
 )
 from chat.assistant.builtin import builtin_reply
-from chat.deltas import DeltaStream
+from chat.deltas import DeltaStream, DeltaTurns
 from chat.protocol import (
     AI_USER_ID,
     AI_USERNAME,
@@ -33,6 +31,7 @@ from chat.protocol import (
     error_frame,
     frame,
 )
+from chat.rooms import user_group
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +72,7 @@ async def health_analysis(
     metrics: dict[str, Any] | None,
     points: int,
     emit: Emit,
+    turns: DeltaTurns,
 ) -> None:
     """The frames of one accepted analysis whose `metrics` were computed (None: they could not
     be): analysis_update, then health_insight and the narrative message, or the failure."""
@@ -83,7 +83,8 @@ async def health_analysis(
         room_id=None,
         in_reply_to=None,
         emit=emit,
-        interval=settings.ASSISTANT_STREAM_INTERVAL,
+        group=user_group(user_id),
+        turns=turns,
     )
     if metrics is None:
         logger.info("health analysis failed for user=%s: the points cannot be analysed", user_id)

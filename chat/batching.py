@@ -11,10 +11,10 @@ one transaction, and whatever reads the calls share). Used for message storage
 (`chat.writer`) and socket joins (`chat.joins`). One batcher per event loop.
 
 `TurnBatcher`: calls made during one turn of the event loop, run together on the next
-(per key): a room's join and leave notices (`chat.joins.MembershipNotices`), the rate
-limiter's counts on Redis (one pipeline per turn, `chat.shared_state.redis`). Under light
-load a batch is one call, a turn later; in a burst (a reconnect storm wakes hundreds of
-sockets in one turn) one round trip serves them all.
+(per key): a group's events (`chat.rooms.GroupEvents`: join and leave notices), the rate
+limiter's counts on Redis (one pipeline per turn,
+`chat.shared_state.redis`). Under light load a batch is one call, a turn later; in a burst
+(a reconnect storm wakes hundreds of sockets in one turn) one round trip serves them all.
 """
 
 from __future__ import annotations

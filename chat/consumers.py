@@ -245,7 +245,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     def start_timers(self) -> None:
         """Once the socket's join frames are sent (a `joined` may start them before its
-        notice to the room, which can wait a turn: chat.joins.MembershipNotices); never for
+        notice to the room, which can wait a turn: chat.rooms.GroupEvents); never for
         a socket already closing."""
         if self.timers_started or self.closing is not None:
             return
@@ -625,6 +625,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 metrics=outcome.metrics if outcome is not None else None,
                 points=outcome.points if outcome is not None else 0,
                 emit=emit,
+                turns=self.worker.delta_turns,
             )
         finally:
             self.worker.analyses.release()
@@ -849,7 +850,7 @@ class ChatConsumer(SessionConsumer):
             self.reads_storing = False
 
     async def announce(self, *, joined: bool) -> None:
-        await self.worker.membership_notices.send(
+        await self.worker.group_events.send(
             layer=self.channel_layer,
             group=room_group(self.room_id),
             event=membership_notice(
@@ -872,6 +873,7 @@ class ChatConsumer(SessionConsumer):
                 user_id=self.identity.user_id,
                 username=self.identity.username,
                 emit=emit,
+                turns=self.worker.delta_turns,
             )
         await emit(reply)
 

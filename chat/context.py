@@ -21,12 +21,13 @@ from django.core.signals import setting_changed
 from chat.analysis_pool import AnalysisPool, AnalysisQueue
 from chat.assistant.base import AssistantProvider, get_provider
 from chat.budgets import Budgets
-from chat.deltas import STREAM_IDLE_SLACK
-from chat.joins import MembershipNotices, RoomViewer, SessionCloser, SessionOpener
+from chat.deltas import STREAM_IDLE_SLACK, DeltaTurns
+from chat.joins import RoomViewer, SessionCloser, SessionOpener
 from chat.overload import DeliveryDelays
 from chat.ratelimit import Rule
 from chat.reads import HistoryReader
 from chat.receipts import ReadMarker
+from chat.rooms import GroupEvents
 from chat.timers import Clock, LoopClock, TimerIntervals
 from chat.touches import SessionToucher
 from chat.writer import MessageWriter
@@ -167,6 +168,11 @@ class WorkerContext:
         )
 
     @property
+    def delta_turns(self) -> DeltaTurns:
+        """The assistant deltas of this worker, taking turns per room (chat.deltas)."""
+        return self.per_loop("delta_turns", DeltaTurns)
+
+    @property
     def session_toucher(self) -> SessionToucher:
         """Batched liveness writes of this worker's sessions."""
         return self.per_loop("session_toucher", SessionToucher)
@@ -193,9 +199,10 @@ class WorkerContext:
         return self.per_loop("room_viewer", RoomViewer)
 
     @property
-    def membership_notices(self) -> MembershipNotices:
-        """This worker's join and leave notices, one event per room per turn (chat.joins)."""
-        return self.per_loop("membership_notices", MembershipNotices)
+    def group_events(self) -> GroupEvents:
+        """This worker's events to a group, one channel-layer event per group per turn:
+        join and leave notices (chat.rooms.GroupEvents)."""
+        return self.per_loop("group_events", GroupEvents)
 
     @property
     def history_reader(self) -> HistoryReader:

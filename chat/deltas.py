@@ -1,21 +1,29 @@
-"""The `assistant_delta` frames of one answer being written (protocol §14).
+"""The `assistant_delta` frames of the answers being written (protocol §14).
 
-The model's pieces are fed in as they arrive (`write`, never waiting); a sender task sends
-what may be shown (chat/assistant/streamed_text.py StreamText: sanitised and capped) as one
-frame, then waits ASSISTANT_STREAM_INTERVAL before the next, so a fast model costs the room
-at most one frame per interval per answer, and a slow channel layer never slows the reading
-of the model. `finish` sends what completes the stored text as the last delta; on failure the
-deltas just stop. The stored message that follows carries `metadata.stream_id`.
+The model's pieces are fed in as they arrive (`DeltaStream.write`, never waiting): what may
+be shown of them (chat/assistant/streamed_text.py StreamText: sanitised and capped) goes out
+as one frame — the first at once (the time to the first words), the next ones when it is the
+reply's turn. The replies streaming from this worker to one group (a room; a user's sockets
+for analysis narratives) take turns (`DeltaTurns`): every ASSISTANT_STREAM_INTERVAL, the
+next of them with new text sends it all as one frame. So a reply alone in its room gets a
+frame per interval, and a room where n replies stream at once still gets one frame per
+interval from this worker (each reply one every n intervals): what the room's sockets are
+sent while answers are written is bounded by the interval, not by how many people ask at
+once, and the room's own chat never waits behind it. A slow channel layer slows the turns,
+never the reading of the model. `finish` sends what completes the stored text as the last
+delta; on failure the deltas just stop. The stored message that follows carries
+`metadata.stream_id`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
+
+from django.conf import settings
 
 from chat import metrics
 from chat.assistant.streamed_text import StreamText
@@ -40,40 +48,44 @@ class DeltaStream:
         room_id: str | None,
         in_reply_to: str | None,
         emit: Emit,
-        interval: float,
+        group: str,
+        turns: DeltaTurns,
     ) -> None:
         self.stream_id = uuid.uuid4().hex
         self.kind = kind
         self.room_id = room_id
         self.in_reply_to = in_reply_to
         self.emit = emit
-        self.interval = interval
+        self.group = group
+        self.turns = turns
         self.text = StreamText()
         self.index = 0
-        self._wake = asyncio.Event()
-        self._closing = asyncio.Event()
-        self._sender: asyncio.Task | None = None
+        self.fresh = False  # written to since its last frame
+        self._lock = asyncio.Lock()  # one frame at a time, in order
+        self._first: asyncio.Task | None = None
+        self._joined = False
         # A delta that could not be sent stops the stream (the stored message still comes).
         self._broken = False
 
     def write(self, piece: str) -> None:
         """A piece of the answer as the model wrote it (chat.assistant.base.OnText)."""
         self.text.feed(piece)
-        if self._sender is None and not self._closing.is_set():
-            self._sender = asyncio.create_task(self._send_loop())
-        self._wake.set()
+        self.fresh = True
+        if not self._joined:
+            self._joined = True
+            self.turns.join(self)
+            # The first words go at once, out of turn.
+            self._first = asyncio.create_task(self.send_new())
 
-    async def _send_loop(self) -> None:
-        while not self._closing.is_set():
-            await self._wake.wait()  # set by `write`, and by `finish`
-            self._wake.clear()
-            await self._send(self.text.take())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self.interval)
+    async def send_new(self) -> bool:
+        """Send what may be shown beyond what was sent; whether a frame went."""
+        async with self._lock:
+            self.fresh = False
+            return await self._send(self.text.take())
 
-    async def _send(self, delta: str) -> None:
+    async def _send(self, delta: str) -> bool:
         if not delta or self._broken:
-            return
+            return False
         payload = frame(
             MessageType.ASSISTANT_DELTA,
             stream_id=self.stream_id,
@@ -89,21 +101,57 @@ class DeltaStream:
         except Exception:
             self._broken = True
             logger.warning("assistant stream %s stopped: a delta was not sent", self.stream_id)
-            return
+            return False
         metrics.ASSISTANT_DELTAS.labels(self.kind).inc()
+        return True
 
     async def finish(self, *, final: str | None) -> None:
-        """The answer is complete (`final`, its stored text) or failed (None): stop the
-        sender after the frame it is sending, then send what completes `final`."""
-        self._closing.set()
-        self._wake.set()  # a sender waiting for the next piece stops too
-        if self._sender is not None:
-            await self._sender
-        if final is not None:
-            await self._send(self.text.take() + self.text.rest(final))
+        """The answer is complete (`final`, its stored text) or failed (None): no more turns;
+        after the frame being sent, if any, send what completes `final`."""
+        self.turns.leave(self)
+        async with self._lock:
+            if final is not None:
+                await self._send(self.text.take() + self.text.rest(final))
 
     def cancel(self) -> None:
         """Stop at once (the answer's task is being cancelled)."""
-        self._closing.set()
-        if self._sender is not None:
-            self._sender.cancel()
+        self.turns.leave(self)
+        if self._first is not None:
+            self._first.cancel()
+
+
+class DeltaTurns:
+    """This worker's streams, by the group they stream to (one per event loop): in each
+    group, every ASSISTANT_STREAM_INTERVAL, the stream that has waited longest among those
+    with new text sends one frame."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, list[DeltaStream]] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    def join(self, stream: DeltaStream) -> None:
+        streams = self.groups.get(stream.group)
+        if streams is None:
+            streams = self.groups[stream.group] = []
+            task = asyncio.create_task(self._take_turns(streams))  # ends once all have left
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        streams.append(stream)
+
+    def leave(self, stream: DeltaStream) -> None:
+        streams = self.groups.get(stream.group)
+        if streams is None or stream not in streams:
+            return
+        streams.remove(stream)
+        if not streams:
+            del self.groups[stream.group]
+
+    async def _take_turns(self, streams: list[DeltaStream]) -> None:
+        while streams:
+            await asyncio.sleep(settings.ASSISTANT_STREAM_INTERVAL)
+            for stream in [s for s in streams if s.fresh]:
+                if await stream.send_new():
+                    if stream in streams:  # to the back of the line
+                        streams.remove(stream)
+                        streams.append(stream)
+                    break

@@ -19,8 +19,8 @@ its thousands of sockets close at once: `SessionCloser` ends them in batches too
 (`sessions_close`), within the shutdown's grace.
 
 The room is told of each join and leave (`system` + `user_joined` / `user_left`, skipping
-the user's own sockets): `MembershipNotices` sends the notices of one event-loop turn as one
-channel-layer event per room, so a room whose members rejoin together gets one delivery
+the user's own sockets): `chat.rooms.GroupEvents` sends the notices of one event-loop turn
+as one channel-layer event per room, so a room whose members rejoin together gets one delivery
 per socket, not one per member who joined.
 """
 
@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from chat.access import Action, Ask, Refused, rooms_authorize
-from chat.batching import Batcher, TurnBatcher
+from chat.batching import Batcher
 from chat.history import newest_pages
-from chat.rooms import room_events_join
 from chat.sessions import (
     SessionClosed,
     SessionEnd,
@@ -142,20 +141,3 @@ class SessionCloser(Batcher[SessionEnd, SessionClosed | None]):
     async def close(self, end: SessionEnd) -> SessionClosed | None:
         """What ended, or None if the session had already ended."""
         return await self.submit(end)
-
-
-class MembershipNotices(TurnBatcher[tuple[Any, str], dict[str, Any], None]):
-    """This worker's join and leave notices (one per event loop): those of one room in one
-    event-loop turn go as one event (`room_events_join`, order kept), on the next turn.
-    Each caller gets the outcome of that one `group_send`."""
-
-    def __init__(self) -> None:
-        async def run(key: tuple[Any, str], events: list[dict[str, Any]]) -> list[None]:
-            layer, group = key
-            await layer.group_send(group, room_events_join(events))
-            return [None] * len(events)
-
-        super().__init__(run=run)
-
-    async def send(self, *, layer: Any, group: str, event: dict[str, Any]) -> None:
-        await self.submit((layer, group), event)

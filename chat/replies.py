@@ -11,9 +11,10 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from chat.assistant.base import APOLOGY, AssistantError, AssistantProvider, AssistantRequest, ask
-from chat.deltas import DeltaStream, Emit
+from chat.deltas import DeltaStream, DeltaTurns, Emit
 from chat.models import AssistantMode, ChatMessage, RoomKind
 from chat.protocol import AI_USER_ID, AI_USERNAME
+from chat.rooms import room_group
 from chat.writer import messages_store_and_push
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ async def assistant_reply(
     user_id: str,
     username: str,
     emit: Emit,
+    turns: DeltaTurns,
 ) -> dict[str, Any]:
     """Ask the provider about a stored chat message, `emit` its answer's deltas as they come,
     then store the reply and return its frame.
@@ -84,7 +86,8 @@ async def assistant_reply(
         room_id=room_id,
         in_reply_to=question["message_id"],
         emit=emit,
-        interval=settings.ASSISTANT_STREAM_INTERVAL,
+        group=room_group(room_id),
+        turns=turns,
     )
     try:
         try:

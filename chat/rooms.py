@@ -11,6 +11,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from chat.batching import TurnBatcher
 from chat.protocol import ROOM_ID_RE, Close, MessageType, encode, frame
 
 
@@ -55,6 +56,25 @@ def room_events_join(events: list[dict[str, Any]]) -> dict[str, Any]:
     if not rest:
         return first
     return {**first, "frames": [item for event in events for item in event["frames"]]}
+
+
+class GroupEvents(TurnBatcher[tuple[Any, str], dict[str, Any], None]):
+    """This worker's events to channel-layer groups (one per event loop): those to one group
+    in one event-loop turn go as one event (`room_events_join`, order kept), on the next
+    turn — one delivery per socket instead of one per event: the join and leave notices of
+    a room whose members rejoin together (chat.joins). Each caller gets the outcome of that
+    one `group_send`."""
+
+    def __init__(self) -> None:
+        async def run(key: tuple[Any, str], events: list[dict[str, Any]]) -> list[None]:
+            layer, group = key
+            await layer.group_send(group, room_events_join(events))
+            return [None] * len(events)
+
+        super().__init__(run=run)
+
+    async def send(self, *, layer: Any, group: str, event: dict[str, Any]) -> None:
+        await self.submit((layer, group), event)
 
 
 def membership_notice(*, user_id: str, username: str, joined: bool) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from chat.access import Refused
 from chat.auth import Identity
 from chat.batching import Batcher
 from chat.history import HISTORY_ENVELOPE_BYTES, message_store
-from chat.joins import MembershipNotices, ViewRequest, rooms_view
+from chat.joins import ViewRequest, rooms_view
 from chat.layers import InMemoryChannelLayer
 from chat.models import (
     ChatMessage,
@@ -33,7 +33,7 @@ from chat.models import (
     RoomMember,
 )
 from chat.protocol import Close, encode
-from chat.rooms import membership_notice
+from chat.rooms import GroupEvents, membership_notice
 from chat.sessions import (
     SessionEnd,
     SessionOpened,
@@ -318,7 +318,7 @@ async def test_a_burst_of_joins_gets_every_frame_of_a_lone_join(clients):
 
 
 async def test_a_burst_tells_the_room_of_every_join_and_no_one_of_their_own(clients):
-    """The notices of joins in one turn travel as one event per room (MembershipNotices):
+    """The notices of joins in one turn travel as one event per room (GroupEvents):
     each still reaches everyone in the room but the user who joined."""
     await database_sync_to_async(public)("lobby")
     carol = await clients.join("lobby", "carol")
@@ -383,7 +383,7 @@ async def test_notices_of_one_turn_are_one_event_per_room_in_order():
     room, other = await layer.new_channel(), await layer.new_channel()
     await layer.group_add("room.a", room)
     await layer.group_add("room.b", other)
-    notices = MembershipNotices()
+    notices = GroupEvents()
     events = [
         membership_notice(user_id=f"u{n}", username=f"U{n}", joined=n % 2 == 0) for n in range(4)
     ]
@@ -409,7 +409,7 @@ async def test_notices_of_one_turn_are_one_event_per_room_in_order():
 
 async def test_every_sender_of_a_turn_gets_the_send_error_and_a_cancelled_one_costs_no_one():
     layer = InMemoryChannelLayer()
-    notices = MembershipNotices()
+    notices = GroupEvents()
     event = membership_notice(user_id="u", username="U", joined=True)
     results = await asyncio.gather(
         *(notices.send(layer=layer, group="bad group!", event=event) for _ in range(3)),

@@ -348,6 +348,7 @@ async def test_an_assistant_reply_owes_a_push_to_the_asker_who_left(settings):
     """The asker is away when the answer comes (no socket in the room): they are owed a
     push, as every member away is; the assistant itself never is."""
     from chat.assistant.builtin import BuiltinProvider
+    from chat.deltas import DeltaTurns
     from chat.replies import assistant_reply
 
     settings.CHAT_PUSH = True
@@ -360,7 +361,12 @@ async def test_an_assistant_reply_owes_a_push_to_the_asker_who_left(settings):
         sent.append(payload)
 
     reply = await assistant_reply(
-        provider=BuiltinProvider(), question=question, user_id="olive", username="Olive", emit=emit
+        provider=BuiltinProvider(),
+        question=question,
+        user_id="olive",
+        username="Olive",
+        emit=emit,
+        turns=DeltaTurns(),
     )
     assert [payload["type"] for payload in sent] == ["assistant_delta"]
     assert reply["user_id"] == "AI"

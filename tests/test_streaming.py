@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from chat.assistant.base import APOLOGY, REPLY_MAX_CHARS
 from chat.assistant.prompts import TRUNCATED, sanitize_text
 from chat.assistant.streamed_text import JsonNarrative, StreamText
+from chat.deltas import DeltaStream, DeltaTurns
 from chat.models import ChatMessage
 from tests.gemini_api import chunk, model_says, model_streams, model_writes
 from tests.test_analysis import day_of_minutes, read_analysis
@@ -394,6 +395,50 @@ async def test_the_worker_bound_covers_streams(clients, settings, gemini, api):
     first_stream = order[0]
     assert order.index("stored") > max(i for i, s in enumerate(order) if s == first_stream)
     assert all(s != first_stream for s in order[order.index("stored") :])
+
+
+async def test_replies_streaming_at_once_to_a_room_take_turns(settings):
+    """Four replies written at once, each a piece every 10 ms: the room still gets one delta
+    frame per ASSISTANT_STREAM_INTERVAL from the worker (besides each reply's first words,
+    sent at once, and its last), the replies in turn; each reply's deltas add up to its text,
+    in order. Another room's replies take turns of their own."""
+    settings.ASSISTANT_STREAM_INTERVAL = 0.05
+    loop = asyncio.get_running_loop()
+    turns = DeltaTurns()
+    sent: dict[str, list[tuple[float, dict]]] = {"room.a": [], "room.b": []}
+
+    def stream(group: str, n: int) -> DeltaStream:
+        async def emit(payload: dict) -> None:
+            sent[group].append((loop.time(), payload))
+
+        return DeltaStream(
+            kind="reply", room_id=group, in_reply_to=str(n), emit=emit, group=group, turns=turns
+        )
+
+    streams = [stream("room.a", n) for n in range(4)]
+    other = stream("room.b", 9)
+    text = "".join(f"word{step} " for step in range(40))
+    for step in range(40):
+        for one in [*streams, other]:
+            one.write(f"word{step} ")
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*(one.finish(final=text.strip()) for one in [*streams, other]))
+    assert not turns.groups
+    for one in [*streams, other]:
+        mine = [f for _, f in sent[one.group] if f["stream_id"] == one.stream_id]
+        assert [f["index"] for f in mine] == list(range(len(mine)))
+        assert "".join(f["delta"] for f in mine) == text.strip()
+    room = sent["room.a"]
+    in_turn = [t for t, f in room if f["index"] > 0][: -len(streams)]  # the last ones: at once
+    assert len(in_turn) >= 4
+    gaps = [b - a for a, b in itertools.pairwise(in_turn)]
+    assert min(gaps) >= 0.04  # one frame per interval (a timer may fire a little early)
+    # Each reply had its turns (one every four intervals), not the first one all of them.
+    assert all(
+        any(f["index"] > 1 for _, f in room if f["stream_id"] == s.stream_id) for s in streams
+    )
+    # The other room's reply, alone, got a frame every interval.
+    assert len([f for _, f in sent["room.b"] if f["index"] > 0]) >= len(in_turn) - 2
 
 
 async def test_stream_idle_timeout_is_in_connection_ack(clients, settings):

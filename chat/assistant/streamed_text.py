@@ -72,8 +72,11 @@ class StreamText:
 
     def take(self) -> str:
         """What may be shown now beyond what was taken before ("" if nothing)."""
+        limit = self.max_chars - len(TRUNCATED) - _CUT_MARGIN
+        if len(self.sent) >= limit:
+            return ""  # all a message may show before its end is known is shown
         raw = self._text()
-        shown = _showable(raw)[: self.max_chars - len(TRUNCATED) - _CUT_MARGIN]
+        shown = _showable(raw)[:limit]
         if len(shown) <= len(self.sent) or not shown.startswith(self.sent):
             return ""
         new, self.sent = shown[len(self.sent) :], shown
