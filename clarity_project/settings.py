@@ -560,8 +560,10 @@ ASSISTANT_USER_RATE_WINDOW = env_int("ASSISTANT_USER_RATE_WINDOW", 3600)
 # (`stream_idle_timeout` in connection_ack.server_info).
 ASSISTANT_FIRST_CHUNK_TIMEOUT = env_float("ASSISTANT_FIRST_CHUNK_TIMEOUT", 20)
 ASSISTANT_TIMEOUT = env_float("ASSISTANT_TIMEOUT", 60)
-# ASSISTANT_STREAM_INTERVAL: the least time between two `assistant_delta` frames of one reply
-# (what the model wrote meanwhile goes in one frame), seconds.
+# ASSISTANT_STREAM_INTERVAL: seconds between two `assistant_delta` frames a worker sends to
+# one room (or one user's sockets): the replies streaming there take turns, so a reply alone
+# gets a frame per interval (what the model wrote meanwhile), n at once one every n
+# intervals each; a reply's first words go at once (chat.deltas).
 ASSISTANT_STREAM_INTERVAL = env_float("ASSISTANT_STREAM_INTERVAL", 0.05)
 # ASSISTANT_BUILTIN_WORD_DELAY: seconds between two words of the built-in assistant's
 # streamed answer (a model's pace, so the embedded default shows streaming); 0: all at once.
