@@ -21,7 +21,6 @@ A variant differs by its environment or by its code:
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from bench import revisions
 from bench.fleet import merge_counts
 from bench.servers import FAIR_SHARE_OFF, ServerKind
+from bench.stats import pair_ratios
 
 if TYPE_CHECKING:
     from bench.scenarios import Bench, Scenario
@@ -67,12 +67,14 @@ def compare(
     for index in range(bench.options.cost_runs):
         for variant in (measured, reference) if index % 2 == 0 else (reference, measured):
             runs.append(cost_run(bench, scenario, variant, index))
-    pairs = [
-        {run["variant"]: run["cpu_s_per_1000"] for run in runs if run["run"] == index}
-        for index in range(bench.options.cost_runs)
-    ]
-    ratios = [pair[measured.name] / pair[reference.name] for pair in pairs if pair[reference.name]]
-    ratio = statistics.median(ratios) if ratios else None
+    ratios, ratio = pair_ratios(
+        runs,
+        key="variant",
+        value="cpu_s_per_1000",
+        measured=measured.name,
+        reference=reference.name,
+        pairs=bench.options.cost_runs,
+    )
     bench.progress.note(
         f"  {scenario.name}: CPU per 1,000 deliveries {measured.name}/{reference.name} "
         f"{', '.join(f'{r:.3f}' for r in ratios)}; median {ratio}"

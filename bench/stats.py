@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 P99_LIMIT_MS = 250.0
+
+
+def pair_ratios(
+    runs: Sequence[dict], *, key: str, value: str, measured: str, reference: str, pairs: int
+) -> tuple[list[float], float | None]:
+    """Runs measured in interleaved pairs (`run` its pair's index, `key` which of the two):
+    each pair's `value` of `measured` over `reference` (pairs whose reference is 0 or
+    missing left out), and their median (None if none)."""
+    by_pair = [
+        {run[key]: run[value] for run in runs if run["run"] == index} for index in range(pairs)
+    ]
+    ratios = [pair[measured] / pair[reference] for pair in by_pair if pair.get(reference)]
+    return ratios, statistics.median(ratios) if ratios else None
 
 
 def percentile(ordered: Sequence[float], fraction: float) -> float:

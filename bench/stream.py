@@ -31,7 +31,6 @@ askers (`bench.askers`) are users in a process of their own. Every run is a fres
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from bench import askers, gemini_stub
 from bench.fleet import Fleet, merge_counts
 from bench.servers import ServerKind
-from bench.stats import percentile
+from bench.stats import pair_ratios, percentile
 from bench.wire import User
 
 if TYPE_CHECKING:
@@ -83,12 +82,14 @@ def stream(bench: Bench, scenario: Scenario) -> dict[str, Any]:
         for index in range(options.stream_pairs):
             for on in (False, True) if index % 2 == 0 else (True, False):
                 runs.append(chat_run(bench, scenario, stub, clients, answer, port, on, index))
-    pairs = [
-        {run["assistant"]: run["p99_ms"] for run in runs if run["run"] == index}
-        for index in range(options.stream_pairs)
-    ]
-    ratios = [pair["on"] / pair["off"] for pair in pairs if pair.get("off")]
-    ratio = statistics.median(ratios) if ratios else None
+    ratios, ratio = pair_ratios(
+        runs,
+        key="assistant",
+        value="p99_ms",
+        measured="on",
+        reference="off",
+        pairs=options.stream_pairs,
+    )
     bench.progress.note(
         f"  {scenario.name}: chat p99 on/off {', '.join(f'{r:.2f}' for r in ratios)}; "
         f"median {ratio}"

@@ -230,19 +230,24 @@ def test_missing_chromium_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_pa
         require_chromium()
 
 
+def page_worker_env(port: int, **more: str) -> dict[str, str]:
+    """A worker serving the page on `port`, with the built-in assistant answering `@ai`."""
+    return {
+        "CHAT_ALLOWED_ORIGINS": f"http://{HOST}:{port}",
+        "ASSISTANT_PROVIDER": "builtin",
+        "ASSISTANT_MODE": "mention",
+        "CHAT_OPEN_ROOMS": "0",  # deny by default, as deployed: rooms come from createroom
+        **more,
+    }
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[list[Worker]]:
     """One worker; the list is yielded so that a test may replace a restarted worker in it
     (run_workers stops whatever the list holds at the end)."""
     require_chromium()
     (port,) = free_ports(1)
-    env = {
-        "CHAT_ALLOWED_ORIGINS": f"http://{HOST}:{port}",
-        "ASSISTANT_PROVIDER": "builtin",
-        "ASSISTANT_MODE": "mention",
-        "CHAT_HISTORY_ON_JOIN": str(JOIN_HISTORY),
-        "CHAT_OPEN_ROOMS": "0",  # deny by default, as deployed: rooms come from createroom
-    }
+    env = page_worker_env(port, CHAT_HISTORY_ON_JOIN=str(JOIN_HISTORY))
     directory = tmp_path_factory.mktemp("browser-server")
     with run_workers(directory, env=env, ports=[port]) as workers:
         create_room(workers, directory, LOBBY, "--kind", "public", "--name", "Lobby")
@@ -1148,13 +1153,7 @@ def writing_server(tmp_path_factory) -> Iterator[Worker]:
     (a model's pace), so that a page can be seen showing them as they grow."""
     require_chromium()
     (port,) = free_ports(1)
-    env = {
-        "CHAT_ALLOWED_ORIGINS": f"http://{HOST}:{port}",
-        "ASSISTANT_PROVIDER": "builtin",
-        "ASSISTANT_MODE": "mention",
-        "ASSISTANT_BUILTIN_WORD_DELAY": str(WORD_DELAY),
-        "CHAT_OPEN_ROOMS": "0",
-    }
+    env = page_worker_env(port, ASSISTANT_BUILTIN_WORD_DELAY=str(WORD_DELAY))
     directory = tmp_path_factory.mktemp("browser-writing-server")
     with run_workers(directory, env=env, ports=[port]) as workers:
         yield workers[0]

@@ -260,12 +260,10 @@ async def test_a_slow_chunk_past_the_timeout_ends_the_stream(clients, settings, 
         )
     )
     alice, _ = await room_with_two(clients, settings)
-    started = time.monotonic()
     await ask(alice, "Hi")
     deltas, reply = await read_reply(alice)
     assert [d["delta"] for d in deltas] == ["Let me think."]
-    assert reply["content"] == APOLOGY
-    assert time.monotonic() - started < 2
+    assert reply["content"] == APOLOGY  # not "Let me think. Too late.": the stream was cut
 
 
 async def test_a_silent_model_times_out_on_its_first_chunk(clients, settings, gemini, api):
