@@ -1147,6 +1147,15 @@ QUESTION = "@ai How can I sleep better when I feel stressed?"
 MARKUP = "<img src=x onerror=alert(1)><b>not bold</b> "
 
 
+def open_written_room(server: Worker, page: FlakyPage, tmp_path: Path, room: str) -> None:
+    """A new public room opened on `page`, its network hooks reset, the stream it shows
+    being logged (`log_writing`)."""
+    create_room([server], tmp_path, room, "--kind", "public")
+    page.open(server.http_url, room)
+    reset_network(page)
+    page.log_writing()
+
+
 @pytest.fixture(scope="module")
 def writing_server(tmp_path_factory) -> Iterator[Worker]:
     """One worker whose built-in assistant writes its answers a word every WORD_DELAY seconds
@@ -1232,10 +1241,7 @@ def test_html_in_an_answer_being_written_is_text_and_a_stored_answer_fetched_rep
     gap, and the page fetches the stored answer, which takes the place of the one written.
     The late frame, when it comes, does not show it twice."""
     room = "markup"
-    create_room([writing_server], tmp_path, room, "--kind", "public")
-    dana.open(writing_server.http_url, room)
-    reset_network(dana)
-    dana.log_writing()
+    open_written_room(writing_server, dana, tmp_path, room)
     dana.js("window.clarityAlerts = []; window.alert = (m) => window.clarityAlerts.push(m);")
     dana.net(
         """const markup = arguments[0];
@@ -1275,10 +1281,7 @@ def test_an_answer_whose_deltas_skip_one_is_no_longer_shown_until_stored(
     """One delta of the answer is lost: the partial text goes as soon as the next one shows
     the gap, and the stored answer is shown when it comes, once."""
     room = "skipped"
-    create_room([writing_server], tmp_path, room, "--kind", "public")
-    dana.open(writing_server.http_url, room)
-    reset_network(dana)
-    dana.log_writing()
+    open_written_room(writing_server, dana, tmp_path, room)
     dana.net("net.loseIf = (f) => f.type === 'assistant_delta' && f.index === 2;")
     dana.send(QUESTION)
     asked = dana.wait_message("Dana", QUESTION)["id"]
@@ -1391,10 +1394,7 @@ def test_the_analysis_narrative_grows_in_the_health_panel(writing_server, dana, 
     (marked as being written, markup the network put in as text); the insight then shows its
     metrics and recommendations with the whole narrative."""
     room = "analysed"
-    create_room([writing_server], tmp_path, room, "--kind", "public")
-    dana.open(writing_server.http_url, room)
-    reset_network(dana)
-    dana.log_writing()
+    open_written_room(writing_server, dana, tmp_path, room)
     dana.js("window.clarityAlerts = []; window.alert = (m) => window.clarityAlerts.push(m);")
     dana.net(
         """const markup = arguments[0];
