@@ -874,6 +874,7 @@ class ChatConsumer(SessionConsumer):
                 username=self.identity.username,
                 emit=emit,
                 turns=self.worker.delta_turns,
+                reads=self.worker.assistant_reads,
             )
         await emit(reply)
 

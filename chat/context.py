@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +130,7 @@ class WorkerContext:
         self._config: SocketConfig | None = None
         self._per_loop: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}
         self._analysis_pool: AnalysisPool | None = None
+        self._assistant_reads: ThreadPoolExecutor | None = None
         # Set when this worker starts shutting down (SIGTERM): new sockets are told to go
         # elsewhere (4012) instead of joining a worker about to close them.
         self.shutting_down = False
@@ -159,6 +161,17 @@ class WorkerContext:
     def assistant(self) -> AssistantProvider:
         """The assistant provider (it holds an HTTP connection pool)."""
         return self.per_loop("assistant", get_provider)
+
+    @property
+    def assistant_reads(self) -> ThreadPoolExecutor:
+        """The assistant's database thread (its context reads), apart from the one the chat
+        stores messages on (chat.replies): one per process, not per loop (it holds no loop
+        state), made on the first question; `close` stops it."""
+        if self._assistant_reads is None:
+            self._assistant_reads = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="assistant-reads"
+            )
+        return self._assistant_reads
 
     @property
     def assistant_slots(self) -> asyncio.Semaphore:
@@ -233,5 +246,8 @@ class WorkerContext:
         return self.per_loop("analyses", AnalysisQueue)
 
     def close(self) -> None:
-        """This worker is stopping: stop what outlives a loop (the analysis processes)."""
+        """This worker is stopping: stop what outlives a loop (the analysis processes, the
+        assistant's database thread)."""
         self.analysis_pool.shutdown()
+        if self._assistant_reads is not None:
+            self._assistant_reads.shutdown(wait=False, cancel_futures=True)

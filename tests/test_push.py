@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -360,14 +361,16 @@ async def test_an_assistant_reply_owes_a_push_to_the_asker_who_left(settings):
     async def emit(payload: dict) -> None:
         sent.append(payload)
 
-    reply = await assistant_reply(
-        provider=BuiltinProvider(),
-        question=question,
-        user_id="olive",
-        username="Olive",
-        emit=emit,
-        turns=DeltaTurns(),
-    )
+    with ThreadPoolExecutor(max_workers=1) as reads:
+        reply = await assistant_reply(
+            provider=BuiltinProvider(),
+            question=question,
+            user_id="olive",
+            username="Olive",
+            emit=emit,
+            turns=DeltaTurns(),
+            reads=reads,
+        )
     assert [payload["type"] for payload in sent] == ["assistant_delta"]
     assert reply["user_id"] == "AI"
     assert await database_sync_to_async(owed)() == {(room, "olive")}  # bob has no device

@@ -146,3 +146,30 @@ def test_the_application_module_freezes_what_it_loaded():
     import clarity_project.asgi  # noqa: F401
 
     assert gc.get_freeze_count() > 10_000
+
+
+def test_a_worker_loads_its_assistant_sdk_before_freezing():
+    """Importing google-genai takes ~0.4 s and ~80,000 objects: a worker that did it at its
+    first question stalled every socket that long, and its full collections scanned the
+    SDK ever after. asgi.py imports the configured provider before it freezes."""
+    probe = (
+        "import gc, sys\n"
+        "assert 'google.genai' not in sys.modules\n"
+        "import clarity_project.asgi\n"
+        "assert 'google.genai' in sys.modules\n"
+        "import google.genai.types as types\n"
+        "tracked = {id(o) for o in gc.get_objects()}\n"
+        "print(id(types.GenerateContentResponse) in tracked)\n"
+    )
+    env = server_env({"ASSISTANT_PROVIDER": "gemini", "GEMINI_API_KEY": "test-key"})
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"  # frozen: out of the collector's reach

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -22,10 +24,14 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from chat.assistant.base import APOLOGY, REPLY_MAX_CHARS
+from chat.assistant.builtin import BuiltinProvider
 from chat.assistant.prompts import TRUNCATED, sanitize_text
 from chat.assistant.streamed_text import JsonNarrative, StreamText
 from chat.deltas import DeltaStream, DeltaTurns
+from chat.membership import room_create_private
 from chat.models import ChatMessage
+from chat.replies import assistant_reply
+from tests.conftest import stored_message
 from tests.gemini_api import chunk, model_says, model_streams, model_writes
 from tests.test_analysis import day_of_minutes, read_analysis
 from tests.test_replies import ask, read_reply
@@ -513,3 +519,49 @@ async def test_one_chunk_answers_still_work(clients, settings, gemini, api):
     await ask(alice, "Hi")
     deltas, reply = await read_reply(alice)
     assert [d["delta"] for d in deltas] == ["Short."] and reply["content"] == "Short."
+
+
+async def test_a_reply_reads_its_context_beside_the_chats_database_thread(settings):
+    """While the database thread the room's messages are stored on is busy (a slow write, a
+    checkpoint, a batch), a reply's context is read on the assistant's own thread and its
+    first words go out; only storing the reply waits for the chat's thread."""
+    settings.ASSISTANT_BUILTIN_WORD_DELAY = 0
+    room = (
+        await database_sync_to_async(room_create_private)(
+            user_id="alice", name="Sleep", members=["bob"]
+        )
+    )["room_id"]
+    await database_sync_to_async(stored_message)(room, "bob", "I slept badly")
+    question = await database_sync_to_async(stored_message)(room, "alice", "@ai why?")
+    release = threading.Event()
+    chat_thread_busy = asyncio.ensure_future(database_sync_to_async(release.wait)())
+    first_words = asyncio.Event()
+    sent: list[dict] = []
+
+    async def emit(payload: dict) -> None:
+        sent.append(payload)
+        first_words.set()
+
+    try:
+        with ThreadPoolExecutor(max_workers=1) as reads:
+            reply = asyncio.ensure_future(
+                assistant_reply(
+                    provider=BuiltinProvider(),
+                    question=question,
+                    user_id="alice",
+                    username="Alice",
+                    emit=emit,
+                    turns=DeltaTurns(),
+                    reads=reads,
+                )
+            )
+            await asyncio.wait_for(first_words.wait(), timeout=30)
+            assert sent[0]["type"] == "assistant_delta"
+            assert not reply.done()  # the reply is stored on the chat's thread
+            release.set()
+            stored = await asyncio.wait_for(reply, timeout=30)
+    finally:
+        release.set()
+        await chat_thread_busy
+    assert stored["user_id"] == "AI"
+    assert stored["metadata"]["stream_id"] == sent[0]["stream_id"]
