@@ -12,9 +12,9 @@ one transaction, and whatever reads the calls share). Used for message storage
 
 `TurnBatcher`: calls made during one turn of the event loop, run together on the next
 (per key): a group's events (`chat.rooms.GroupEvents`: join and leave notices), the rate
-limiter's counts on Redis (one pipeline per turn,
-`chat.shared_state.redis`). Under light load a batch is one call, a turn later; in a burst
-(a reconnect storm wakes hundreds of sockets in one turn) one round trip serves them all.
+limiter's counts on Redis (one pipeline per turn, `chat.shared_state.redis`). Under light
+load a batch is one call, a turn later; in a burst (a reconnect storm wakes hundreds of
+sockets in one turn) one round trip serves them all.
 """
 
 from __future__ import annotations

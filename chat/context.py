@@ -183,7 +183,7 @@ class WorkerContext:
     @property
     def delta_turns(self) -> DeltaTurns:
         """The assistant deltas of this worker, taking turns per room (chat.deltas)."""
-        return self.per_loop("delta_turns", DeltaTurns)
+        return self.per_loop("delta_turns", lambda: DeltaTurns(clock=self.clock))
 
     @property
     def session_toucher(self) -> SessionToucher:

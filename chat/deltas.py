@@ -9,7 +9,7 @@ next of them with new text sends it all as one frame. So a reply alone in its ro
 frame per interval, and a room where n replies stream at once still gets one frame per
 interval from this worker (each reply one every n intervals): what the room's sockets are
 sent while answers are written is bounded by the interval, not by how many people ask at
-once, and the room's own chat never waits behind it. A slow channel layer slows the turns,
+once. A slow channel layer slows the turns,
 never the reading of the model. `finish` sends what completes the stored text as the last
 delta; on failure the deltas just stop. The stored message that follows carries
 `metadata.stream_id`.
@@ -28,6 +28,7 @@ from django.conf import settings
 from chat import metrics
 from chat.assistant.streamed_text import StreamText
 from chat.protocol import MessageType, frame
+from chat.timers import Clock
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ class DeltaTurns:
     group, every ASSISTANT_STREAM_INTERVAL, the stream that has waited longest among those
     with new text sends one frame."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock) -> None:
+        self.clock = clock  # the turns' pace (the worker's clock; a manual one in tests)
         self.groups: dict[str, list[DeltaStream]] = {}
         self.tasks: set[asyncio.Task] = set()
 
@@ -146,9 +148,21 @@ class DeltaTurns:
         if not streams:
             del self.groups[stream.group]
 
+    async def _next_turn(self) -> None:
+        """Wait ASSISTANT_STREAM_INTERVAL (read each turn: a changed setting applies)."""
+        due = asyncio.get_running_loop().create_future()
+        handle = self.clock.call_at(
+            self.clock.monotonic() + settings.ASSISTANT_STREAM_INTERVAL,
+            lambda: due.done() or due.set_result(None),
+        )
+        try:
+            await due
+        finally:
+            handle.cancel()
+
     async def _take_turns(self, streams: list[DeltaStream]) -> None:
         while streams:
-            await asyncio.sleep(settings.ASSISTANT_STREAM_INTERVAL)
+            await self._next_turn()
             for stream in [s for s in streams if s.fresh]:
                 if await stream.send_new():
                     if stream in streams:  # to the back of the line

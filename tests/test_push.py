@@ -26,6 +26,7 @@ from chat.membership import membership_mute, room_create, room_create_private
 from chat.models import ChatMessage, Device, PushState, RoomKind, RoomMember
 from chat.push import push_worker_run, pushes_claim, pushes_queue, pushes_send
 from chat.sessions import sessions_open
+from chat.timers import LoopClock
 from chat.writer import messages_store_and_push
 from tests.conftest import stored_message
 from tests.test_auth import (
@@ -368,7 +369,7 @@ async def test_an_assistant_reply_owes_a_push_to_the_asker_who_left(settings):
             user_id="olive",
             username="Olive",
             emit=emit,
-            turns=DeltaTurns(),
+            turns=DeltaTurns(clock=LoopClock()),
             reads=reads,
         )
     assert [payload["type"] for payload in sent] == ["assistant_delta"]

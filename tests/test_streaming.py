@@ -31,6 +31,8 @@ from chat.deltas import DeltaStream, DeltaTurns
 from chat.membership import room_create_private
 from chat.models import ChatMessage
 from chat.replies import assistant_reply
+from chat.testing.clock import ManualClock
+from chat.timers import LoopClock
 from tests.conftest import stored_message
 from tests.gemini_api import chunk, model_says, model_streams, model_writes
 from tests.test_analysis import day_of_minutes, read_analysis
@@ -402,18 +404,19 @@ async def test_the_worker_bound_covers_streams(clients, settings, gemini, api):
 
 
 async def test_replies_streaming_at_once_to_a_room_take_turns(settings):
-    """Four replies written at once, each a piece every 10 ms: the room still gets one delta
-    frame per ASSISTANT_STREAM_INTERVAL from the worker (besides each reply's first words,
-    sent at once, and its last), the replies in turn; each reply's deltas add up to its text,
-    in order. Another room's replies take turns of their own."""
+    """Four replies written at once: each one's first words go at once, then the room gets
+    one delta frame per ASSISTANT_STREAM_INTERVAL from the worker, from the replies in turn
+    (the one that waited longest first), and each reply's last frame when it ends; each
+    reply's deltas add up to its text, in order. Another room's reply, alone, takes turns
+    of its own: a frame every interval."""
     settings.ASSISTANT_STREAM_INTERVAL = 0.05
-    loop = asyncio.get_running_loop()
-    turns = DeltaTurns()
-    sent: dict[str, list[tuple[float, dict]]] = {"room.a": [], "room.b": []}
+    clock = ManualClock()
+    turns = DeltaTurns(clock=clock)
+    sent: dict[str, list[dict]] = {"room.a": [], "room.b": []}
 
     def stream(group: str, n: int) -> DeltaStream:
         async def emit(payload: dict) -> None:
-            sent[group].append((loop.time(), payload))
+            sent[group].append(payload)
 
         return DeltaStream(
             kind="reply", room_id=group, in_reply_to=str(n), emit=emit, group=group, turns=turns
@@ -421,28 +424,31 @@ async def test_replies_streaming_at_once_to_a_room_take_turns(settings):
 
     streams = [stream("room.a", n) for n in range(4)]
     other = stream("room.b", 9)
-    text = "".join(f"word{step} " for step in range(40))
-    for step in range(40):
-        for one in [*streams, other]:
+    everyone = [*streams, other]
+    for one in everyone:
+        one.write("word0 ")
+    for _ in range(3):  # the first words' sends run
+        await asyncio.sleep(0)
+    assert [f["stream_id"] for f in sent["room.a"]] == [s.stream_id for s in streams]
+    assert len(sent["room.b"]) == 1
+    in_turn: list[str] = []
+    for step in range(1, 9):
+        for one in everyone:
             one.write(f"word{step} ")
-        await asyncio.sleep(0.01)
-    await asyncio.gather(*(one.finish(final=text.strip()) for one in [*streams, other]))
+        before = len(sent["room.a"]), len(sent["room.b"])
+        await clock.advance(0.05)
+        # One frame per room per interval, however many replies have new text.
+        assert (len(sent["room.a"]), len(sent["room.b"])) == (before[0] + 1, before[1] + 1)
+        in_turn.append(sent["room.a"][-1]["stream_id"])
+    # Round and round, each reply in its turn.
+    assert in_turn == [s.stream_id for s in streams] * 2
+    text = "".join(f"word{step} " for step in range(9)).strip()
+    await asyncio.gather(*(one.finish(final=text) for one in everyone))
     assert not turns.groups
-    for one in [*streams, other]:
-        mine = [f for _, f in sent[one.group] if f["stream_id"] == one.stream_id]
+    for one in everyone:
+        mine = [f for f in sent[one.group] if f["stream_id"] == one.stream_id]
         assert [f["index"] for f in mine] == list(range(len(mine)))
-        assert "".join(f["delta"] for f in mine) == text.strip()
-    room = sent["room.a"]
-    in_turn = [t for t, f in room if f["index"] > 0][: -len(streams)]  # the last ones: at once
-    assert len(in_turn) >= 4
-    gaps = [b - a for a, b in itertools.pairwise(in_turn)]
-    assert min(gaps) >= 0.04  # one frame per interval (a timer may fire a little early)
-    # Each reply had its turns (one every four intervals), not the first one all of them.
-    assert all(
-        any(f["index"] > 1 for _, f in room if f["stream_id"] == s.stream_id) for s in streams
-    )
-    # The other room's reply, alone, got a frame every interval.
-    assert len([f for _, f in sent["room.b"] if f["index"] > 0]) >= len(in_turn) - 2
+        assert "".join(f["delta"] for f in mine) == text
 
 
 async def test_stream_idle_timeout_is_in_connection_ack(clients, settings):
@@ -551,7 +557,7 @@ async def test_a_reply_reads_its_context_beside_the_chats_database_thread(settin
                     user_id="alice",
                     username="Alice",
                     emit=emit,
-                    turns=DeltaTurns(),
+                    turns=DeltaTurns(clock=LoopClock()),
                     reads=reads,
                 )
             )
