@@ -80,11 +80,8 @@ def compare(
         f"{', '.join(f'{r:.3f}' for r in ratios)}; median {ratio}"
     )
     return {
-        "scenario": scenario.name,
-        "server": ServerKind.CLARITY.value,
-        "layer": scenario.layer.value,
+        **scenario.head(ServerKind.CLARITY),
         "database": bench.database(scenario.layer).template.backend,
-        "workers": scenario.workers,
         "offered": COST_LOAD,
         "step_seconds": bench.options.step_seconds,
         "varies": varies,

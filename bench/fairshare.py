@@ -155,10 +155,7 @@ def hostile(bench: Bench, scenario: Scenario) -> dict[str, Any]:
             if attack.name in (options.attacks or attacks.ATTACKS)
         ]
     return {
-        "scenario": scenario.name,
-        "server": ServerKind.CLARITY.value,
-        "layer": scenario.layer.value,
-        "workers": scenario.workers,
+        **scenario.head(ServerKind.CLARITY),
         "attack_seconds": options.attack_seconds,
         "busy_room": {
             "senders": attacks.BUSY_SENDERS,

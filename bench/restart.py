@@ -91,10 +91,7 @@ def restart(bench: Bench, scenario: Scenario) -> dict[str, Any]:
         problems = deployment.log_problems()
     reports = [report for reply in replies for report in reply["recovery"]]
     result = {
-        "scenario": scenario.name,
-        "server": kind.value,
-        "layer": scenario.layer.value,
-        "workers": scenario.workers,
+        **scenario.head(kind),
         "users": len(users),
         "room_size": options.room_size,
         "senders": len(senders),

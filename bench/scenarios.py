@@ -123,6 +123,15 @@ class Scenario:
     servers: tuple[ServerKind, ...] = (ServerKind.BASELINE, ServerKind.CLARITY)
     default: bool = True  # part of a run that names no scenario
 
+    def head(self, kind: ServerKind) -> dict[str, Any]:
+        """The fields every result of this scenario begins with."""
+        return {
+            "scenario": self.name,
+            "server": kind.value,
+            "layer": self.layer.value,
+            "workers": self.workers,
+        }
+
 
 SCENARIOS = {
     scenario.name: scenario
@@ -473,10 +482,7 @@ class Bench:
             key=lambda result: abs(math.log((result.offered or 1) / options.light_load)),
         )
         return {
-            "scenario": scenario.name,
-            "server": kind.value,
-            "layer": scenario.layer.value,
-            "workers": scenario.workers,
+            **scenario.head(kind),
             "rooms": options.rooms,
             "room_size": options.room_size,
             "connect": joined,
@@ -633,10 +639,7 @@ class Bench:
             problems = deployment.log_problems()
         per_connection = (rss_after - rss_before) / max(1, joined["joined"]) / 1024
         result = {
-            "scenario": scenario.name,
-            "server": kind.value,
-            "layer": scenario.layer.value,
-            "workers": scenario.workers,
+            **scenario.head(kind),
             "connect": joined,
             "held": held,
             "closes": closes,

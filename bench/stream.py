@@ -56,6 +56,17 @@ CYCLE_MARGIN = 0.1  # s: an asker's question and storing, on top of the stub's a
 STATUS_EVERY = 0.25  # s between two looks at the askers' progress
 
 
+@dataclasses.dataclass(frozen=True)
+class Rig:
+    """What every run of the scenario uses: the Gemini stub (a process), its answer and
+    port, and the askers (a process)."""
+
+    stub: Fleet
+    clients: Fleet
+    answer: gemini_stub.Answer
+    port: int
+
+
 def assistant_env(port: int, mode: str) -> dict[str, str | None]:
     """The worker's assistant: Gemini at the stub, answering `@ai` messages (`mention`: the
     chat's probes never start with it) or nothing (`off`), with no quota in the way."""
@@ -76,12 +87,12 @@ def stream(bench: Bench, scenario: Scenario) -> dict[str, Any]:
     answer = gemini_stub.Answer(options.stream_first_chunk, options.stream_token_rate, TOKENS)
     with Fleet(1, target=gemini_stub.main) as stub, Fleet(1, target=askers.main) as clients:
         (listening,) = stub.call([{"op": "listen", "answer": dataclasses.asdict(answer)}])
-        port = listening["port"]
-        first = first_delta(bench, scenario, stub, clients, answer, port)
+        rig = Rig(stub=stub, clients=clients, answer=answer, port=listening["port"])
+        first = first_delta(bench, scenario, rig)
         runs = []
         for index in range(options.stream_pairs):
             for on in (False, True) if index % 2 == 0 else (True, False):
-                runs.append(chat_run(bench, scenario, stub, clients, answer, port, on, index))
+                runs.append(chat_run(bench, scenario, rig, on=on, index=index))
     ratios, ratio = pair_ratios(
         runs,
         key="assistant",
@@ -95,11 +106,8 @@ def stream(bench: Bench, scenario: Scenario) -> dict[str, Any]:
         f"median {ratio}"
     )
     return {
-        "scenario": scenario.name,
-        "server": ServerKind.CLARITY.value,
-        "layer": scenario.layer.value,
+        **scenario.head(ServerKind.CLARITY),
         "database": bench.database(scenario.layer).template.backend,
-        "workers": scenario.workers,
         "stub": {
             "first_chunk_s": answer.first_chunk,
             "token_rate": answer.rate,
@@ -263,14 +271,8 @@ def checks(questions: list[dict[str, Any]]) -> dict[str, int]:
     }
 
 
-def first_delta(
-    bench: Bench,
-    scenario: Scenario,
-    stub: Fleet,
-    clients: Fleet,
-    answer: gemini_stub.Answer,
-    port: int,
-) -> dict[str, Any]:
+def first_delta(bench: Bench, scenario: Scenario, rig: Rig) -> dict[str, Any]:
+    stub, clients, answer, port = rig.stub, rig.clients, rig.answer, rig.port
     options, kind = bench.options, ServerKind.CLARITY
     label = f"{scenario.name}/first-delta"
     env = assistant_env(port, "mention")
@@ -353,16 +355,8 @@ def overlap(intervals: list[tuple[float, float]], start: float, end: float) -> d
     return {"mean": round(covered / (end - start), 2), "min": least}
 
 
-def chat_run(
-    bench: Bench,
-    scenario: Scenario,
-    stub: Fleet,
-    clients: Fleet,
-    answer: gemini_stub.Answer,
-    port: int,
-    on: bool,
-    index: int,
-) -> dict[str, Any]:
+def chat_run(bench: Bench, scenario: Scenario, rig: Rig, *, on: bool, index: int) -> dict[str, Any]:
+    stub, clients, answer, port = rig.stub, rig.clients, rig.answer, rig.port
     options, kind = bench.options, ServerKind.CLARITY
     variant = "on" if on else "off"
     label = f"{scenario.name}/{variant} {index + 1}"
