@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -185,17 +184,15 @@ async def test_a_reply_streams_to_the_room_in_order_then_is_stored(clients, sett
 
 
 async def test_a_fast_model_is_coalesced_into_few_frames(clients, settings, gemini, api):
-    """200 chunks as fast as they come: at most one frame per ASSISTANT_STREAM_INTERVAL."""
+    """200 chunks as fast as they come go out as a few frames (one per
+    ASSISTANT_STREAM_INTERVAL: the turns test checks the pace exactly, on a manual clock)."""
     settings.ASSISTANT_STREAM_INTERVAL = 0.05
     text = "word " * 200
     api.generate.mock(return_value=model_writes(text, pieces=200, delay=0.001))
     alice, _ = await room_with_two(clients, settings)
-    started = time.monotonic()
     await ask(alice, "Tell me a lot")
     deltas, reply = await read_reply(alice)
-    elapsed = time.monotonic() - started
     assert "".join(d["delta"] for d in deltas) == reply["content"] == text.strip()
-    assert len(deltas) <= elapsed / 0.05 + 2
     assert len(deltas) < 50
 
 
