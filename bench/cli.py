@@ -91,10 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stream-seconds",
         type=float,
-        help="stream: each chat step, assistant off and on (25, quick 10)",
+        help="stream: each chat window, without and with replies (20, quick 10)",
     )
     parser.add_argument(
-        "--stream-pairs", type=int, help="stream: off/on pairs of chat runs (2, quick 1)"
+        "--stream-pairs",
+        type=int,
+        help="stream: pairs of chat windows without and with replies (4, quick 1)",
     )
     parser.add_argument(
         "--stream-first-chunk",

@@ -84,8 +84,8 @@ class Options:
     restart_after: float = 3.0  # restart: s of messages once everyone is back
     restart_deadline: float = 60.0  # restart: s after the signal; later counts as never back
     stream_asks: int = 20  # stream: questions asked one after the other (first delta)
-    stream_seconds: float = 25.0  # stream: each chat step, assistant off and on
-    stream_pairs: int = 2  # stream: off/on pairs of chat runs, interleaved
+    stream_seconds: float = 20.0  # stream: each chat window, without and with replies
+    stream_pairs: int = 4  # stream: pairs of chat windows, without and with, alternated
     stream_first_chunk: float = 0.8  # stream: s from the stub's request to its first event
     stream_token_rate: float = 50.0  # stream: the stub's pieces (tokens) per second
 

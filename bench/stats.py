@@ -64,6 +64,8 @@ class StepResult:
     counted: bool = True  # the try that stands for its rate (the sustained one, else the first)
     server_signals: dict[str, float] = field(default_factory=dict)  # metric deltas, log lines
     drain_s: float = 0.0
+    # Every probe's latency, ascending (for pooling steps; left out of the JSON).
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
     def sustained(self) -> bool:
@@ -79,7 +81,9 @@ class StepResult:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"sustained": self.sustained}
+        record = asdict(self) | {"sustained": self.sustained}
+        del record["latencies_ms"]
+        return record
 
 
 def summarize(
@@ -125,6 +129,7 @@ def summarize(
         errors=errors,
         closes=closes,
         generator_cpu=[100 * reply["cpu_seconds"] / reply["wall_seconds"] for reply in replies],
+        latencies_ms=latencies,
     )
 
 
