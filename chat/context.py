@@ -148,19 +148,25 @@ class WorkerContext:
             self._config = SocketConfig.from_settings()
         return self._config
 
-    def per_loop(self, name: str, factory: Callable[[], Any]) -> Any:
+    def per_loop(
+        self, name: str, factory: Callable[[], Any], *, stop: Callable[[Any], None] | None = None
+    ) -> Any:
         """One `factory()` per event loop (what it holds belongs to the loop: an HTTP client,
-        pending futures, a task): in a server, one per process."""
+        pending futures, a task): in a server, one per process. `stop` is called with the
+        one of a loop that is gone (tests: one loop per test) when the next is made."""
         loop = asyncio.get_running_loop()
         held = self._per_loop.get(name)
         if held is None or held[0] is not loop:
+            if held is not None and stop is not None:
+                stop(held[1])
             held = self._per_loop[name] = (loop, factory())
         return held[1]
 
     @property
     def assistant(self) -> AssistantProvider:
-        """The assistant provider (it holds an HTTP connection pool)."""
-        return self.per_loop("assistant", get_provider)
+        """The assistant provider (it holds an HTTP connection pool, or the process that
+        holds one)."""
+        return self.per_loop("assistant", get_provider, stop=lambda provider: provider.close())
 
     @property
     def assistant_reads(self) -> ThreadPoolExecutor:
@@ -247,7 +253,9 @@ class WorkerContext:
 
     def close(self) -> None:
         """This worker is stopping: stop what outlives a loop (the analysis processes, the
-        assistant's database thread)."""
+        assistant's database thread, the assistant's process)."""
         self.analysis_pool.shutdown()
+        if (held := self._per_loop.get("assistant")) is not None:
+            held[1].close()
         if self._assistant_reads is not None:
             self._assistant_reads.shutdown(wait=False, cancel_futures=True)

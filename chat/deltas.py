@@ -11,7 +11,8 @@ interval from this worker (each reply one every n intervals): what the room's so
 sent while answers are written is bounded by the interval, not by how many people ask at
 once. A slow channel layer slows the turns,
 never the reading of the model. `finish` sends what completes the stored text as the last
-delta; on failure the deltas just stop. The stored message that follows carries
+delta; on failure, what the model had written before it (and not yet sent) goes out and the
+deltas stop. The stored message that follows carries
 `metadata.stream_id`.
 """
 
@@ -108,11 +109,15 @@ class DeltaStream:
 
     async def finish(self, *, final: str | None) -> None:
         """The answer is complete (`final`, its stored text) or failed (None): no more turns;
-        after the frame being sent, if any, send what completes `final`."""
+        after the frame being sent, if any, send what completes `final`, or (failed) what
+        had come before the failure: it does not depend on whether a turn fell between the
+        model's last piece and its failure."""
         self.turns.leave(self)
         async with self._lock:
             if final is not None:
                 await self._send(self.text.take() + self.text.rest(final))
+            else:
+                await self._send(self.text.take())
 
     def cancel(self) -> None:
         """Stop at once (the answer's task is being cancelled)."""

@@ -17,7 +17,6 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from chat.assistant.base import provider_class  # noqa: E402
 from chat.checks import enforce_checks  # noqa: E402
 from chat.client_address import ProxiedClient, trusted_networks  # noqa: E402
 from chat.context import WorkerContext  # noqa: E402
@@ -44,9 +43,6 @@ application = WorkerLifecycle(
     ),
     worker=worker,
 )
-
-# The assistant's provider, its SDK loaded now rather than at the first question.
-provider_class()
 
 # Everything loaded so far (Django, the apps, the libraries) lives as long as the process:
 # move it out of the garbage collector's reach, so its full collections scan only what

@@ -578,7 +578,16 @@ ASSISTANT_BREAKER_FAILURES = env_int("ASSISTANT_BREAKER_FAILURES", 5)
 ASSISTANT_BREAKER_RESET = env_float("ASSISTANT_BREAKER_RESET", 60)
 # GEMINI_API_KEY: Gemini Developer API key. Unset with ASSISTANT_PROVIDER=gemini: Vertex AI
 # with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION (application-default credentials).
+# Gemini runs in a process of each worker's own (chat/assistant/process.py), which gets every
+# ASSISTANT_*, GEMINI_* and GOOGLE_* setting as the worker had it when it started the process.
 GEMINI_API_KEY = env_str("GEMINI_API_KEY")
+# ASSISTANT_PROCESS_NICENESS: how much lower than its worker's the CPU priority of that
+# process is (os.nice; 0: the same): when cores are scarce the chat's sockets come first, and
+# the answers being written slow down before the chat does.
+ASSISTANT_PROCESS_NICENESS = env_int("ASSISTANT_PROCESS_NICENESS", 10)
+# GEMINI_BASE_URL: the API's address, e.g. an organisation's gateway to it; empty: Google's
+# (google-genai's own GOOGLE_GEMINI_BASE_URL / GOOGLE_VERTEX_BASE_URL environment applies).
+GEMINI_BASE_URL = env_str("GEMINI_BASE_URL")
 GOOGLE_CLOUD_PROJECT = env_str("GOOGLE_CLOUD_PROJECT")
 GOOGLE_CLOUD_LOCATION = env_str("GOOGLE_CLOUD_LOCATION", "us-central1")
 # GEMINI_MODEL and its generation parameters (the original's values).

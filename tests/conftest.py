@@ -29,7 +29,7 @@ from chat.rooms import room_event
 from chat.shared_state import MemoryState, RedisState, SharedState, shared_state
 from chat.testing.client import heartbeat_probe
 from chat.testing.redis_server import REDIS_SERVER, REDIS_URL, PrivateRedis, redis_answers
-from tests.gemini_api import GENERATE_URL
+from tests.gemini_api import GENERATE_URL, GeminiServer
 from tests.logscan import remember_sent
 
 # The budgets off (protocol §16), for tests that throw hundreds of frames or sockets at one
@@ -294,11 +294,29 @@ def gemini(settings, monkeypatch):
 
 
 @pytest.fixture
-def api():
-    """The mocked Gemini API (tests/gemini_api.py); `api.generate` is generateContent."""
+async def api(request, gemini):
+    """The mocked Gemini API (tests/gemini_api.py); `api.generate` is generateContent. Its
+    routes answer this process's SDK calls and, over HTTP at GEMINI_BASE_URL, the worker's
+    provider process. A test that talks through sockets (`clients`) gets that process
+    started first: it takes ~1.5 s, outside every test's timeouts, as at a worker's start."""
     with respx.mock(using="httpcore2", assert_all_called=False) as router:
         router.generate = router.post(url__regex=GENERATE_URL.pattern)
-        yield router
+        server = GeminiServer(router)
+        await server.start()
+        gemini.GEMINI_BASE_URL = server.url
+        router.server = server
+        provider = None
+        if "clients" in request.fixturenames:
+            from clarity_project.asgi import worker
+
+            provider = worker.assistant
+            await provider.prepare()
+        try:
+            yield router
+        finally:
+            if provider is not None:
+                provider.close()
+            await server.close()
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from chat.assistant.breaker import (
 )
 from chat.assistant.builtin import LABEL, NOT_MEDICAL_ADVICE, BuiltinProvider
 from chat.assistant.gemini import GeminiProvider
+from chat.assistant.process import ProviderProcess
 from chat.assistant.prompts import (
     CONTEXT_MAX_CHARS,
     CONTEXT_MESSAGE_MAX_CHARS,
@@ -103,8 +104,10 @@ def test_get_provider_default_is_builtin():
     assert isinstance(get_provider(), BuiltinProvider)
 
 
-def test_get_provider_gemini(gemini):
-    assert isinstance(get_provider(), GeminiProvider)
+def test_get_provider_gemini_runs_apart(gemini):
+    provider = get_provider()  # the worker's handle; GeminiProvider runs in its process
+    assert isinstance(provider, ProviderProcess) and provider.name == "gemini"
+    assert provider.guard is not None  # the breaker is the worker's
 
 
 def test_get_provider_unknown_is_misconfiguration(settings):
@@ -117,7 +120,7 @@ def test_gemini_needs_a_key_or_a_project(gemini):
     gemini.GEMINI_API_KEY = ""
     gemini.GOOGLE_CLOUD_PROJECT = ""
     with pytest.raises(ImproperlyConfigured):
-        get_provider()
+        GeminiProvider()
 
 
 # --- prompt building -------------------------------------------------------------------------

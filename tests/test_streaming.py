@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +24,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from chat.assistant.base import APOLOGY, REPLY_MAX_CHARS
+from chat.assistant.base import APOLOGY, REPLY_MAX_CHARS, get_provider
 from chat.assistant.builtin import BuiltinProvider
 from chat.assistant.prompts import TRUNCATED, sanitize_text
 from chat.assistant.streamed_text import JsonNarrative, StreamText
@@ -291,6 +293,78 @@ async def test_a_model_that_trickles_on_is_cut_at_the_total_timeout(clients, set
     await ask(alice, "Hi")
     deltas, reply = await read_reply(alice)
     assert deltas and reply["content"] == APOLOGY
+
+
+async def test_a_stream_cut_short_is_stopped_in_the_provider_process(
+    clients, settings, gemini, api
+):
+    """The worker's timeout cancels the answer in the provider's process too: its request to
+    the model is hung up at once, not read to the end (which here would take 20 s)."""
+    settings.ASSISTANT_TIMEOUT = 0.8
+    api.generate.mock(
+        return_value=model_streams([chunk(f"part {i} ") for i in range(100)], delays=[0.2] * 100)
+    )
+    alice, _ = await room_with_two(clients, settings)
+    await ask(alice, "Hi")
+    _, reply = await read_reply(alice)
+    assert reply["content"] == APOLOGY
+    for _ in range(100):
+        if api.server.dropped:
+            break
+        await asyncio.sleep(0.05)
+    assert api.server.dropped == 1
+
+
+async def test_a_provider_process_that_dies_fails_its_answers_and_is_replaced(
+    clients, settings, gemini, api
+):
+    """Killed mid-answer (out of memory, an operator): the room gets the apology, and the
+    next question starts a new process, which answers."""
+    from clarity_project.asgi import worker
+
+    settings.ASSISTANT_MODE = "always"
+    writing = asyncio.Event()
+
+    async def model(request):
+        writing.set()
+        return model_writes("Never finished.", pieces=3, delay=5)
+
+    api.generate.mock(side_effect=model)
+    alice = await clients.join("lobby", "alice")
+    provider = worker.assistant
+    first_pid = provider.pid
+    await ask(alice, "Are you there?")
+    await asyncio.wait_for(writing.wait(), 5)
+    os.kill(first_pid, signal.SIGKILL)
+    _, reply = await read_reply(alice, timeout=5)
+    assert reply["content"] == APOLOGY
+    api.generate.mock(side_effect=None, return_value=model_says("Back again."))
+    await ask(alice, "And now?")
+    _, reply = await read_reply(alice, timeout=30)
+    assert reply["content"] == "Back again."
+    assert provider.pid not in (None, first_pid)
+
+
+async def test_a_closed_provider_process_exits(gemini, api):
+    """A worker's `close` (it is stopping) ends its provider process."""
+    provider = get_provider()
+    await provider.prepare()
+    pid = provider.pid
+    provider.close()
+    for _ in range(100):
+        if not process_exists(pid):
+            break
+        await asyncio.sleep(0.05)
+    assert not process_exists(pid)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is gone, only not yet reaped
+        return stat.read().split()[2] != "Z"
 
 
 async def test_failed_streams_open_the_breaker(clients, settings, gemini, api):

@@ -5,7 +5,8 @@ Providers are plain objects with a `name`, a `guard` (the shared circuit breaker
 provider that calls a service; None for the built-in one) and an async `stream`, which hands
 each piece of the answer to a callback as the model writes it and returns the whole reply.
 `get_provider()` builds a new one on every call; the caller decides its lifetime (one per
-worker process is the intent: the Gemini provider keeps its HTTP connection pool).
+worker event loop is the intent: the Gemini provider's process keeps its HTTP connection
+pool).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ PROVIDERS = {
     "builtin": "chat.assistant.builtin.BuiltinProvider",
     "gemini": "chat.assistant.gemini.GeminiProvider",
 }
+# Providers that run in a process of their own, not on the worker's event loop
+# (chat/assistant/process.py): their SDK's CPU per streamed piece would hold every socket.
+APART = frozenset({"gemini"})
 
 # Called with each piece of the answer as it arrives: the narrative's text as the model
 # wrote it (not yet sanitised), "" for a piece that holds none of it.
@@ -80,25 +84,31 @@ class AssistantProvider(Protocol):
         The time limits are `ask`'s: a provider need not bound itself."""
         ...
 
+    def close(self) -> None:
+        """Stop what the provider runs outside the event loop (a process), if anything."""
+        ...
 
-def provider_class() -> type[AssistantProvider]:
-    """The class of settings.ASSISTANT_PROVIDER, its module (and SDK) imported.
 
-    A worker calls this at startup (clarity_project/asgi.py), before it freezes what it has
-    loaded out of the garbage collector's reach: importing google-genai takes ~0.4 s and
-    adds ~80,000 objects, which at the first question would stall the event loop and then
-    lengthen every full collection."""
-    path = PROVIDERS.get(settings.ASSISTANT_PROVIDER)
+def provider_class(name: str | None = None) -> type[AssistantProvider]:
+    """The class of provider `name` (default: settings.ASSISTANT_PROVIDER), its module (and
+    SDK) imported: in the worker for a provider that runs in it, in the provider's own
+    process for one that runs apart."""
+    name = name or settings.ASSISTANT_PROVIDER
+    path = PROVIDERS.get(name)
     if path is None:
         raise ImproperlyConfigured(
-            f"ASSISTANT_PROVIDER must be one of {sorted(PROVIDERS)}, "
-            f"got {settings.ASSISTANT_PROVIDER!r}"
+            f"ASSISTANT_PROVIDER must be one of {sorted(PROVIDERS)}, got {name!r}"
         )
     return import_string(path)
 
 
 def get_provider() -> AssistantProvider:
-    """A new provider of the kind named by settings.ASSISTANT_PROVIDER."""
+    """A new provider of the kind named by settings.ASSISTANT_PROVIDER: one of APART is
+    the worker's handle on a process that runs it (started by its first `prepare`)."""
+    if settings.ASSISTANT_PROVIDER in APART:
+        from chat.assistant.process import ProviderProcess  # it builds on this module
+
+        return ProviderProcess(provider=settings.ASSISTANT_PROVIDER)
     return provider_class()()
 
 

@@ -243,6 +243,9 @@ class BuiltinProvider:
     async def prepare(self) -> None:
         return None
 
+    def close(self) -> None:
+        return None
+
     async def stream(self, request: AssistantRequest, *, on_text: OnText) -> AssistantReply:
         reply = builtin_reply(request)
         delay = settings.ASSISTANT_BUILTIN_WORD_DELAY

@@ -57,6 +57,7 @@ RAW_MAX_CHARS = 64_000
 
 def _build_client() -> genai.Client:
     http_options = types.HttpOptions(
+        base_url=settings.GEMINI_BASE_URL or None,
         # Milliseconds. `ask`'s timeouts are the real bounds; this one makes the HTTP client
         # give up too instead of leaving a request behind.
         timeout=max(1, round(settings.ASSISTANT_TIMEOUT * 1000)),
@@ -121,6 +122,9 @@ class GeminiProvider:
 
     async def prepare(self) -> None:
         await self._client_ready()
+
+    def close(self) -> None:
+        return None  # its HTTP client goes with it (it runs in its own process)
 
     async def _client_ready(self) -> genai.Client:
         if self._client is None:
