@@ -86,7 +86,7 @@ def request_from_json(data: dict[str, Any]) -> AssistantRequest:
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
 
 
 class ProviderProcess:
@@ -202,9 +202,14 @@ class ProviderProcess:
 
 
 def kill(process: asyncio.subprocess.Process) -> None:
+    """Kill the child and close its pipes (on the loop if it still runs; a test's may not)."""
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGKILL)
+    # asyncio.subprocess.Process has no public close: its transport's, else a warning when
+    # it is collected, and file descriptors held until then.
+    with contextlib.suppress(RuntimeError):
+        process._transport.close()
 
 
 # --- the child --------------------------------------------------------------------------------
