@@ -134,6 +134,7 @@ class WorkerLifecycle:
         self.worker = worker
         self.task: asyncio.Task | None = None
         self.overload_task: asyncio.Task | None = None
+        self.assistant_task: asyncio.Task | None = None
         # When this worker's last liveness call failed or stalled (monotonic): reaping waits a
         # full CHAT_WORKER_TTL after it (see the module docstring).
         self.liveness_trouble_at = -math.inf
@@ -171,7 +172,16 @@ class WorkerLifecycle:
                     )
                 )
                 self.chain_signal_handlers(loop)
+                self.assistant_task = loop.create_task(self.prepare_assistant())
         return await app(scope, receive, send)
+
+    async def prepare_assistant(self) -> None:
+        """Set the assistant's provider up now, not at the first question: for Gemini, its
+        process (~1.5 s to import the SDK; chat/assistant/process.py)."""
+        try:
+            await self.worker.assistant.prepare()
+        except Exception:
+            logger.exception("the assistant could not be set up; the first question tries again")
 
     def chain_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         """Only where a server installed handlers to chain to (not in tests), and only from

@@ -8,14 +8,20 @@ so the tests do not depend on each other's leftovers in the shared server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import respx
 from websockets.exceptions import ConnectionClosed
 
 from chat.testing.client import ChatSocket
 from chat.testing.processes import Worker
+from tests.gemini_api import GENERATE_URL, GeminiServer, model_writes
 from tests.servers import run_workers
+
+PROVIDER = "chat.assistant.process"  # the provider process's command line names it
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +244,66 @@ async def test_sigterm_ends_hundreds_of_sessions_within_the_grace(tmp_path):
     assert reasons == ["shutdown"] * count and still_open == 0
     assert "shutdown grace over" not in worker.logs()
     print(f"SIGTERM with {count} sockets: worker gone after {elapsed:.2f} s")
+
+
+def child_commands(pid: int) -> dict[int, str]:
+    """The child processes of `pid`, with their command lines."""
+    children: dict[int, str] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+                children[int(child)] = command.replace(b"\0", b" ").decode()
+    return children
+
+
+async def test_gemini_answers_from_the_workers_provider_process(tmp_path):
+    """The production path: a real worker starts its provider process at its first request
+    (before any question); that process asks the model (the mocked API, over HTTP); the room
+    gets the deltas, then the stored reply; the process goes when the worker stops."""
+    router = respx.MockRouter(assert_all_called=False)
+    generate = router.post(url__regex=GENERATE_URL.pattern).mock(
+        return_value=model_writes("Keep a regular bedtime.", pieces=4, delay=0.05)
+    )
+    api = GeminiServer(router)
+    await api.start()
+    env = {
+        "ASSISTANT_PROVIDER": "gemini",
+        "GEMINI_API_KEY": "test-key",
+        "GEMINI_BASE_URL": api.url,
+        "ASSISTANT_MODE": "mention",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    try:
+        with run_workers(tmp_path, env=env) as workers:
+            worker = workers[0]
+            alice = await ChatSocket.join(worker.url, "e2e-ai", "alice")
+            provider_pid = None
+            for _ in range(300):  # started by the socket's request: no question yet
+                found = [p for p, c in child_commands(worker.pid).items() if PROVIDER in c]
+                if found:
+                    (provider_pid,) = found
+                    break
+                await asyncio.sleep(0.1)
+            assert provider_pid is not None, worker.logs()
+            await alice.send({"type": "message", "content": "@ai how do I sleep better?"})
+            question = await alice.expect("message")
+            deltas = []
+            while (frame := await alice.recv(timeout=30))["type"] == "assistant_delta":
+                deltas.append(frame)
+            assert frame["type"] == "message" and frame["user_id"] == "AI", frame
+            assert frame["content"] == "Keep a regular bedtime."
+            assert "".join(d["delta"] for d in deltas) == frame["content"]
+            assert frame["metadata"] == {
+                "in_reply_to": question["message_id"],
+                "stream_id": deltas[0]["stream_id"],
+            }
+            assert generate.call_count == 1
+            await alice.close()
+        for _ in range(100):
+            if not Path(f"/proc/{provider_pid}").exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not Path(f"/proc/{provider_pid}").exists()
+    finally:
+        await api.close()

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from chat.assistant.base import APOLOGY, REPLY_MAX_CHARS, get_provider
 from chat.assistant.builtin import BuiltinProvider
+from chat.assistant.process import Pieces
 from chat.assistant.prompts import TRUNCATED, sanitize_text
 from chat.assistant.streamed_text import JsonNarrative, StreamText
 from chat.deltas import DeltaStream, DeltaTurns
@@ -343,6 +344,25 @@ async def test_a_provider_process_that_dies_fails_its_answers_and_is_replaced(
     _, reply = await read_reply(alice, timeout=30)
     assert reply["content"] == "Back again."
     assert provider.pid not in (None, first_pid)
+
+
+async def test_the_provider_process_sends_first_words_at_once_then_batches():
+    """`Pieces` (in the provider process): the first piece goes at once; the next ones
+    together once per interval; what is left goes before the end, nothing after it."""
+    sent: list[str] = []
+    pieces = Pieces(send=sent.append, interval=0.05)
+    pieces.add("Sleep")
+    assert sent == ["Sleep"]
+    pieces.add(" is")
+    pieces.add(" a")
+    assert sent == ["Sleep"]
+    await asyncio.sleep(0.06)  # its timer (due first) runs before this one
+    assert sent == ["Sleep", " is a"]
+    pieces.add(" habit.")
+    pieces.flush()
+    pieces.cancel()
+    await asyncio.sleep(0.06)
+    assert sent == ["Sleep", " is a", " habit."]
 
 
 async def test_a_closed_provider_process_exits(gemini, api):
