@@ -300,6 +300,11 @@ async def test_gemini_answers_from_the_workers_provider_process(tmp_path):
             }
             assert generate.call_count == 1
             await alice.close()
+            # Its records are the worker's: JSON lines on the worker's stderr.
+            assert any(
+                record.get("logger") == PROVIDER and record.get("process") == "assistant"
+                for record in worker.log_records()
+            ), worker.logs()
         for _ in range(100):
             if not Path(f"/proc/{provider_pid}").exists():
                 break

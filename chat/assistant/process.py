@@ -14,8 +14,9 @@ timeouts (a stream cut short is cancelled in the child too), the assistant slots
 quotas, the delta turns. The child only calls the provider, one task per answer.
 
 The wire: JSON lines over the child's stdin and stdout (the child's own prints and logs go
-to stderr). Worker to child: the provider's settings first (`{"settings": {...}}`, every
-setting named ASSISTANT_*, GEMINI_* or GOOGLE_*), then `{"ask": id, "request": {...}}` and
+to the worker's stderr, formatted and redacted as the worker's by its LOGGING). Worker to
+child: the provider's settings first (`{"settings": {...}}`, every setting named
+ASSISTANT_*, GEMINI_* or GOOGLE_*, and LOGGING), then `{"ask": id, "request": {...}}` and
 `{"cancel": id}`. Child to worker: `{"ready": true}` once its provider is set up (or
 `{"failed": reason}`), then for each answer its text `{"id": id, "text": text}` (the first
 piece at once, then what came meanwhile every ASSISTANT_STREAM_INTERVAL / 2: `Pieces`) and
@@ -37,6 +38,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -54,10 +56,15 @@ from chat.assistant.base import (
     provider_class,
 )
 from chat.assistant.breaker import Guard
+from chat.logs import bind_log_context
 
-logger = logging.getLogger(__name__)
+# By name: in the child this module runs as __main__.
+logger = logging.getLogger("chat.assistant.process")
 
 SETTINGS_PREFIXES = ("ASSISTANT_", "GEMINI_", "GOOGLE_")
+# And the worker's logging: the child's records (and the SDK's warnings) come out on the
+# worker's stderr in the same format, redacted alike (chat/logs.py).
+SETTINGS_ALSO = ("LOGGING",)
 # Longest line either side reads: a request carries the room's context (at most
 # ASSISTANT_CONTEXT_MESSAGES messages of 2,000 characters); a piece is at most what one
 # chunk of the model held (the provider refuses a reply of over 64,000 characters).
@@ -73,7 +80,7 @@ def provider_settings() -> dict[str, Any]:
     return {
         name: getattr(settings, name)
         for name in dir(settings)
-        if name.startswith(SETTINGS_PREFIXES) and name.isupper()
+        if (name.startswith(SETTINGS_PREFIXES) or name in SETTINGS_ALSO) and name.isupper()
     }
 
 
@@ -259,6 +266,9 @@ async def serve(reader: asyncio.StreamReader, out: asyncio.StreamWriter) -> None
 
     first = json.loads(await reader.readline())
     django_settings.configure(**first["settings"])
+    logging.config.dictConfig(django_settings.LOGGING)
+    logging.captureWarnings(True)
+    bind_log_context(process="assistant")
     if django_settings.ASSISTANT_PROCESS_NICENESS > 0:
         os.nice(django_settings.ASSISTANT_PROCESS_NICENESS)
     try:
@@ -269,6 +279,7 @@ async def serve(reader: asyncio.StreamReader, out: asyncio.StreamWriter) -> None
         await out.drain()
         return
     send({"ready": True})
+    logger.info("%s process ready", provider.name)
     answers: dict[int, asyncio.Task] = {}
 
     async def answer(ident: int, request: AssistantRequest) -> None:
@@ -319,9 +330,6 @@ def main() -> None:
     # The worker's signals are the worker's: it closes this process's stdin when it goes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s %(message)s"
-    )
     asyncio.run(child_main())
 
 
