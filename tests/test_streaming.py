@@ -284,31 +284,18 @@ async def test_a_silent_model_times_out_on_its_first_chunk(clients, settings, ge
 
 
 async def test_a_model_that_trickles_on_is_cut_at_the_total_timeout(clients, settings, gemini, api):
-    """Each chunk within the first-chunk timeout, but the whole answer past ASSISTANT_TIMEOUT."""
+    """Each chunk within the first-chunk timeout, but the whole answer past ASSISTANT_TIMEOUT:
+    cut, and cancelled in the provider's process too, whose request to the model is hung up
+    at once rather than read to its end."""
     settings.ASSISTANT_FIRST_CHUNK_TIMEOUT = 0.5
     settings.ASSISTANT_TIMEOUT = 0.8
     api.generate.mock(
-        return_value=model_streams([chunk(f"part {i} ") for i in range(20)], delays=[0.1] * 20)
+        return_value=model_streams([chunk(f"part {i} ") for i in range(40)], delays=[0.1] * 40)
     )
     alice, _ = await room_with_two(clients, settings)
     await ask(alice, "Hi")
     deltas, reply = await read_reply(alice)
     assert deltas and reply["content"] == APOLOGY
-
-
-async def test_a_stream_cut_short_is_stopped_in_the_provider_process(
-    clients, settings, gemini, api
-):
-    """The worker's timeout cancels the answer in the provider's process too: its request to
-    the model is hung up at once, not read to the end (which here would take 20 s)."""
-    settings.ASSISTANT_TIMEOUT = 0.8
-    api.generate.mock(
-        return_value=model_streams([chunk(f"part {i} ") for i in range(100)], delays=[0.2] * 100)
-    )
-    alice, _ = await room_with_two(clients, settings)
-    await ask(alice, "Hi")
-    _, reply = await read_reply(alice)
-    assert reply["content"] == APOLOGY
     for _ in range(100):
         if api.server.dropped:
             break
