@@ -336,19 +336,21 @@ async def test_a_provider_process_that_dies_fails_its_answers_and_is_replaced(
 async def test_the_provider_process_sends_first_words_at_once_then_batches():
     """`Pieces` (in the provider process): the first piece goes at once; the next ones
     together once per interval; what is left goes before the end, nothing after it."""
+    clock = ManualClock()
     sent: list[str] = []
-    pieces = Pieces(send=sent.append, interval=0.05)
+    pieces = Pieces(send=sent.append, interval=0.05, clock=clock)
     pieces.add("Sleep")
     assert sent == ["Sleep"]
     pieces.add(" is")
     pieces.add(" a")
+    await clock.advance(0.049)
     assert sent == ["Sleep"]
-    await asyncio.sleep(0.06)  # its timer (due first) runs before this one
+    await clock.advance(0.001)
     assert sent == ["Sleep", " is a"]
     pieces.add(" habit.")
     pieces.flush()
     pieces.cancel()
-    await asyncio.sleep(0.06)
+    await clock.advance(1)
     assert sent == ["Sleep", " is a", " habit."]
 
 

@@ -57,6 +57,7 @@ from chat.assistant.base import (
 )
 from chat.assistant.breaker import Guard
 from chat.logs import bind_log_context
+from chat.timers import Clock, LoopClock, TimerHandle
 
 # By name: in the child this module runs as __main__.
 logger = logging.getLogger("chat.assistant.process")
@@ -230,12 +231,13 @@ class Pieces:
     a frame per ASSISTANT_STREAM_INTERVAL anyway): fewer lines for the worker to read than
     the model's pieces (50 a second each, measured at the bench's stub)."""
 
-    def __init__(self, *, send: Callable[[str], None], interval: float) -> None:
+    def __init__(self, *, send: Callable[[str], None], interval: float, clock: Clock) -> None:
         self.send = send
         self.interval = interval
+        self.clock = clock  # the child's loop; a manual one in tests
         self.pending: list[str] = []
         self.sent_any = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: TimerHandle | None = None
 
     def add(self, piece: str) -> None:
         if not self.sent_any:
@@ -244,7 +246,7 @@ class Pieces:
             return
         self.pending.append(piece)
         if self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
+            self.timer = self.clock.call_at(self.clock.monotonic() + self.interval, self.flush)
 
     def flush(self) -> None:
         self.cancel()
@@ -281,11 +283,13 @@ async def serve(reader: asyncio.StreamReader, out: asyncio.StreamWriter) -> None
     send({"ready": True})
     logger.info("%s process ready", provider.name)
     answers: dict[int, asyncio.Task] = {}
+    clock = LoopClock()
 
     async def answer(ident: int, request: AssistantRequest) -> None:
         pieces = Pieces(
             send=lambda text: send({"id": ident, "text": text}),
             interval=django_settings.ASSISTANT_STREAM_INTERVAL / 2,
+            clock=clock,
         )
         try:
             reply = await provider.stream(request, on_text=pieces.add)
