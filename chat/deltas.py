@@ -114,10 +114,7 @@ class DeltaStream:
         model's last piece and its failure."""
         self.turns.leave(self)
         async with self._lock:
-            if final is not None:
-                await self._send(self.text.take() + self.text.rest(final))
-            else:
-                await self._send(self.text.take())
+            await self._send(self.text.take() + ("" if final is None else self.text.rest(final)))
 
     def cancel(self) -> None:
         """Stop at once (the answer's task is being cancelled)."""

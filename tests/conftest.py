@@ -9,6 +9,7 @@ import json
 import signal
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -21,14 +22,18 @@ from django.core.cache import caches
 from django_otp.oath import totp
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from chat.assistant.builtin import BuiltinProvider
+from chat.deltas import DeltaTurns, Emit
 from chat.devtokens import emulator_token
 from chat.history import message_store
 from chat.models import ChatSession
 from chat.protocol import MessageType, frame
+from chat.replies import assistant_reply
 from chat.rooms import room_event
 from chat.shared_state import MemoryState, RedisState, SharedState, shared_state
 from chat.testing.client import heartbeat_probe
 from chat.testing.redis_server import REDIS_SERVER, REDIS_URL, PrivateRedis, redis_answers
+from chat.timers import LoopClock
 from tests.gemini_api import GENERATE_URL, GeminiServer
 from tests.logscan import remember_sent
 
@@ -97,6 +102,21 @@ def stored_message(room_id: str, user_id: str, content: str = "hi") -> dict:
         metadata=None,
         client_message_id=None,
     )
+
+
+async def builtin_reply(question: dict, *, user_id: str, username: str, emit: Emit) -> dict:
+    """`assistant_reply` to a stored question with the built-in provider, delta turns on the
+    loop's clock and a context-reading thread of its own: the stored reply's frame."""
+    with ThreadPoolExecutor(max_workers=1) as reads:
+        return await assistant_reply(
+            provider=BuiltinProvider(),
+            question=question,
+            user_id=user_id,
+            username=username,
+            emit=emit,
+            turns=DeltaTurns(clock=LoopClock()),
+            reads=reads,
+        )
 
 
 def token_for(uid: str, name: str | None = None, **kwargs: Any) -> str:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 
 import pytest
 
@@ -18,6 +17,7 @@ from chat.analysis_jobs import Analysed, AnalysisLimits, FrameRejected
 from chat.analysis_pool import AnalysisPool
 from chat.protocol import CHAT_LARGE_TYPES, ErrorCode
 from chat.testing.client import ChatSocket
+from chat.testing.processes import alive, child_pids
 from chat.testing.waiting import wait_until
 from tests.servers import run_workers
 from tests.test_analysis import day_of_minutes
@@ -31,29 +31,6 @@ async def pool():
     pool = AnalysisPool(processes=1)
     yield pool
     pool.shutdown()
-
-
-def child_pids(pid: int) -> set[int]:
-    """The live (not zombie) processes whose parent is `pid`."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(stat[1]) == pid and stat[0] != "Z":
-            found.add(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_the_analysis_module_imports_no_django():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -26,9 +25,8 @@ from chat.membership import membership_mute, room_create, room_create_private
 from chat.models import ChatMessage, Device, PushState, RoomKind, RoomMember
 from chat.push import push_worker_run, pushes_claim, pushes_queue, pushes_send
 from chat.sessions import sessions_open
-from chat.timers import LoopClock
 from chat.writer import messages_store_and_push
-from tests.conftest import stored_message
+from tests.conftest import builtin_reply, stored_message
 from tests.test_auth import (
     OAUTH_TOKEN_URL,
     PROJECT,
@@ -349,10 +347,6 @@ def test_push_preferences_over_http(client, settings):
 async def test_an_assistant_reply_owes_a_push_to_the_asker_who_left(settings):
     """The asker is away when the answer comes (no socket in the room): they are owed a
     push, as every member away is; the assistant itself never is."""
-    from chat.assistant.builtin import BuiltinProvider
-    from chat.deltas import DeltaTurns
-    from chat.replies import assistant_reply
-
     settings.CHAT_PUSH = True
     room = await database_sync_to_async(care_team)("bob")
     await database_sync_to_async(device)("olive", "olive-token")
@@ -362,16 +356,7 @@ async def test_an_assistant_reply_owes_a_push_to_the_asker_who_left(settings):
     async def emit(payload: dict) -> None:
         sent.append(payload)
 
-    with ThreadPoolExecutor(max_workers=1) as reads:
-        reply = await assistant_reply(
-            provider=BuiltinProvider(),
-            question=question,
-            user_id="olive",
-            username="Olive",
-            emit=emit,
-            turns=DeltaTurns(clock=LoopClock()),
-            reads=reads,
-        )
+    reply = await builtin_reply(question, user_id="olive", username="Olive", emit=emit)
     assert [payload["type"] for payload in sent] == ["assistant_delta"]
     assert reply["user_id"] == "AI"
     assert await database_sync_to_async(owed)() == {(room, "olive")}  # bob has no device

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import respx
 from websockets.exceptions import ConnectionClosed
 
 from chat.testing.client import ChatSocket
-from chat.testing.processes import Worker
+from chat.testing.processes import Worker, alive, child_pids, command_line
+from chat.testing.waiting import eventually
 from tests.gemini_api import GENERATE_URL, GeminiServer, model_writes
 from tests.servers import run_workers
 
@@ -246,15 +247,10 @@ async def test_sigterm_ends_hundreds_of_sessions_within_the_grace(tmp_path):
     print(f"SIGTERM with {count} sockets: worker gone after {elapsed:.2f} s")
 
 
-def child_commands(pid: int) -> dict[int, str]:
-    """The child processes of `pid`, with their command lines."""
-    children: dict[int, str] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            with contextlib.suppress(FileNotFoundError):
-                command = Path(f"/proc/{child}/cmdline").read_bytes()
-                children[int(child)] = command.replace(b"\0", b" ").decode()
-    return children
+def provider_process(worker: Worker) -> int | None:
+    """The worker's provider process, once it runs."""
+    found = [pid for pid in child_pids(worker.pid) if PROVIDER in command_line(pid)]
+    return found[0] if found else None
 
 
 async def test_gemini_answers_from_the_workers_provider_process(tmp_path):
@@ -278,14 +274,9 @@ async def test_gemini_answers_from_the_workers_provider_process(tmp_path):
         with run_workers(tmp_path, env=env) as workers:
             worker = workers[0]
             alice = await ChatSocket.join(worker.url, "e2e-ai", "alice")
-            provider_pid = None
-            for _ in range(300):  # started by the socket's request: no question yet
-                found = [p for p, c in child_commands(worker.pid).items() if PROVIDER in c]
-                if found:
-                    (provider_pid,) = found
-                    break
-                await asyncio.sleep(0.1)
-            assert provider_pid is not None, worker.logs()
+            provider_pid = await eventually(  # started by the socket's request: no question yet
+                lambda: provider_process(worker), timeout=30, what="the provider process starts"
+            )
             await alice.send({"type": "message", "content": "@ai how do I sleep better?"})
             question = await alice.expect("message")
             deltas = []
@@ -305,10 +296,21 @@ async def test_gemini_answers_from_the_workers_provider_process(tmp_path):
                 record.get("logger") == PROVIDER and record.get("process") == "assistant"
                 for record in worker.log_records()
             ), worker.logs()
-        for _ in range(100):
-            if not Path(f"/proc/{provider_pid}").exists():
-                break
-            await asyncio.sleep(0.05)
-        assert not Path(f"/proc/{provider_pid}").exists()
+        await eventually(lambda: not alive(provider_pid), what="the provider process ends")
     finally:
         await api.close()
+
+
+async def test_the_provider_process_ends_by_itself_when_its_worker_is_killed(tmp_path):
+    """SIGKILL (out of memory, a crash): nobody stops the provider process; it ends when its
+    stdin closes with the worker."""
+    env = {"ASSISTANT_PROVIDER": "gemini", "GEMINI_API_KEY": "test-key"}
+    with run_workers(tmp_path, env=env) as (worker,):
+        alice = await ChatSocket.join(worker.url, "e2e-ai-killed", "alice")
+        provider_pid = await eventually(
+            lambda: provider_process(worker), timeout=30, what="the provider process starts"
+        )
+        assert worker.stop(signal.SIGKILL, timeout=15) == -signal.SIGKILL
+        with contextlib.suppress(ConnectionClosed):
+            await alice.close()
+        await eventually(lambda: not alive(provider_pid), timeout=10, what="it ends")

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -25,17 +24,16 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from chat.assistant.base import APOLOGY, REPLY_MAX_CHARS, get_provider
-from chat.assistant.builtin import BuiltinProvider
 from chat.assistant.process import Pieces
 from chat.assistant.prompts import TRUNCATED, sanitize_text
 from chat.assistant.streamed_text import JsonNarrative, StreamText
 from chat.deltas import DeltaStream, DeltaTurns
 from chat.membership import room_create_private
 from chat.models import ChatMessage
-from chat.replies import assistant_reply
 from chat.testing.clock import ManualClock
-from chat.timers import LoopClock
-from tests.conftest import stored_message
+from chat.testing.processes import alive
+from chat.testing.waiting import eventually
+from tests.conftest import builtin_reply, stored_message
 from tests.gemini_api import chunk, model_says, model_streams, model_writes
 from tests.test_analysis import day_of_minutes, read_analysis
 from tests.test_replies import ask, read_reply
@@ -296,10 +294,7 @@ async def test_a_model_that_trickles_on_is_cut_at_the_total_timeout(clients, set
     await ask(alice, "Hi")
     deltas, reply = await read_reply(alice)
     assert deltas and reply["content"] == APOLOGY
-    for _ in range(100):
-        if api.server.dropped:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: api.server.dropped, what="the model's request hung up")
     assert api.server.dropped == 1
 
 
@@ -360,20 +355,7 @@ async def test_a_closed_provider_process_exits(gemini, api):
     await provider.prepare()
     pid = provider.pid
     provider.close()
-    for _ in range(100):
-        if not process_exists(pid):
-            break
-        await asyncio.sleep(0.05)
-    assert not process_exists(pid)
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie is gone, only not yet reaped
-        return stat.read().split()[2] != "Z"
+    await eventually(lambda: not alive(pid), what=f"the provider process {pid} ends")
 
 
 async def test_failed_streams_open_the_breaker(clients, settings, gemini, api):
@@ -629,23 +611,14 @@ async def test_a_reply_reads_its_context_beside_the_chats_database_thread(settin
         first_words.set()
 
     try:
-        with ThreadPoolExecutor(max_workers=1) as reads:
-            reply = asyncio.ensure_future(
-                assistant_reply(
-                    provider=BuiltinProvider(),
-                    question=question,
-                    user_id="alice",
-                    username="Alice",
-                    emit=emit,
-                    turns=DeltaTurns(clock=LoopClock()),
-                    reads=reads,
-                )
-            )
-            await asyncio.wait_for(first_words.wait(), timeout=30)
-            assert sent[0]["type"] == "assistant_delta"
-            assert not reply.done()  # the reply is stored on the chat's thread
-            release.set()
-            stored = await asyncio.wait_for(reply, timeout=30)
+        reply = asyncio.ensure_future(
+            builtin_reply(question, user_id="alice", username="Alice", emit=emit)
+        )
+        await asyncio.wait_for(first_words.wait(), timeout=30)
+        assert sent[0]["type"] == "assistant_delta"
+        assert not reply.done()  # the reply is stored on the chat's thread
+        release.set()
+        stored = await asyncio.wait_for(reply, timeout=30)
     finally:
         release.set()
         await chat_thread_busy

@@ -124,7 +124,7 @@ class GeminiProvider:
         await self._client_ready()
 
     def close(self) -> None:
-        return None  # its HTTP client goes with it (it runs in its own process)
+        return None  # nothing outside the loop: its HTTP client goes with it
 
     async def _client_ready(self) -> genai.Client:
         if self._client is None:

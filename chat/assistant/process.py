@@ -7,7 +7,7 @@ are a fifth of a core, and on the worker's event loop (and GIL) every socket of 
 waited behind them (bench `stream`: the room's chat p99 2.5x with 8 replies streaming; 1.5x
 with a provider that parses nothing). So a provider named in `base.APART` (Gemini) runs in
 a child process of the worker, which imports its SDK, calls it and sends back the answer's
-text as it comes; the worker reads a JSON line per piece.
+text as it comes (batched: `Pieces`); the worker reads a JSON line per batch.
 
 The worker keeps all that decides and bounds: the circuit breaker (`guard`), `ask`'s
 timeouts (a stream cut short is cancelled in the child too), the assistant slots, the
@@ -24,8 +24,9 @@ piece at once, then what came meanwhile every ASSISTANT_STREAM_INTERVAL / 2: `Pi
 
 The child runs ASSISTANT_PROCESS_NICENESS below the worker's CPU priority: when cores are
 scarce, the chat's sockets come first and the answers slow down instead. It is started by
-the first `prepare` (outside the time limits, as building an HTTP
-client was) and exits when its stdin closes: the worker closes it (`close`), or dies. If it
+the first `prepare` (chat.worker.WorkerLifecycle calls it at the worker's first request,
+so no question waits for it; `ask` calls it again, outside the time limits) and exits when
+its stdin closes: the worker closes it (`close`), or dies. If it
 dies, the answers it had fail (the room gets the apology) and the next question starts
 another.
 """
@@ -85,10 +86,6 @@ def provider_settings() -> dict[str, Any]:
     }
 
 
-def request_to_json(request: AssistantRequest) -> dict[str, Any]:
-    return dataclasses.asdict(request)
-
-
 def request_from_json(data: dict[str, Any]) -> AssistantRequest:
     return AssistantRequest(
         **(data | {"context": [(name, text) for name, text in data["context"]]})
@@ -103,8 +100,7 @@ class ProviderProcess:
     """The worker's side: an AssistantProvider whose `stream` runs in the child."""
 
     def __init__(self, *, provider: str) -> None:
-        self.provider = provider  # a key of base.PROVIDERS
-        self.name = provider
+        self.name = provider  # a key of base.PROVIDERS, run in the child
         self.guard = Guard(name=provider)
         self._process: asyncio.subprocess.Process | None = None
         self._starting: asyncio.Task | None = None
@@ -189,7 +185,7 @@ class ProviderProcess:
         self._answers[ident] = answer
         over = False
         try:
-            self._send(process, {"ask": ident, "request": request_to_json(request)})
+            self._send(process, {"ask": ident, "request": dataclasses.asdict(request)})
             while True:
                 message = await answer.get()
                 if "text" in message:
