@@ -109,6 +109,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="stream: the Gemini stub's tokens (4-character pieces) per second (50)",
     )
     parser.add_argument(
+        "--stream-tokens-per-event",
+        type=int,
+        help="stream: the Gemini stub's tokens in each server-sent event (1)",
+    )
+    parser.add_argument(
         "--baseline-layer",
         choices=["project", "stock"],
         help="the baseline's layer class: the project's own, as Clarity (default), or the "
@@ -146,6 +151,7 @@ def options_from(args: argparse.Namespace) -> Options:
         "stream_pairs": args.stream_pairs,
         "stream_first_chunk": args.stream_first_chunk,
         "stream_token_rate": args.stream_token_rate,
+        "stream_tokens_per_event": args.stream_tokens_per_event,
         "attacks": tuple(args.attack) if args.attack else None,
         "baseline_layer": args.baseline_layer,
     }

@@ -7,8 +7,8 @@ The server under test is pointed at it with `GOOGLE_GEMINI_BASE_URL=http://127.0
 - `POST /v1/models/<model>:streamGenerateContent?alt=sse` (google-genai 3.6.1's default API
   version; `/v1beta/...` is answered the same): a `text/event-stream` response
   (HTTP/1.1, chunked, kept alive as the real API's connections are) whose first event comes
-  `first_chunk` seconds after the request, then one event per `1 / rate` s, each carrying one
-  piece of TOKEN_CHARS characters (a "token") in
+  `first_chunk` seconds after the request, then the next every `tokens_per_event / rate` s,
+  each carrying `tokens_per_event` pieces of TOKEN_CHARS characters ("tokens") in
   `data: {"candidates":[{"content":{"role":"model","parts":[{"text":...}]}}]}`, `tokens`
   pieces in all, the last with `"finishReason":"STOP"`; or
 - `POST /v1/models/<model>:generateContent`: the whole text as one JSON response, after
@@ -58,8 +58,9 @@ SENTENCES = (
 @dataclass(frozen=True)
 class Answer:
     first_chunk: float = 0.8  # s from the request to the first event
-    rate: float = 50.0  # events (tokens) per second after the first
+    rate: float = 50.0  # tokens per second after the first event
     tokens: int = 300  # pieces of TOKEN_CHARS characters
+    tokens_per_event: int = 1
 
     def text(self) -> str:
         """The whole answer: `tokens` x TOKEN_CHARS characters (less the last space, if any)."""
@@ -71,12 +72,16 @@ class Answer:
 
     def pieces(self) -> list[str]:
         """What each event carries, in order; together the model's whole answer."""
-        text = self.text()
-        return [text[i : i + TOKEN_CHARS] for i in range(0, len(text), TOKEN_CHARS)]
+        text, size = self.text(), TOKEN_CHARS * self.tokens_per_event
+        return [text[i : i + size] for i in range(0, len(text), size)]
+
+    def interval(self) -> float:
+        """Seconds between two events."""
+        return self.tokens_per_event / self.rate
 
     def seconds(self) -> float:
         """From the request to the last event."""
-        return self.first_chunk + (len(self.pieces()) - 1) / self.rate
+        return self.first_chunk + (len(self.pieces()) - 1) * self.interval()
 
 
 @dataclass
@@ -220,7 +225,7 @@ class Stub:
                     served.first_at = now
                 served.last_at = now
                 served.events += 1
-                due += 1 / answer.rate
+                due += answer.interval()
             writer.write(b"0\r\n\r\n")
             await writer.drain()
         except ConnectionError:
@@ -274,6 +279,8 @@ if __name__ == "__main__":
     parser.add_argument("--first-chunk", type=float, default=Answer.first_chunk)
     parser.add_argument("--rate", type=float, default=Answer.rate)
     parser.add_argument("--tokens", type=int, default=Answer.tokens)
+    parser.add_argument("--tokens-per-event", type=int, default=Answer.tokens_per_event)
     args = parser.parse_args()
+    answer = Answer(args.first_chunk, args.rate, args.tokens, args.tokens_per_event)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(standalone(args.port, Answer(args.first_chunk, args.rate, args.tokens)))
+        asyncio.run(standalone(args.port, answer))

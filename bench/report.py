@@ -425,7 +425,8 @@ def stream_title(m: Measurement) -> str:
         f"Streaming assistant replies: Gemini stub, first chunk after "
         f"{stub['first_chunk_s'] * 1000:.0f} ms, then {stub['token_rate']:g} tokens/s of "
         f"{stub['token_chars']} characters, {stub['tokens']} in all ({stub['answer_chars']:,} "
-        f"characters, {stub['reply_s']:g} s); 1 worker, {m['layer']} layer, {m['database']}"
+        f"characters, {stub['reply_s']:g} s) in events of {stub.get('tokens_per_event', 1)} "
+        f"token(s); 1 worker, {m['layer']} layer, {m['database']}"
     )
 
 

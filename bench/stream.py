@@ -4,7 +4,9 @@ has no assistant).
 The assistant is Gemini through google-genai, pointed at a stub (`bench.gemini_stub`, a
 process of its own) that writes the same answer at a fixed pace every time: its first event
 `stream_first_chunk` s (0.8) after the request, then a piece of 4 characters (a "token")
-every 1 / `stream_token_rate` s (50 a second), TOKENS pieces in all (~6.8 s a reply). The
+every 1 / `stream_token_rate` s (50 a second), TOKENS pieces in all (~6.8 s a reply), each
+event carrying `stream_tokens_per_event` of them (1: the most events, hence the most work
+for the SDK; Gemini 2.5 Flash sends ~50 tokens an event, see bench/README.md). The
 askers (`bench.askers`) are users in a process of their own. Each part runs a fresh worker
 in `fanout-memory`'s deployment (in-memory layer, SQLite), with the assistant's settings of
 `assistant_env` (`@ai` messages answered).
@@ -88,7 +90,12 @@ def assistant_env(port: int, mode: str) -> dict[str, str | None]:
 
 def stream(bench: Bench, scenario: Scenario) -> dict[str, Any]:
     options = bench.options
-    answer = gemini_stub.Answer(options.stream_first_chunk, options.stream_token_rate, TOKENS)
+    answer = gemini_stub.Answer(
+        options.stream_first_chunk,
+        options.stream_token_rate,
+        TOKENS,
+        options.stream_tokens_per_event,
+    )
     with Fleet(1, target=gemini_stub.main) as stub, Fleet(1, target=askers.main) as clients:
         (listening,) = stub.call([{"op": "listen", "answer": dataclasses.asdict(answer)}])
         rig = Rig(stub=stub, clients=clients, answer=answer, port=listening["port"])
@@ -100,7 +107,9 @@ def stream(bench: Bench, scenario: Scenario) -> dict[str, Any]:
         "stub": {
             "first_chunk_s": answer.first_chunk,
             "token_rate": answer.rate,
-            "tokens": len(answer.pieces()),
+            "tokens": answer.tokens,
+            "tokens_per_event": answer.tokens_per_event,
+            "events": len(answer.pieces()),
             "token_chars": gemini_stub.TOKEN_CHARS,
             "answer_chars": len(answer.text()),
             "reply_s": round(answer.seconds(), 3),
