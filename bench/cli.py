@@ -111,7 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stream-tokens-per-event",
         type=int,
-        help="stream: the Gemini stub's tokens in each server-sent event (1)",
+        help="stream: the Gemini stub's tokens in each server-sent event (10; 1 is the "
+        "SDK's worst case)",
     )
     parser.add_argument(
         "--baseline-layer",

@@ -60,7 +60,7 @@ class Answer:
     first_chunk: float = 0.8  # s from the request to the first event
     rate: float = 50.0  # tokens per second after the first event
     tokens: int = 300  # pieces of TOKEN_CHARS characters
-    tokens_per_event: int = 1
+    tokens_per_event: int = 10  # gemini-2.5-flash sends ~49 (bench/README.md)
 
     def text(self) -> str:
         """The whole answer: `tokens` x TOKEN_CHARS characters (less the last space, if any)."""

@@ -88,7 +88,7 @@ class Options:
     stream_pairs: int = 4  # stream: pairs of chat windows, without and with, alternated
     stream_first_chunk: float = 0.8  # stream: s from the stub's request to its first event
     stream_token_rate: float = 50.0  # stream: the stub's pieces (tokens) per second
-    stream_tokens_per_event: int = 1  # stream: the stub's tokens in each server-sent event
+    stream_tokens_per_event: int = 10  # stream: the stub's tokens in each server-sent event
 
     @classmethod
     def quick(cls) -> Options:

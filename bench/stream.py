@@ -4,9 +4,9 @@ has no assistant).
 The assistant is Gemini through google-genai, pointed at a stub (`bench.gemini_stub`, a
 process of its own) that writes the same answer at a fixed pace every time: its first event
 `stream_first_chunk` s (0.8) after the request, then a piece of 4 characters (a "token")
-every 1 / `stream_token_rate` s (50 a second), TOKENS pieces in all (~6.8 s a reply), each
-event carrying `stream_tokens_per_event` of them (1: the most events, hence the most work
-for the SDK; Gemini 2.5 Flash sends ~50 tokens an event, see bench/README.md). The
+every 1 / `stream_token_rate` s (50 a second), TOKENS pieces in all (~6.8 s a reply), in
+events of `stream_tokens_per_event` (10; Gemini 2.5 Flash sends ~50 tokens an event, see
+bench/README.md; 1 is the most events, hence the most work for the SDK). The
 askers (`bench.askers`) are users in a process of their own. Each part runs a fresh worker
 in `fanout-memory`'s deployment (in-memory layer, SQLite), with the assistant's settings of
 `assistant_env` (`@ai` messages answered).

@@ -85,6 +85,7 @@ async def health_analysis(
         emit=emit,
         group=user_group(user_id),
         turns=turns,
+        sockets=1,  # the user's own sockets: a few, well within the delivery budget
     )
     if metrics is None:
         logger.info("health analysis failed for user=%s: the points cannot be analysed", user_id)

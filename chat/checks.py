@@ -67,6 +67,14 @@ def assistant_configured(app_configs, **kwargs):
                 id="chat.E005",
             )
         ]
+    if not (settings.ASSISTANT_STREAM_INTERVAL > 0 and settings.ASSISTANT_STREAM_DELIVERIES > 0):
+        return [
+            Error(
+                "ASSISTANT_STREAM_INTERVAL and ASSISTANT_STREAM_DELIVERIES must be above 0.",
+                hint="They pace the assistant_delta frames sent to a room.",
+                id="chat.E006",
+            )
+        ]
     return []
 
 

@@ -875,6 +875,7 @@ class ChatConsumer(SessionConsumer):
                 emit=emit,
                 turns=self.worker.delta_turns,
                 reads=self.worker.assistant_reads,
+                writer=self.worker.message_writer,
             )
         await emit(reply)
 

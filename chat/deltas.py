@@ -9,7 +9,10 @@ next of them with new text sends it all as one frame. So a reply alone in its ro
 frame per interval, and a room where n replies stream at once still gets one frame per
 interval from this worker (each reply one every n intervals): what the room's sockets are
 sent while answers are written is bounded by the interval, not by how many people ask at
-once. A slow channel layer slows the turns,
+once. Every frame goes to every socket of the group, so in a room of many sockets the turns
+are further apart: what the deltas cost (frames x sockets) stays within
+ASSISTANT_STREAM_DELIVERIES a second, the turns at most MAX_TURN_INTERVAL apart. A slow
+channel layer slows the turns,
 never the reading of the model. `finish` sends what completes the stored text as the last
 delta; on failure, what the model had written before it (and not yet sent) goes out and the
 deltas stop. The stored message that follows carries
@@ -41,6 +44,11 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 # only a stream whose worker died goes that long without a frame.
 STREAM_IDLE_SLACK = 5.0
 
+# The longest wait between two turns of a group, whatever its size: with the worker's
+# ASSISTANT_MAX_CONCURRENCY (8) replies taking turns, each still gets a frame every 8 s,
+# well within the clients' stream_idle_timeout.
+MAX_TURN_INTERVAL = 1.0
+
 
 class DeltaStream:
     def __init__(
@@ -52,6 +60,7 @@ class DeltaStream:
         emit: Emit,
         group: str,
         turns: DeltaTurns,
+        sockets: int,
     ) -> None:
         self.stream_id = uuid.uuid4().hex
         self.kind = kind
@@ -60,6 +69,7 @@ class DeltaStream:
         self.emit = emit
         self.group = group
         self.turns = turns
+        self.sockets = sockets  # the group's sockets when the answer started: a frame's cost
         self.text = StreamText()
         self.index = 0
         self.fresh = False  # written to since its last frame
@@ -125,8 +135,8 @@ class DeltaStream:
 
 class DeltaTurns:
     """This worker's streams, by the group they stream to (one per event loop): in each
-    group, every ASSISTANT_STREAM_INTERVAL, the stream that has waited longest among those
-    with new text sends one frame."""
+    group, every ASSISTANT_STREAM_INTERVAL (longer for a group of many sockets: `interval`),
+    the stream that has waited longest among those with new text sends one frame."""
 
     def __init__(self, *, clock: Clock) -> None:
         self.clock = clock  # the turns' pace (the worker's clock; a manual one in tests)
@@ -150,11 +160,21 @@ class DeltaTurns:
         if not streams:
             del self.groups[stream.group]
 
-    async def _next_turn(self) -> None:
-        """Wait ASSISTANT_STREAM_INTERVAL (read each turn: a changed setting applies)."""
+    @staticmethod
+    def interval(streams: list[DeltaStream]) -> float:
+        """Seconds between two turns of a group: ASSISTANT_STREAM_INTERVAL, or, if a frame
+        goes to more sockets than ASSISTANT_STREAM_DELIVERIES allows at that pace, as long as
+        keeps the deliveries within it (at most MAX_TURN_INTERVAL). Read each turn: a changed
+        setting applies."""
+        sockets = max((stream.sockets for stream in streams), default=0)
+        paced = sockets / settings.ASSISTANT_STREAM_DELIVERIES
+        return max(settings.ASSISTANT_STREAM_INTERVAL, min(paced, MAX_TURN_INTERVAL))
+
+    async def _next_turn(self, streams: list[DeltaStream]) -> None:
+        """Wait for the group's next turn (`interval`)."""
         due = asyncio.get_running_loop().create_future()
         handle = self.clock.call_at(
-            self.clock.monotonic() + settings.ASSISTANT_STREAM_INTERVAL,
+            self.clock.monotonic() + self.interval(streams),
             lambda: due.done() or due.set_result(None),
         )
         try:
@@ -164,7 +184,7 @@ class DeltaTurns:
 
     async def _take_turns(self, streams: list[DeltaStream]) -> None:
         while streams:
-            await self._next_turn()
+            await self._next_turn(streams)
             for stream in [s for s in streams if s.fresh]:
                 if await stream.send_new():
                     if stream in streams:  # to the back of the line

@@ -17,7 +17,8 @@ from chat.deltas import DeltaStream, DeltaTurns, Emit
 from chat.models import AssistantMode, ChatMessage, RoomKind
 from chat.protocol import AI_USER_ID, AI_USERNAME
 from chat.rooms import room_group
-from chat.writer import messages_store_and_push
+from chat.sessions import room_sockets
+from chat.writer import MessageWriter
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,17 @@ def room_context(*, room_id: str, before_id: int, limit: int) -> list[tuple[str,
     return list(rows)[::-1]
 
 
-def room_context_apart(*, room_id: str, before_id: int, limit: int) -> list[tuple[str, str]]:
-    """`room_context` on the assistant's own database thread, which then lets its
-    connection go (no connection held between questions, none left behind at exit)."""
+def question_inputs_apart(
+    *, room_id: str, before_id: int, limit: int
+) -> tuple[list[tuple[str, str]], int]:
+    """`room_context`, and the sockets open in the room (what each delta frame will cost:
+    chat.deltas), on the assistant's own database thread, which then lets its connection go
+    (no connection held between questions, none left behind at exit)."""
     try:
-        return room_context(room_id=room_id, before_id=before_id, limit=limit)
+        return (
+            room_context(room_id=room_id, before_id=before_id, limit=limit),
+            room_sockets(room_id=room_id),
+        )
     finally:
         connection.close()
 
@@ -72,20 +79,24 @@ async def assistant_reply(
     emit: Emit,
     turns: DeltaTurns,
     reads: ThreadPoolExecutor,
+    writer: MessageWriter,
 ) -> dict[str, Any]:
     """Ask the provider about a stored chat message, `emit` its answer's deltas as they come,
     then store the reply and return its frame.
 
-    The room's context is read on `reads` (the worker's assistant database thread), not on
-    the database thread the chat's messages are stored on: 5-14 ms per question measured
-    with replies streaming, which every message arriving meanwhile waited behind.
+    The room's context (and its sockets, which pace the deltas) is read on `reads` (the
+    worker's assistant database thread), not on the database thread the chat's messages are
+    stored on: 5-14 ms per question measured
+    with replies streaming, which every message arriving meanwhile waited behind. The reply
+    is stored by `writer` (the worker's `MessageWriter`), in the batch of the chat messages
+    arriving with it: its own transaction on that thread would hold them up just the same.
 
     Any failure or timeout stops the deltas and becomes the apology text: the room always
     gets an answer.
     """
     room_id = question["room_id"]
-    context = await database_sync_to_async(
-        room_context_apart, thread_sensitive=False, executor=reads
+    context, sockets = await database_sync_to_async(
+        question_inputs_apart, thread_sensitive=False, executor=reads
     )(
         room_id=room_id,
         before_id=int(question["message_id"]),
@@ -106,6 +117,7 @@ async def assistant_reply(
         emit=emit,
         group=room_group(room_id),
         turns=turns,
+        sockets=sockets,
     )
     try:
         try:
@@ -120,19 +132,12 @@ async def assistant_reply(
         deltas.cancel()
     # Stored as the members' messages are, with the pushes it owes (protocol §13): an asker
     # who has left hears that the answer came.
-    (stored,) = await database_sync_to_async(messages_store_and_push)(
-        messages=[
-            {
-                "room_id": room_id,
-                "user_id": AI_USER_ID,
-                "username": AI_USERNAME,
-                "content": content,
-                "metadata": {
-                    "in_reply_to": question["message_id"],
-                    "stream_id": deltas.stream_id,
-                },
-                "client_message_id": None,
-            }
-        ]
+    stored = await writer.store(
+        room_id=room_id,
+        user_id=AI_USER_ID,
+        username=AI_USERNAME,
+        content=content,
+        metadata={"in_reply_to": question["message_id"], "stream_id": deltas.stream_id},
+        client_message_id=None,
     )
     return stored.frame

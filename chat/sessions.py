@@ -367,6 +367,11 @@ _ENDED = (
 )
 
 
+def room_sockets(*, room_id: str) -> int:
+    """How many sockets are open in the room now, across all workers."""
+    return ChatSession.objects.filter(room_id=room_id, disconnected_at__isnull=True).count()
+
+
 def room_presence(*, room_id: str) -> list[dict]:
     """Everyone in the room now, one entry per user, across all workers."""
     return rooms_presence(room_ids=[room_id])[room_id]

@@ -568,6 +568,12 @@ ASSISTANT_TIMEOUT = env_float("ASSISTANT_TIMEOUT", 60)
 # each phone in it, half as many deliveries (bench `stream`: with eight replies streaming,
 # the room's chat p99 was 1.28x that of the room without them at 0.05, 1.14x at 0.1).
 ASSISTANT_STREAM_INTERVAL = env_float("ASSISTANT_STREAM_INTERVAL", 0.1)
+# ASSISTANT_STREAM_DELIVERIES: what one worker's deltas to one room may cost, in frames
+# delivered per second (a frame to each of the room's sockets): a room of more than
+# ASSISTANT_STREAM_DELIVERIES x ASSISTANT_STREAM_INTERVAL sockets (25) gets its delta frames
+# further apart, sockets / ASSISTANT_STREAM_DELIVERIES seconds (58: 0.23 s), at most 1 s
+# (chat.deltas). The sockets are counted when a reply starts (open sessions in the room).
+ASSISTANT_STREAM_DELIVERIES = env_int("ASSISTANT_STREAM_DELIVERIES", 250)
 # ASSISTANT_BUILTIN_WORD_DELAY: seconds between two words of the built-in assistant's
 # streamed answer (a model's pace, so the embedded default shows streaming); 0: all at once.
 ASSISTANT_BUILTIN_WORD_DELAY = env_float("ASSISTANT_BUILTIN_WORD_DELAY", 0.02)

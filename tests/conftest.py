@@ -34,6 +34,7 @@ from chat.shared_state import MemoryState, RedisState, SharedState, shared_state
 from chat.testing.client import heartbeat_probe
 from chat.testing.redis_server import REDIS_SERVER, REDIS_URL, PrivateRedis, redis_answers
 from chat.timers import LoopClock
+from chat.writer import MessageWriter
 from tests.gemini_api import GENERATE_URL, GeminiServer
 from tests.logscan import remember_sent
 
@@ -106,7 +107,8 @@ def stored_message(room_id: str, user_id: str, content: str = "hi") -> dict:
 
 async def builtin_reply(question: dict, *, user_id: str, username: str, emit: Emit) -> dict:
     """`assistant_reply` to a stored question with the built-in provider, delta turns on the
-    loop's clock and a context-reading thread of its own: the stored reply's frame."""
+    loop's clock, a context-reading thread and a message writer of its own: the stored
+    reply's frame."""
     with ThreadPoolExecutor(max_workers=1) as reads:
         return await assistant_reply(
             provider=BuiltinProvider(),
@@ -116,6 +118,7 @@ async def builtin_reply(question: dict, *, user_id: str, username: str, emit: Em
             emit=emit,
             turns=DeltaTurns(clock=LoopClock()),
             reads=reads,
+            writer=MessageWriter(),
         )
 
 

@@ -214,6 +214,8 @@ async def test_analysis_narrative_from_gemini(clients, gemini, api):
         ({"ASSISTANT_MODE": "sometimes"}, "chat.E004"),
         ({"ASSISTANT_FIRST_CHUNK_TIMEOUT": 0}, "chat.E005"),
         ({"ASSISTANT_FIRST_CHUNK_TIMEOUT": 90, "ASSISTANT_TIMEOUT": 60}, "chat.E005"),
+        ({"ASSISTANT_STREAM_DELIVERIES": 0}, "chat.E006"),
+        ({"ASSISTANT_STREAM_INTERVAL": 0}, "chat.E006"),
         ({}, None),
     ],
 )

@@ -27,7 +27,7 @@ from chat.assistant.base import APOLOGY, REPLY_MAX_CHARS, get_provider
 from chat.assistant.process import Pieces
 from chat.assistant.prompts import TRUNCATED, sanitize_text
 from chat.assistant.streamed_text import JsonNarrative, StreamText
-from chat.deltas import DeltaStream, DeltaTurns
+from chat.deltas import MAX_TURN_INTERVAL, DeltaStream, DeltaTurns
 from chat.membership import room_create_private
 from chat.models import ChatMessage
 from chat.testing.clock import ManualClock
@@ -481,7 +481,13 @@ async def test_replies_streaming_at_once_to_a_room_take_turns(settings):
             sent[group].append(payload)
 
         return DeltaStream(
-            kind="reply", room_id=group, in_reply_to=str(n), emit=emit, group=group, turns=turns
+            kind="reply",
+            room_id=group,
+            in_reply_to=str(n),
+            emit=emit,
+            group=group,
+            turns=turns,
+            sockets=2,
         )
 
     streams = [stream("room.a", n) for n in range(4)]
@@ -511,6 +517,56 @@ async def test_replies_streaming_at_once_to_a_room_take_turns(settings):
         mine = [f for f in sent[one.group] if f["stream_id"] == one.stream_id]
         assert [f["index"] for f in mine] == list(range(len(mine)))
         assert "".join(f["delta"] for f in mine) == text
+
+
+def test_a_crowded_room_gets_its_delta_frames_further_apart(settings):
+    """What a delta frame costs is a delivery to each socket of the room: past
+    ASSISTANT_STREAM_DELIVERIES x ASSISTANT_STREAM_INTERVAL sockets the turns are further
+    apart, within the delivery budget, and never more than MAX_TURN_INTERVAL."""
+    settings.ASSISTANT_STREAM_INTERVAL = 0.1
+    settings.ASSISTANT_STREAM_DELIVERIES = 250
+    turns = DeltaTurns(clock=ManualClock())
+
+    def interval(*sockets: int) -> float:
+        streams = [
+            DeltaStream(
+                kind="reply",
+                room_id="room",
+                in_reply_to="1",
+                emit=None,  # type: ignore[arg-type]  (never sends)
+                group="room",
+                turns=turns,
+                sockets=n,
+            )
+            for n in sockets
+        ]
+        return turns.interval(streams)
+
+    assert interval(2) == interval(25) == 0.1
+    assert interval(58) == pytest.approx(0.232)
+    assert interval(10, 58, 3) == pytest.approx(0.232)  # the widest audience counts
+    assert interval(100_000) == MAX_TURN_INTERVAL
+
+
+async def test_a_question_in_a_crowded_room_cannot_outspend_the_delivery_budget(clients, settings):
+    """A user asking in a room whose every delta frame goes to many sockets: the worker
+    sends that room frames no faster than ASSISTANT_STREAM_DELIVERIES allows (here 10
+    deliveries a second to 2 sockets: a frame every 0.2 s, not every 0.01 s), and the
+    reply still streams whole."""
+    settings.ASSISTANT_BUILTIN_WORD_DELAY = 0.02
+    settings.ASSISTANT_STREAM_INTERVAL = 0.01
+    settings.ASSISTANT_STREAM_DELIVERIES = 10
+    alice, bob = await room_with_two(clients, settings)
+    loop = asyncio.get_running_loop()
+    asked_at = loop.time()
+    await ask(alice, "How can I sleep better?")
+    await bob.recv_type("message")
+    deltas, reply = await read_reply(bob)
+    streamed_for = loop.time() - asked_at  # longer than the stream itself
+    assert "".join(d["delta"] for d in deltas) == reply["content"]
+    assert len(reply["content"].split()) >= 40  # unpaced: a frame a word, 40 and more
+    # At most one frame per 0.2 s, plus its first words and its end.
+    assert 2 <= len(deltas) <= streamed_for / 0.2 + 3
 
 
 async def test_stream_idle_timeout_is_in_connection_ack(clients, settings):
