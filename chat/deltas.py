@@ -162,10 +162,10 @@ class DeltaTurns:
 
     @staticmethod
     def interval(streams: list[DeltaStream]) -> float:
-        """Seconds between two turns of a group: ASSISTANT_STREAM_INTERVAL, or, if a frame
-        goes to more sockets than ASSISTANT_STREAM_DELIVERIES allows at that pace, as long as
-        keeps the deliveries within it (at most MAX_TURN_INTERVAL). Read each turn: a changed
-        setting applies."""
+        """Seconds between two turns of a group: ASSISTANT_STREAM_INTERVAL, or, if its frames
+        go to more sockets than ASSISTANT_STREAM_DELIVERIES allows at that pace, long enough
+        to keep the deliveries within it (at most MAX_TURN_INTERVAL). Read each turn: a
+        changed setting applies."""
         sockets = max((stream.sockets for stream in streams), default=0)
         paced = sockets / settings.ASSISTANT_STREAM_DELIVERIES
         return max(settings.ASSISTANT_STREAM_INTERVAL, min(paced, MAX_TURN_INTERVAL))

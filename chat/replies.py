@@ -86,10 +86,10 @@ async def assistant_reply(
 
     The room's context (and its sockets, which pace the deltas) is read on `reads` (the
     worker's assistant database thread), not on the database thread the chat's messages are
-    stored on: 5-14 ms per question measured
-    with replies streaming, which every message arriving meanwhile waited behind. The reply
-    is stored by `writer` (the worker's `MessageWriter`), in the batch of the chat messages
-    arriving with it: its own transaction on that thread would hold them up just the same.
+    stored on: 5-14 ms per question measured with replies streaming, which every message
+    arriving meanwhile waited behind. The reply is stored by `writer` (the worker's
+    `MessageWriter`), in the batch of the chat messages arriving with it: a transaction of
+    its own on that thread would hold them up just the same.
 
     Any failure or timeout stops the deltas and becomes the apology text: the room always
     gets an answer.
